@@ -1,0 +1,1 @@
+"""Benchmarks: `m2dino bench NAME` measures, prints a table and writes JSON."""

@@ -1,0 +1,61 @@
+"""The `m2dino` command line.
+
+Each subcommand lives in its own module, imported only when used, which exposes
+`register(subparsers)`; the registered parser sets `func(args) -> int | None`.
+Project errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from m2dino_jax.errors import M2DinoError
+
+# subcommand name -> module defining register(subparsers).
+COMMANDS = {
+    "bench": "m2dino_jax.bench.cli",
+    "convert": "m2dino_jax.models.convert_cli",
+    "data": "m2dino_jax.data.cli",
+    "predict": "m2dino_jax.report.predict_cli",
+    "report": "m2dino_jax.report.cli",
+    "scaling": "m2dino_jax.scaling.cli",
+    "train": "m2dino_jax.main",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="m2dino", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  wanted = argv[0] if argv and argv[0] in COMMANDS else None
+  for name, module in COMMANDS.items():
+    if wanted is not None and name != wanted:
+      sub.add_parser(name)
+      continue
+    try:
+      mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      if e.name != module:
+        raise
+      continue  # not built yet
+    mod.register(sub)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = build_parser(argv)
+  args = parser.parse_args(argv)
+  if not getattr(args, "func", None):
+    parser.print_help()
+    return 2
+  try:
+    return int(args.func(args) or 0)
+  except M2DinoError as e:
+    print(f"m2dino {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,129 @@
+"""Config loading in the big_vision style.
+
+`--config=configs/NAME.py:ARGS` imports the file, calls `get_config(ARGS)`, and expects a locked
+`ml_collections.ConfigDict`. `ARGS` is a comma list parsed by `parse_arg` into typed fields
+(`variant=S/16,smoke` -> variant='S/16', smoke=True). Overrides `--config.a.b=value` are
+coerced to the existing field's type; an unknown key or a bad value raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from m2dino_jax.errors import ConfigError
+
+
+def parse_arg(arg: str | None, *, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
+  """Parses 'a=1,b,c=x' into a ConfigDict typed by the defaults in `spec`.
+
+  A bare name sets a boolean to True. Unknown names raise unless `lazy`.
+  """
+  out = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, raw = item.partition("=")
+    key = key.strip()
+    if key not in spec:
+      if not lazy:
+        raise ConfigError(key, f"unknown config argument; expected one of {sorted(spec)}")
+      out[key] = _literal(raw) if eq else True
+      continue
+    default = spec[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ConfigError(key, "needs a value (key=value)")
+      out[key] = True
+      continue
+    out[key] = coerce(key, raw, default)
+  return out
+
+
+def _literal(raw: str):
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def coerce(key: str, raw: str, like):
+  """Converts string `raw` to the type of `like`, or raises ConfigError naming `key`."""
+  raw = raw.strip()
+  try:
+    if isinstance(like, bool):
+      low = raw.lower()
+      if low in ("1", "true", "yes", "on"):
+        return True
+      if low in ("0", "false", "no", "off"):
+        return False
+      raise ValueError(raw)
+    if isinstance(like, int):
+      return int(raw)
+    if isinstance(like, float):
+      return float(raw)
+    if isinstance(like, str):
+      return raw
+    if isinstance(like, (tuple, list)):
+      val = ast.literal_eval(raw) if raw.startswith(("(", "[")) else [_literal(s) for s in raw.split(":")]
+      return type(like)(val)
+    if like is None:
+      return _literal(raw)
+  except (ValueError, SyntaxError):
+    raise ConfigError(key, f"bad value {raw!r}; expected {type(like).__name__}") from None
+  return _literal(raw)
+
+
+def load_module(path: str):
+  p = Path(path)
+  if not p.is_file():
+    raise ConfigError("config", f"no config file {path}")
+  spec = importlib.util.spec_from_file_location(f"m2dino_config_{p.stem}", p)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise ConfigError("config", f"{path} defines no get_config(arg)")
+  return mod
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """Loads 'path.py[:args]' and applies 'a.b=value' overrides; returns a locked ConfigDict."""
+  path, _, arg = spec.partition(":")
+  mod = load_module(path)
+  config = mod.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError("config", f"{path}: get_config must return an ml_collections.ConfigDict")
+  config.lock()
+  for item in overrides:
+    key, eq, raw = item.partition("=")
+    if not eq:
+      raise ConfigError(key, "override needs the form --config.key=value")
+    set_key(config, key, raw)
+  return config
+
+
+def set_key(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+  """Sets config[dotted] from a string, coerced to the existing type; unknown keys raise."""
+  parts = dotted.split(".")
+  node = config
+  for i, part in enumerate(parts[:-1]):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(".".join(parts[: i + 1]), "unknown config key")
+    node = node[part]
+  leaf = parts[-1]
+  if leaf not in node:
+    close = [k for k in node.keys() if k.lower()[:3] == leaf.lower()[:3]]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(dotted, f"unknown config key{hint}")
+  old = node[leaf]
+  if isinstance(old, ml_collections.ConfigDict):
+    raise ConfigError(dotted, "is a group of keys; set one of its fields")
+  value = coerce(dotted, raw, old)
+  with node.unlocked():
+    node[leaf] = value

@@ -1,0 +1,32 @@
+"""The project's own errors: each names the file, row or config key that is wrong.
+
+The CLI catches `M2DinoError`, prints its one-line message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class M2DinoError(Exception):
+  """Base class for user-facing errors (bad config, bad data, bad arguments)."""
+
+
+class ConfigError(M2DinoError):
+  """A config key is unknown or has a bad value."""
+
+  def __init__(self, key: str, message: str):
+    self.key = key
+    super().__init__(f"config key '{key}': {message}")
+
+
+class DataError(M2DinoError):
+  """A data file or record is malformed; names the file and, when known, the row."""
+
+  def __init__(self, path, message: str, row: int | None = None):
+    self.path = str(path)
+    self.row = row
+    where = self.path if row is None else f"{self.path} row {row}"
+    super().__init__(f"{where}: {message}")
+
+
+class SolverError(M2DinoError):
+  """An optimisation problem is infeasible or ill-posed (scaling / allocation)."""

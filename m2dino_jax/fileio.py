@@ -1,0 +1,43 @@
+"""Atomic file writing: write to a temporary name in the same folder, then rename.
+
+Nothing half-written is ever left under the final name, even if the process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+  """Yields a temporary path next to `path`; renames it to `path` on success."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  try:
+    yield Path(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(path, text: str) -> Path:
+  with atomic_path(path) as tmp:
+    tmp.write_text(text)
+  return Path(path)
+
+
+def write_json(path, obj, indent: int = 2) -> Path:
+  return write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def write_bytes(path, data: bytes) -> Path:
+  with atomic_path(path) as tmp:
+    tmp.write_bytes(data)
+  return Path(path)

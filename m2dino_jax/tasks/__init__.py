@@ -1,0 +1,1 @@
+"""Task registry, losses and the challenge's official metrics."""

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding, optimiser, checkpointing, the shared loop and the trainers."""
