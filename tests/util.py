@@ -25,5 +25,6 @@ def run_with_devices(code: str, devices: int = 8, timeout: int = 240, env: dict 
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                         timeout=timeout, env=full_env, cwd=ROOT)
   if proc.returncode != 0:
-    raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    out, err = proc.stdout[-3000:], proc.stderr[-5000:]
+    raise AssertionError(f"subprocess failed ({proc.returncode}):\n{out}\n{err}")
   return proc.stdout
