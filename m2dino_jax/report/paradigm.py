@@ -1,0 +1,305 @@
+"""Eval files of multi-task runs, and the paradigm comparison table built from them.
+
+Eval file format (written by the trainer with `write_eval`, read here):
+
+  WORKDIR/eval/STEP.json = {"step": int, "paradigm": "ts" | "cg" | "au",
+                            "tasks": {task_name: {metric: value, ..., "n": count}}}
+
+  Metric names are those of `m2dino_jax.tasks.metrics` (dice, hd, auc, accuracy, f1_macro, f1_weighted,
+  mcc, iou, mre); an undefined value (e.g. AUC with one class present) is written as null. TS and CG
+  train several models: each model is a sub-run with its own WORKDIR/<model_name>/eval/STEP.json. An eval
+  folder may also hold `best.json` (a copy of, or a symlink to, the best STEP.json); the reader then uses
+  it, and otherwise the latest STEP.
+
+  MoE telemetry, next to the eval file of the same step:
+  WORKDIR[/<model_name>]/eval/STEP_moe.json = {"experts": E, "layers": [block indices], "tasks": [names],
+                                               "usage": [[...] per task] (tasks x experts, summed over
+                                               the MoE layers: tokens routed to each expert)}
+
+`load_run` merges every model's chosen eval file under a run folder into one {task: metrics} map;
+`build_rows` lines the runs up per task and metric with the relative change against the baseline (TS),
+signed so that a positive change is an improvement, also for the lower-is-better metrics HD and MRE.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+from m2dino_jax import fileio
+from m2dino_jax.errors import DataError, M2DinoError
+from m2dino_jax.tasks import metrics, registry
+
+PARADIGMS = ("ts", "cg", "au")
+BEST_NAME = "best.json"
+_STEP_FILE = re.compile(r"^(\d+)\.json$")
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+def _null_nan(value):
+  return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_eval(eval_dir, step: int, paradigm: str, task_metrics: dict[str, dict]) -> Path:
+  """Writes eval_dir/STEP.json atomically (NaN -> null); `task_metrics` is {task: TaskEvaluator.result()}."""
+  if paradigm not in PARADIGMS:
+    raise ValueError(f"paradigm '{paradigm}' not in {PARADIGMS}")
+  tasks = {name: {k: _null_nan(float(v)) if k != "n" else int(v) for k, v in m.items()}
+           for name, m in task_metrics.items()}
+  return fileio.write_json(Path(eval_dir) / f"{int(step)}.json",
+                           {"step": int(step), "paradigm": paradigm, "tasks": tasks})
+
+
+def write_best(eval_dir, step: int) -> Path:
+  """Copies eval_dir/STEP.json to best.json (a copy, not a symlink, so that it survives file transfers)."""
+  src = Path(eval_dir) / f"{int(step)}.json"
+  return fileio.write_text(Path(eval_dir) / BEST_NAME, src.read_text())
+
+
+def write_moe_usage(eval_dir, step: int, experts: int, layers, tasks, usage) -> Path:
+  """Writes eval_dir/STEP_moe.json: `usage` is tasks x experts routed-token counts summed over `layers`."""
+  usage = [[float(u) for u in row] for row in usage]
+  if len(usage) != len(tasks) or any(len(row) != experts for row in usage):
+    raise ValueError(f"usage must be {len(tasks)} tasks x {experts} experts")
+  return fileio.write_json(Path(eval_dir) / f"{int(step)}_moe.json",
+                           {"experts": int(experts), "layers": [int(i) for i in layers],
+                            "tasks": list(tasks), "usage": usage})
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+@dataclasses.dataclass
+class MoeUsage:
+  """One model's tasks x experts routing counts."""
+  model: str
+  path: Path
+  experts: int
+  layers: list[int]
+  tasks: list[str]
+  usage: list[list[float]]
+
+
+@dataclasses.dataclass
+class Run:
+  """One paradigm's results: {task: {metric: value}}, where each task came from, and MoE telemetry."""
+  label: str
+  root: Path
+  tasks: dict[str, dict[str, float]]
+  sources: dict[str, Path]
+  moe: list[MoeUsage]
+
+
+def _read_json(path: Path):
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise DataError(path, f"cannot read JSON: {e}") from None
+
+
+def read_eval_file(path) -> dict:
+  """Reads and checks one STEP.json; null metric values become NaN."""
+  path = Path(path)
+  obj = _read_json(path)
+  if not isinstance(obj, dict) or not isinstance(obj.get("tasks"), dict):
+    raise DataError(path, "expected an object with a 'tasks' object")
+  if not isinstance(obj.get("step"), int):
+    raise DataError(path, "expected an integer 'step'")
+  tasks = {}
+  for name, values in obj["tasks"].items():
+    if not isinstance(values, dict):
+      raise DataError(path, f"task '{name}': expected an object of metric values")
+    clean = {}
+    for k, v in values.items():
+      if v is None:
+        v = math.nan
+      if not isinstance(v, int | float) or isinstance(v, bool):
+        raise DataError(path, f"task '{name}' metric '{k}': expected a number or null, got {v!r}")
+      clean[k] = float(v)
+    tasks[name] = clean
+  return {"step": obj["step"], "paradigm": obj.get("paradigm"), "tasks": tasks}
+
+
+def read_moe_file(path, model: str) -> MoeUsage:
+  path = Path(path)
+  obj = _read_json(path)
+  try:
+    experts, tasks, usage = int(obj["experts"]), list(obj["tasks"]), obj["usage"]
+    layers = [int(i) for i in obj.get("layers", [])]
+  except (KeyError, TypeError, ValueError):
+    raise DataError(path, "expected 'experts', 'tasks' and 'usage' (tasks x experts)") from None
+  if len(usage) != len(tasks) or any(len(row) != experts for row in usage):
+    raise DataError(path, f"'usage' must be {len(tasks)} tasks x {experts} experts")
+  return MoeUsage(model, path, experts, layers, tasks, [[float(u) for u in row] for row in usage])
+
+
+def _chosen_eval_file(eval_dir: Path) -> Path | None:
+  """best.json when present, else the STEP.json with the largest STEP, else None."""
+  if (eval_dir / BEST_NAME).exists():
+    return eval_dir / BEST_NAME
+  steps = [(int(m.group(1)), p) for p in eval_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
+  return max(steps)[1] if steps else None
+
+
+def load_run(root, label: str) -> Run:
+  """Merges the chosen eval file of every model under `root` (root/eval and root/*/eval)."""
+  root = Path(root)
+  if not root.is_dir():
+    raise M2DinoError(f"run '{label}': directory {root} does not exist")
+  eval_dirs = [(None, root / "eval")] + [(d.name, d / "eval") for d in sorted(root.iterdir()) if d.is_dir()]
+  run = Run(label, root, {}, {}, [])
+  for model, eval_dir in eval_dirs:
+    if not eval_dir.is_dir() or (path := _chosen_eval_file(eval_dir)) is None:
+      continue
+    data = read_eval_file(path)
+    if label in PARADIGMS and data["paradigm"] not in (None, label):
+      raise DataError(path, f"paradigm '{data['paradigm']}' but the run was given as '{label}'")
+    for task, values in data["tasks"].items():
+      if task in run.tasks:
+        raise DataError(path, f"task '{task}' is also evaluated in {run.sources[task]}")
+      run.tasks[task], run.sources[task] = values, path
+    moe_path = eval_dir / f"{data['step']}_moe.json"
+    if moe_path.exists():
+      run.moe.append(read_moe_file(moe_path, model or label))
+  if not run.tasks:
+    raise M2DinoError(f"run '{label}': no eval files (eval/STEP.json or <model>/eval/STEP.json) "
+                      f"with tasks under {root}")
+  return run
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+@dataclasses.dataclass
+class Row:
+  """One task's metric across runs; `deltas` holds the sign-corrected % change vs the baseline."""
+  task: str
+  type: str
+  metric: str
+  higher_is_better: bool | None
+  values: dict[str, float]
+  deltas: dict[str, float]
+  primary: bool
+
+
+def relative_change(value: float, base: float, higher_is_better: bool) -> float:
+  """100 * (value - base) / |base|, negated for lower-is-better metrics; NaN when undefined."""
+  if math.isnan(value) or math.isnan(base) or base == 0:
+    return math.nan
+  change = 100.0 * (value - base) / abs(base)
+  return change if higher_is_better else -change
+
+
+def task_type(task: str, metric_names) -> str:
+  """The registry's type for known tasks, else the type whose metrics the task reports."""
+  if task in registry.BY_NAME:
+    return registry.BY_NAME[task].type
+  for type_, names in metrics.METRICS_BY_TYPE.items():
+    if names[0] in metric_names:
+      return type_
+  return "other"
+
+
+def _task_order(task: str):
+  t = registry.BY_NAME.get(task)
+  return (0, t.index, task) if t else (1, 0, task)
+
+
+def build_rows(runs: list[Run], baseline: str = "ts") -> list[Row]:
+  """Rows (task, metric) over all runs, in task-type then registry order; metrics in their standard order."""
+  labels = [r.label for r in runs]
+  base = next((r for r in runs if r.label == baseline), None)
+  tasks = sorted({t for r in runs for t in r.tasks}, key=_task_order)
+  rows = []
+  for task in tasks:
+    names = [k for r in runs for k in r.tasks.get(task, {}) if k != "n"]
+    type_ = task_type(task, names)
+    standard = list(metrics.METRICS_BY_TYPE.get(type_, ()))
+    ordered = [m for m in standard if m in names] + sorted(set(names) - set(standard))
+    for metric in ordered:
+      hib = metrics.HIGHER_IS_BETTER.get(metric)
+      values = {r.label: r.tasks.get(task, {}).get(metric, math.nan) for r in runs}
+      deltas = {}
+      if base is not None and hib is not None:
+        deltas = {lab: relative_change(values[lab], values[baseline], hib)
+                  for lab in labels if lab != baseline}
+      primary = bool(standard) and metric == standard[0]
+      rows.append(Row(task, type_, metric, hib, values, deltas, primary))
+  type_rank = {t: i for i, t in enumerate(registry.TASK_TYPES)}
+  return sorted(rows, key=lambda r: type_rank.get(r.type, len(type_rank)))  # stable: keeps task order
+
+
+def type_summary(rows: list[Row]) -> dict[str, dict[str, float]]:
+  """Per task type, the mean sign-corrected change of the primary metric per run (NaNs skipped)."""
+  out: dict[str, dict[str, float]] = {}
+  for type_ in dict.fromkeys(r.type for r in rows):
+    prim = [r for r in rows if r.type == type_ and r.primary and r.deltas]
+    if not prim:
+      continue
+    out[type_] = {}
+    for lab in prim[0].deltas:
+      finite = [r.deltas[lab] for r in prim if not math.isnan(r.deltas[lab])]
+      out[type_][lab] = sum(finite) / len(finite) if finite else math.nan
+  return out
+
+
+def _fmt(v: float, pct: bool = False) -> str:
+  if math.isnan(v):
+    return "n/a"
+  return f"{v:+.2f}%" if pct else f"{v:.4f}"
+
+
+def to_csv(rows: list[Row], labels: list[str]) -> str:
+  """One line per (task, metric): values per run (full precision) and deltas vs the baseline in %."""
+  delta_labels = list(dict.fromkeys(lab for r in rows for lab in r.deltas))
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["task", "type", "metric", "higher_is_better", *labels,
+              *(f"delta_{lab}_pct" for lab in delta_labels)])
+  for r in rows:
+    hib = "" if r.higher_is_better is None else int(r.higher_is_better)
+    w.writerow([r.task, r.type, r.metric, hib, *(repr(r.values[lab]) for lab in labels),
+                *(repr(r.deltas.get(lab, math.nan)) for lab in delta_labels)])
+  return buf.getvalue()
+
+
+def to_markdown(rows: list[Row], runs: list[Run], baseline: str) -> str:
+  """The report: a table per task type, the mean change per type, and notes on uneven sample counts."""
+  labels = [r.label for r in runs]
+  delta_labels = list(dict.fromkeys(lab for r in rows for lab in r.deltas))
+  lines = ["# Paradigm comparison", ""]
+  lines += [f"- `{r.label}`: {r.root} ({len(r.tasks)} tasks)" for r in runs]
+  if delta_labels:
+    lines += ["", f"Change vs `{baseline}` in %, signed so that positive = better (also for HD and MRE)."]
+  else:
+    lines += ["", f"No `{baseline}` run was given: no relative changes."]
+  header = ["task", "metric", *labels, *(f"Δ {lab} vs {baseline}" for lab in delta_labels)]
+  for type_ in dict.fromkeys(r.type for r in rows):
+    lines += ["", f"## {type_}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in (r for r in rows if r.type == type_):
+      arrow = {True: " ↑", False: " ↓"}.get(r.higher_is_better, "")
+      cells = [r.task, r.metric + arrow, *(_fmt(r.values[lab]) for lab in labels),
+               *(_fmt(r.deltas.get(lab, math.nan), pct=True) for lab in delta_labels)]
+      lines.append("| " + " | ".join(cells) + " |")
+  summary = type_summary(rows)
+  if summary:
+    lines += ["", "## Mean change of the primary metric by task type", "",
+              "| type | " + " | ".join(delta_labels) + " |", "|" + "---|" * (len(delta_labels) + 1)]
+    for type_, by_label in summary.items():
+      lines.append(f"| {type_} | " + " | ".join(_fmt(by_label[lab], pct=True) for lab in delta_labels) + " |")
+  notes = []
+  for task in dict.fromkeys(r.task for r in rows):
+    counts = {r.label: r.tasks[task].get("n") for r in runs if task in r.tasks}
+    if len({c for c in counts.values()}) > 1:
+      notes.append(f"- {task}: evaluated on different numbers of examples: "
+                   + ", ".join(f"{k}={'?' if v is None else int(v)}" for k, v in counts.items()))
+    missing = [lab for lab in labels if task not in next(r for r in runs if r.label == lab).tasks]
+    if missing:
+      notes.append(f"- {task}: missing from {', '.join(missing)}")
+  if notes:
+    lines += ["", "## Notes", "", *notes]
+  return "\n".join(lines) + "\n"

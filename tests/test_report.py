@@ -1,0 +1,163 @@
+"""The paradigm report on fake run folders: numbers equal the eval JSON, deltas equal hand-computed ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from m2dino_jax import cli
+from m2dino_jax.errors import DataError, M2DinoError
+from m2dino_jax.report import cli as report_cli
+from m2dino_jax.report import paradigm
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Metrics per paradigm; deltas below are computed by hand from these.
+TS = {"fetal_head": {"dice": 0.8, "hd": 10.0, "n": 20},
+      "breast_2cls": {"auc": 0.75, "accuracy": 0.7, "f1_macro": 0.6, "f1_weighted": 0.65, "mcc": 0.4,
+                      "n": 30},
+      "thyroid_nodule_det": {"iou": 0.5, "n": 10},
+      "FUGC": {"mre": 5.0, "n": 12}}
+CG = {"fetal_head": {"dice": 0.72, "hd": 12.5, "n": 20},
+      "breast_2cls": {"auc": 0.9, "accuracy": 0.77, "f1_macro": 0.6, "f1_weighted": 0.65, "mcc": 0.5,
+                      "n": 30},
+      "thyroid_nodule_det": {"iou": 0.55, "n": 10},
+      "FUGC": {"mre": 6.0, "n": 12}}
+AU = {"fetal_head": {"dice": 0.88, "hd": 8.0, "n": 20},
+      "breast_2cls": {"auc": math.nan, "accuracy": 0.63, "f1_macro": 0.3, "f1_weighted": 0.65, "mcc": 0.0,
+                      "n": 28},
+      "thyroid_nodule_det": {"iou": 0.4, "n": 10},
+      "FUGC": {"mre": 4.0, "n": 12}}
+GROUPS = {"fetal": ["fetal_head", "FUGC"], "breast": ["breast_2cls"], "thyroid": ["thyroid_nodule_det"]}
+EXPECTED_DELTAS = {  # (task, metric) -> {cg, au} in %, positive = better
+    ("fetal_head", "dice"): {"cg": -10.0, "au": 10.0},
+    ("fetal_head", "hd"): {"cg": -25.0, "au": 20.0},
+    ("breast_2cls", "auc"): {"cg": 20.0, "au": math.nan},
+    ("breast_2cls", "mcc"): {"cg": 25.0, "au": -100.0},
+    ("thyroid_nodule_det", "iou"): {"cg": 10.0, "au": -20.0},
+    ("FUGC", "mre"): {"cg": -20.0, "au": 20.0},
+}
+
+
+def _scaled(metrics: dict, factor: float) -> dict:
+  return {t: {k: (v if k == "n" else v * factor) for k, v in m.items()} for t, m in metrics.items()}
+
+
+def _make_runs(tmp_path):
+  """TS: one model per task, several steps (latest wins) and one best.json; CG: per group; AU: one model."""
+  root = tmp_path / "runs"
+  for task, values in TS.items():
+    ev = root / "ts" / task / "eval"
+    paradigm.write_eval(ev, 100, "ts", _scaled({task: values}, 0.5))
+    paradigm.write_eval(ev, 200, "ts", {task: values})
+    if task == "FUGC":  # best.json is an older step and must win over the latest
+      paradigm.write_eval(ev, 50, "ts", {task: values})
+      paradigm.write_eval(ev, 300, "ts", _scaled({task: values}, 3.0))
+      paradigm.write_best(ev, 50)
+  for group, tasks in GROUPS.items():
+    ev = root / "cg" / group / "eval"
+    paradigm.write_eval(ev, 1000, "cg", {t: CG[t] for t in tasks})
+    usage = np.arange(len(tasks) * 4).reshape(len(tasks), 4) + 1
+    paradigm.write_moe_usage(ev, 1000, 4, [8, 9, 10, 11], tasks, usage)
+  ev = root / "au" / "eval"
+  paradigm.write_eval(ev, 10, "au", _scaled(AU, 0.1))
+  paradigm.write_eval(ev, 3000, "au", AU)
+  paradigm.write_moe_usage(ev, 3000, 4, [8, 9, 10, 11], list(AU), [[5, 0, 0, 5], [1, 1, 1, 1], [0, 0, 0, 0],
+                                                                     [9, 1, 0, 0]])
+  (root / "au" / "checkpoints").mkdir()  # a non-eval sibling folder is ignored
+  return root
+
+
+def test_report_tables_equal_eval_json_and_deltas(tmp_path, capsys):
+  root, out = _make_runs(tmp_path), tmp_path / "report"
+  rc = cli.main(["report", "--runs", f"ts={root / 'ts'}", f"cg={root / 'cg'}", f"au={root / 'au'}",
+                 "--out", str(out)])
+  assert rc == 0
+  assert "# Paradigm comparison" in capsys.readouterr().out
+
+  with open(out / "report.csv") as f:
+    rows = {(r["task"], r["metric"]): r for r in csv.DictReader(f)}
+  expected_cells = {(t, m) for t in TS for m in TS[t] if m != "n"}
+  assert set(rows) == expected_cells
+  for (task, metric), row in rows.items():
+    for label, source in (("ts", TS), ("cg", CG), ("au", AU)):
+      want, got = source[task][metric], float(row[label])
+      assert (math.isnan(want) and math.isnan(got)) or got == want, (task, metric, label)
+  for key, deltas in EXPECTED_DELTAS.items():
+    for label, want in deltas.items():
+      got = float(rows[key][f"delta_{label}_pct"])
+      assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, abs=1e-9), (key, label)
+  assert rows[("fetal_head", "hd")]["higher_is_better"] == "0"
+  # Task types come in registry order: segmentation, classification, detection, regression.
+  with open(out / "report.csv") as f:
+    assert [r["type"] for r in csv.DictReader(f)][::2][:2] == ["segmentation", "classification"]
+
+  md = (out / "report.md").read_text()
+  assert "| fetal_head | hd ↓ | 10.0000 | 12.5000 | 8.0000 | -25.00% | +20.00% |" in md
+  assert "| breast_2cls | auc ↑ | 0.7500 | 0.9000 | n/a | +20.00% | n/a |" in md
+  # Mean primary-metric change per type: here one task per type, so the task's own delta.
+  assert "| regression | -20.00% | +20.00% |" in md
+  assert "breast_2cls: evaluated on different numbers of examples: ts=30, cg=30, au=28" in md
+
+  pngs = ["bars.png", "delta_heatmap.png", "moe_usage_au.png", "moe_usage_cg_fetal.png",
+          "moe_usage_cg_breast.png", "moe_usage_cg_thyroid.png"]
+  assert sorted(p.name for p in out.glob("*.png")) == sorted(pngs)
+  for name in pngs:
+    assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    img = mpimg.imread(out / name)
+    assert img.ndim == 3 and min(img.shape[:2]) > 100
+
+
+def test_type_summary_averages_primary_deltas(tmp_path):
+  root = tmp_path / "runs"
+  paradigm.write_eval(root / "ts" / "eval", 1, "ts", {"fetal_head": {"dice": 0.5, "hd": 4.0, "n": 3},
+                                                      "lung": {"dice": 0.8, "hd": 2.0, "n": 3}})
+  paradigm.write_eval(root / "au" / "eval", 1, "au", {"fetal_head": {"dice": 0.6, "hd": 1.0, "n": 3},
+                                                      "lung": {"dice": 0.4, "hd": 3.0, "n": 3}})
+  runs = [paradigm.load_run(root / "ts", "ts"), paradigm.load_run(root / "au", "au")]
+  summary = paradigm.type_summary(paradigm.build_rows(runs))
+  assert summary == {"segmentation": {"au": pytest.approx((20.0 - 50.0) / 2)}}
+
+
+def test_eval_file_roundtrip_and_moe(tmp_path):
+  ev = tmp_path / "eval"
+  paradigm.write_eval(ev, 7, "au", {"breast_2cls": {"auc": math.nan, "accuracy": 0.5, "n": 4}})
+  raw = json.loads((ev / "7.json").read_text())
+  assert raw == {"step": 7, "paradigm": "au",
+                 "tasks": {"breast_2cls": {"auc": None, "accuracy": 0.5, "n": 4}}}
+  back = paradigm.read_eval_file(ev / "7.json")
+  assert math.isnan(back["tasks"]["breast_2cls"]["auc"]) and back["tasks"]["breast_2cls"]["n"] == 4
+  with pytest.raises(ValueError):
+    paradigm.write_moe_usage(ev, 7, 3, [1], ["a", "b"], [[1, 2, 3]])
+
+
+def test_report_errors_name_the_problem(tmp_path, capsys):
+  missing = tmp_path / "nope"
+  assert cli.main(["report", "--runs", f"ts={missing}", "--out", str(tmp_path / "o")]) == 2
+  assert str(missing) in capsys.readouterr().err
+
+  empty = tmp_path / "empty"
+  (empty / "model" / "eval").mkdir(parents=True)
+  with pytest.raises(M2DinoError, match=str(empty)):
+    paradigm.load_run(empty, "au")
+  with pytest.raises(M2DinoError, match="LABEL=DIR"):
+    report_cli._parse_runs(["ts"])
+
+  dup = tmp_path / "dup"
+  paradigm.write_eval(dup / "a" / "eval", 1, "cg", {"lung": {"dice": 0.1, "hd": 1.0, "n": 1}})
+  paradigm.write_eval(dup / "b" / "eval", 1, "cg", {"lung": {"dice": 0.2, "hd": 1.0, "n": 1}})
+  with pytest.raises(DataError, match="also evaluated"):
+    paradigm.load_run(dup, "cg")
+  with pytest.raises(DataError, match="paradigm 'cg'"):
+    paradigm.load_run(dup / "a", "ts")
+
+  bad = tmp_path / "bad" / "eval"
+  bad.mkdir(parents=True)
+  (bad / "3.json").write_text('{"step": 3, "tasks": {"lung": {"dice": "high"}}}')
+  with pytest.raises(DataError, match=r"3\.json.*'dice'"):
+    paradigm.load_run(bad.parent, "au")
