@@ -1,0 +1,304 @@
+"""Grain input pipelines: per-task datasets, a weighted task mixture, process shards, eval batches.
+
+Train stream (one per process), built so it is a pure function of (config, seed, process):
+
+  per task:  plans = source indices of this process's shard -> shuffle(seed) -> repeat
+                     -> random_map(draw a per-example seed) -> batch(per-process batch)
+  mixture:   grain.IterDataset.mix({task: plans}, {task: weight})   (one task per batch; a mapping,
+             so a restored iterator may get new weights or tasks: task streams resume by name)
+  workers:   WorkerStrideIterDataset -> map(load records + transforms) -> mp_prefetch(worker_count)
+
+Plans are cheap (indices and seeds), the pixels are made after the stride, so the output is
+identical for 0, 1 or N workers (see mixture.py). Every process draws the same task at every step
+(same weights, same deterministic interleave), so a global batch holds one task: SPMD friendly.
+
+Sources ('folder' | 'tfds' | 'synthetic') give, per task, a random-access sequence of Records;
+tests and tools may pass `sources={task: [Record, ...]}` directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from m2dino_jax.data import mixture, records, transforms
+from m2dino_jax.errors import ConfigError, DataError
+from m2dino_jax.tasks import registry
+
+DEFAULT_TRAIN_TRANSFORMS = ("letterbox", "affine(scale=(0.8, 1.2), rotate=30, translate=0.1, p=0.5)",
+                            "flip(p=0.5)", "intensity(contrast=0.3, brightness=0.1, p=0.5)",
+                            "gamma(range=(0.7, 1.5), p=0.5)", "gain(range=(0.8, 1.25), p=0.5)",
+                            "speckle(sigma=(0.0, 0.15), p=0.5)", "normalize")
+DEFAULT_EVAL_TRANSFORMS = ("letterbox", "normalize")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The data section of every training config (unlocked: experiment configs override and lock)."""
+  c = ml_collections.ConfigDict()
+  c.source = ml_collections.ConfigDict()
+  c.source.kind = "synthetic"  # 'folder' | 'tfds' | 'synthetic'
+  c.source.adapter = "fmc_uia"  # folder: adapter name (m2dino_jax.data.adapters.NAMES)
+  c.source.root = ""  # folder: dataset root as released
+  c.source.dataset = ""  # tfds: dataset name
+  c.source.data_dir = ""  # tfds: data dir
+  c.source.synthetic_count = 64  # synthetic: images per task and split
+  c.source.synthetic_size = 256  # synthetic: simulated image side in pixels
+  c.train_split = "train"
+  c.eval_split = "val"
+  c.image_size = 224
+  c.channels = 3  # grey is replicated to this many channels
+  c.transforms = ml_collections.ConfigDict()
+  c.transforms.train = list(DEFAULT_TRAIN_TRANSFORMS)
+  c.transforms.eval = list(DEFAULT_EVAL_TRANSFORMS)
+  c.batch_size = 32  # global, over all processes
+  c.eval_batch_size = 32  # global
+  c.mixture = "size"  # 'uniform' | 'size' | 'temperature' | 'json'
+  c.temperature = 2.0  # p_i ∝ n_i^(1/T)
+  c.weights_file = ""  # mixture 'json': {task: w} or allocation.json {"weights": {...}}
+  c.worker_count = 0  # Grain worker processes (0 = in the main process)
+  c.prefetch = 2  # batches buffered per worker (or by one thread when worker_count = 0)
+  c.seed = 0
+  c.one_task_per_batch = True
+  return c
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def as_record(item) -> records.Record:
+  """A Record from a Record or a record dict (TFDS source rows), keeping only Record fields."""
+  if isinstance(item, records.Record):
+    return item
+  if isinstance(item, Mapping):
+    fields = records.Record.__dataclass_fields__
+    rec = records.Record(**{k: v for k, v in item.items() if k in fields})
+    if isinstance(rec.task, bytes):
+      rec.task = rec.task.decode()
+    return rec
+  raise DataError("<source>", f"expected a Record or a record dict, got {type(item).__name__}")
+
+
+class _TaskView:
+  """Random access to the rows of one task inside a mixed random-access source."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source, self._indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int):
+    return self._source[int(self._indices[i])]
+
+
+def _group_by_task(items, tasks: Sequence[str]) -> dict[str, list]:
+  out: dict[str, list] = {t: [] for t in tasks}
+  for item in items:
+    rec = as_record(item)
+    if rec.task in out:
+      out[rec.task].append(rec)
+  return out
+
+
+def _synthetic(cfg, tasks, split):
+  from m2dino_jax.data import sonosynth
+  split_seed = {"train": 0, "val": 1, "test": 2}.get(split, 3)
+  return {t: sonosynth.generate(t, int(cfg.synthetic_count), seed=1000 * split_seed + registry.get(t).index,
+                                size=int(cfg.synthetic_size)) for t in tasks}
+
+
+def _folder(cfg, tasks, split):
+  from m2dino_jax.data import adapters
+  read = adapters.get(cfg.adapter)
+  read = getattr(read, "read", read)
+  return _group_by_task(read(cfg.root, split), tasks)
+
+
+def _tfds(cfg, tasks, split):
+  from m2dino_jax.data import tfds as tfds_builders
+  source = tfds_builders.source(cfg.dataset, split, cfg.data_dir)
+  names = np.array([as_record(source[i]).task for i in range(len(source))])  # one scan for the task ids
+  return {t: _TaskView(source, np.flatnonzero(names == t)) for t in tasks}
+
+
+SOURCE_KINDS = {"synthetic": _synthetic, "folder": _folder, "tfds": _tfds}
+
+
+@functools.lru_cache(maxsize=8)
+def _load_sources_cached(source_json: str, tasks: tuple[str, ...], split: str):
+  cfg = ml_collections.ConfigDict(json.loads(source_json))
+  if cfg.kind not in SOURCE_KINDS:
+    raise ConfigError("source.kind", f"unknown source '{cfg.kind}'; use one of {', '.join(SOURCE_KINDS)}")
+  return SOURCE_KINDS[cfg.kind](cfg, list(tasks), split)
+
+
+def load_sources(config, tasks, split: str) -> dict[str, Sequence]:
+  """{task: random-access records} for the configured source (cached per source config and split)."""
+  names = tuple(t.name for t in _resolve(tasks))
+  return _load_sources_cached(config.source.to_json(), names, split)
+
+
+def _resolve(tasks) -> list[registry.Task]:
+  if isinstance(tasks, str) or (tasks and isinstance(next(iter(tasks)), str)):
+    return registry.resolve(tasks)
+  return list(tasks)
+
+
+def task_sizes(config, tasks, *, split: str | None = None, sources=None) -> dict[str, int]:
+  """Number of examples per task (all processes together) in the train split by default."""
+  sources = sources if sources is not None else load_sources(config, tasks, split or config.train_split)
+  return {t.name: len(sources[t.name]) for t in _resolve(tasks)}
+
+
+# ----------------------------------------------------------------------------- train stream
+
+
+def _process_shard(n: int, process_index: int, process_count: int) -> np.ndarray:
+  """This process's indices of an n-example task: disjoint [p::P] (tiled first when n < P)."""
+  return (np.arange(max(n, process_count)) % n)[process_index::process_count]
+
+
+def _per_process(batch: int, process_count: int, key: str) -> int:
+  if batch <= 0 or batch % process_count:
+    raise ConfigError(key, f"global batch {batch} must be a positive multiple of the "
+                      f"{process_count} processes")
+  return batch // process_count
+
+
+class _DrawSeed(grain.transforms.RandomMap):
+  """Plan of one example: which source row, and the seed of its transforms."""
+
+  def __init__(self, task_index: int):
+    self.task_index = task_index
+
+  def random_map(self, index, rng: np.random.Generator):
+    return {"task": np.int32(self.task_index), "index": np.int64(index),
+            "seed": rng.integers(0, 2**63 - 1, dtype=np.int64)}
+
+
+class _Materialize(grain.transforms.Map):
+  """Plans -> a batch of model-ready examples (the heavy part: decode, warp, jitter)."""
+
+  def __init__(self, sources: Mapping[str, Sequence], task_names: Sequence[str], pipeline):
+    self.sources, self.task_names, self.pipeline = sources, list(task_names), pipeline
+
+  def example(self, task_index, index, seed) -> dict:
+    rec = as_record(self.sources[self.task_names[int(task_index)]][int(index)])
+    return self.pipeline(rec, np.random.default_rng(int(seed)))
+
+  def map(self, plan):
+    examples = [self.example(t, i, s) for t, i, s in zip(plan["task"], plan["index"], plan["seed"])]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _task_seed(seed: int, task: registry.Task, process_index: int) -> int:
+  return int(np.random.SeedSequence([seed, task.index, process_index]).generate_state(1)[0])
+
+
+def make_train_iterator(config, tasks, *, seed: int | None = None, process_index: int = 0,
+                        process_count: int = 1, sources=None, weights: Mapping[str, float] | None = None):
+  """The infinite train iterator of this process: numpy batch dicts, leading dim = per-process batch.
+
+  `weights` overrides the configured mixture ({task: w}); the iterator's get_state/set_state
+  round-trips through grain.checkpoint (Orbax), also into an iterator built with other weights.
+  """
+  tasks = _resolve(tasks)
+  seed = int(config.seed if seed is None else seed)
+  if not 0 <= process_index < process_count:
+    raise ConfigError("process_index", f"{process_index} is not in 0..{process_count - 1}")
+  sources = sources if sources is not None else load_sources(config, tasks, config.train_split)
+  sizes = task_sizes(config, tasks, sources=sources)
+  empty = [t for t, n in sizes.items() if n == 0]
+  if empty:
+    raise DataError(f"split '{config.train_split}'", f"no examples for task(s) {', '.join(empty)}")
+  if weights is None:
+    weights = mixture.mixture_weights(config.mixture, sizes, temperature=float(config.temperature),
+                                      weights_file=config.weights_file)
+  weights = {t: float(w) for t, w in weights.items() if w > 0 and t in sizes}
+  if not weights:
+    raise ConfigError("mixture", "no task has a positive weight")
+  local_batch = _per_process(int(config.batch_size), process_count, "batch_size")
+  names = [t.name for t in tasks]
+  plans = {}
+  for i, task in enumerate(tasks):
+    if task.name not in weights:
+      continue
+    task_seed = _task_seed(seed, task, process_index)
+    ds = (grain.MapDataset.source(_process_shard(sizes[task.name], process_index, process_count))
+          .shuffle(seed=task_seed).repeat().random_map(_DrawSeed(i), seed=task_seed + 1))
+    if config.one_task_per_batch:
+      ds = ds.batch(local_batch, drop_remainder=True)
+    plans[task.name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  mixed = grain.IterDataset.mix(plans, {t: weights[t] for t in plans})
+  if not config.one_task_per_batch:
+    mixed = mixed.batch(local_batch, drop_remainder=True)
+  pipe = transforms.Pipeline(config.transforms.train, config.image_size, config.channels)
+  ds = mixture.WorkerStrideIterDataset(mixed).map(_Materialize(sources, names, pipe))
+  ds = _parallelise(ds, int(config.worker_count), int(config.prefetch))
+  return ds.__iter__()
+
+
+def _parallelise(ds: grain.IterDataset, worker_count: int, prefetch: int) -> grain.IterDataset:
+  if worker_count < 0:
+    raise ConfigError("worker_count", f"must be >= 0, got {worker_count}")
+  if worker_count > 0:
+    options = grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch))
+    return ds.mp_prefetch(options)
+  if prefetch > 0:
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds
+
+
+def global_batches(iterator, mesh, rules):
+  """Yields global jax.Arrays (batch split over the batch axes) from this process's numpy batches."""
+  from m2dino_jax.train import sharding
+  for batch in iterator:
+    yield sharding.shard_batch(batch, mesh, rules)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+class _EvalBatch(grain.transforms.Map):
+  """Batch number -> the examples of this process's block in order, the tail padded with valid=False."""
+
+  def __init__(self, source, indices: np.ndarray, batch: int, pipeline):
+    self.source, self.indices, self.batch, self.pipeline = source, indices, batch, pipeline
+
+  def map(self, b):
+    chunk = self.indices[b * self.batch:(b + 1) * self.batch]
+    examples = [self.pipeline(as_record(self.source[int(i)])) for i in chunk]
+    if not examples:  # a process whose block ran out: a full batch of padding shaped like any example
+      examples = [transforms.padding_example(self.pipeline(as_record(self.source[0])))]
+      chunk = chunk[:0]
+    examples += [transforms.padding_example(examples[0])] * (self.batch - len(chunk))
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    out["valid"][len(chunk):] = False
+    return out
+
+
+def make_eval_batches(config, task, split: str | None = None, *, process_index: int = 0,
+                      process_count: int = 1, sources=None) -> grain.MapDataset:
+  """Finite eval batches of one task: every example exactly once over all processes, in order.
+
+  Each process takes a contiguous block; every process gets the same number of batches (SPMD), the
+  tail padded with valid=False examples. Transforms are config.transforms.eval (deterministic).
+  """
+  task = registry.get(task) if isinstance(task, str) else task
+  split = split or config.eval_split
+  source = sources[task.name] if sources is not None else load_sources(config, [task], split)[task.name]
+  n = len(source)
+  if n == 0:
+    raise DataError(f"split '{split}'", f"no examples for task {task.name}")
+  local_batch = _per_process(int(config.eval_batch_size), process_count, "eval_batch_size")
+  block = math.ceil(n / process_count)
+  indices = np.arange(process_index * block, min(n, (process_index + 1) * block))
+  num_batches = math.ceil(block / local_batch)
+  pipe = transforms.Pipeline(config.transforms.eval, config.image_size, config.channels)
+  return grain.MapDataset.range(num_batches).map(_EvalBatch(source, indices, local_batch, pipe))
