@@ -128,9 +128,9 @@ def read_mha(path) -> tuple[np.ndarray, tuple[float, float]]:
   try:
     img = sitk.ReadImage(str(path))
     arr = sitk.GetArrayFromImage(img)
-  except RuntimeError as e:
-    first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    raise DataError(path, f"corrupt or truncated MetaImage ({first})") from None
+  except RuntimeError as e:  # ITK's message: the useful part follows 'ERROR:' (its 'Reason:' is errno noise)
+    lines = [ln.split("ERROR:", 1)[1].strip() for ln in str(e).splitlines() if "ERROR:" in ln]
+    raise DataError(path, f"corrupt or truncated MetaImage ({lines[0] if lines else 'unreadable'})") from None
   spacing = tuple(float(s) for s in img.GetSpacing())
   if img.GetDimension() == 3:
     if arr.shape[0] == 1:

@@ -11,6 +11,7 @@ Records carry `source` = the CSV and `row` = its line number; the image path is 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -78,12 +79,13 @@ def _load_row(csv_path: Path, header: list[str], line: int, row: dict, split: st
   if rel is None:
     raise DataError(csv_path, "column 'image_path' is empty", row=line)
   base_dir = csv_path.parent
+  resolve = lambda rel_path: Path(os.path.normpath(base_dir / rel_path))  # no '..' in messages
   try:
-    image = imageio.read_image(base_dir / rel)
+    image = imageio.read_image(resolve(rel))
   except DataError as e:
     raise DataError(csv_path, f"image {e}", row=line) from None
   rec = records.Record(image=image, task=task_id, task_type=task_type, source=str(csv_path), row=line,
-                       extra={"split": split, "image_path": str(base_dir / rel)})
+                       extra={"split": split, "image_path": str(resolve(rel))})
   expected = task.num_points if task.type == registry.REGRESSION else task.num_classes
   n = None if base.cell(row, "num_classes") is None else int(_number(row, "num_classes", csv_path, line))
   if n is not None and n != expected:
@@ -93,10 +95,10 @@ def _load_row(csv_path: Path, header: list[str], line: int, row: dict, split: st
     if mrel is None:
       raise DataError(csv_path, "column 'mask_path' is empty for a segmentation row", row=line)
     try:
-      rec.mask = imageio.read_mask(base_dir / mrel)
+      rec.mask = imageio.read_mask(resolve(mrel))
     except DataError as e:
       raise DataError(csv_path, f"mask {e}", row=line) from None
-    rec.extra["mask_path"] = str(base_dir / mrel)
+    rec.extra["mask_path"] = str(resolve(mrel))
   elif task_type == registry.CLASSIFICATION:
     rec.label = int(_number(row, "mask", csv_path, line))
   elif task_type == registry.DETECTION:
