@@ -54,11 +54,16 @@ def _make_runs(tmp_path):
   for task, values in TS.items():
     ev = root / "ts" / task / "eval"
     paradigm.write_eval(ev, 100, "ts", _scaled({task: values}, 0.5))
-    paradigm.write_eval(ev, 200, "ts", {task: values})
-    if task == "FUGC":  # best.json is an older step and must win over the latest
+    # NumPy scalars are written as plain numbers; per-class lists are kept but are not table cells.
+    extras = {"dice_per_class": [np.float32(0.25)]} if task == "fetal_head" else {}
+    paradigm.write_eval(ev, 200, "ts", {task: {k: np.float64(v) for k, v in values.items()} | extras})
+    if task == "FUGC":  # best.json (a copy) is an older step and must win over the latest
       paradigm.write_eval(ev, 50, "ts", {task: values})
       paradigm.write_eval(ev, 300, "ts", _scaled({task: values}, 3.0))
       paradigm.write_best(ev, 50)
+    if task == "thyroid_nodule_det":  # best.json as a symlink
+      paradigm.write_eval(ev, 300, "ts", _scaled({task: values}, 3.0))
+      (ev / "best.json").symlink_to("200.json")
   for group, tasks in GROUPS.items():
     ev = root / "cg" / group / "eval"
     paradigm.write_eval(ev, 1000, "cg", {t: CG[t] for t in tasks})
@@ -127,6 +132,8 @@ def test_type_summary_averages_primary_deltas(tmp_path):
 def test_eval_file_roundtrip_and_moe(tmp_path):
   ev = tmp_path / "eval"
   paradigm.write_eval(ev, 7, "au", {"breast_2cls": {"auc": math.nan, "accuracy": 0.5, "n": 4}})
+  paradigm.write_eval(ev, 8, "au", {"lung": {"dice": np.float32(0.5), "n": np.float64(3)}})
+  assert json.loads((ev / "8.json").read_text())["tasks"] == {"lung": {"dice": 0.5, "n": 3}}
   raw = json.loads((ev / "7.json").read_text())
   assert raw == {"step": 7, "paradigm": "au",
                  "tasks": {"breast_2cls": {"auc": None, "accuracy": 0.5, "n": 4}}}

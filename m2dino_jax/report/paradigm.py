@@ -6,10 +6,11 @@ Eval file format (written by the trainer with `write_eval`, read here):
                             "tasks": {task_name: {metric: value, ..., "n": count}}}
 
   Metric names are those of `m2dino_jax.tasks.metrics` (dice, hd, auc, accuracy, f1_macro, f1_weighted,
-  mcc, iou, mre); an undefined value (e.g. AUC with one class present) is written as null. TS and CG
-  train several models: each model is a sub-run with its own WORKDIR/<model_name>/eval/STEP.json. An eval
-  folder may also hold `best.json` (a copy of, or a symlink to, the best STEP.json); the reader then uses
-  it, and otherwise the latest STEP.
+  mcc, iou, mre); an undefined value (e.g. AUC with one class present) is written as null. Lists or
+  objects next to the metrics (e.g. per-class values) are kept in the file and skipped by the report.
+  TS and CG train several models: each model is a sub-run with its own WORKDIR/<model_name>/eval/STEP.json
+  (a task must be evaluated by one model only). An eval folder may also hold `best.json` (a copy of, or a
+  symlink to, the best STEP.json); the reader then uses it, and otherwise the latest STEP.
 
   MoE telemetry, next to the eval file of the same step:
   WORKDIR[/<model_name>]/eval/STEP_moe.json = {"experts": E, "layers": [block indices], "tasks": [names],
@@ -42,16 +43,27 @@ _STEP_FILE = re.compile(r"^(\d+)\.json$")
 
 # --------------------------------------------------------------------------------------------- writing
 
-def _null_nan(value):
-  return None if isinstance(value, float) and math.isnan(value) else value
+def _jsonable(value):
+  """Plain JSON: NumPy scalars to Python numbers, NaN to null, recursively through lists and dicts."""
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_jsonable(v) for v in value]
+  if hasattr(value, "tolist"):  # NumPy scalars and arrays
+    return _jsonable(value.tolist())
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  return value
 
 
 def write_eval(eval_dir, step: int, paradigm: str, task_metrics: dict[str, dict]) -> Path:
   """Writes eval_dir/STEP.json atomically (NaN -> null); `task_metrics` is {task: TaskEvaluator.result()}."""
   if paradigm not in PARADIGMS:
     raise ValueError(f"paradigm '{paradigm}' not in {PARADIGMS}")
-  tasks = {name: {k: _null_nan(float(v)) if k != "n" else int(v) for k, v in m.items()}
-           for name, m in task_metrics.items()}
+  tasks = _jsonable(dict(task_metrics))
+  for values in tasks.values():
+    if values.get("n") is not None:
+      values["n"] = int(values["n"])
   return fileio.write_json(Path(eval_dir) / f"{int(step)}.json",
                            {"step": int(step), "paradigm": paradigm, "tasks": tasks})
 
@@ -103,7 +115,7 @@ def _read_json(path: Path):
 
 
 def read_eval_file(path) -> dict:
-  """Reads and checks one STEP.json; null metric values become NaN."""
+  """Reads and checks one STEP.json; null metric values become NaN, list / object values are dropped."""
   path = Path(path)
   obj = _read_json(path)
   if not isinstance(obj, dict) or not isinstance(obj.get("tasks"), dict):
@@ -118,6 +130,8 @@ def read_eval_file(path) -> dict:
     for k, v in values.items():
       if v is None:
         v = math.nan
+      if isinstance(v, list | dict):
+        continue  # structured extras (per-class values) are not table cells
       if not isinstance(v, int | float) or isinstance(v, bool):
         raise DataError(path, f"task '{name}' metric '{k}': expected a number or null, got {v!r}")
       clean[k] = float(v)

@@ -29,8 +29,8 @@ def bars_by_type(rows: list[Row], labels: list[str], path) -> Path:
   """One panel per task type: each task's primary metric as a group of bars, one bar per run."""
   primary = [r for r in rows if r.primary]
   types = list(dict.fromkeys(r.type for r in primary))
-  fig = Figure(figsize=(max(6.0, 0.9 * max(sum(r.type == t for r in primary) for t in types) * len(labels)),
-                        3.2 * len(types)))
+  most = max(sum(r.type == t for r in primary) for t in types)
+  fig = Figure(figsize=(max(6.0, 2.0 + 0.35 * most * len(labels)), 3.2 * len(types)))
   width = 0.8 / len(labels)
   for i, type_ in enumerate(types):
     ax = fig.add_subplot(len(types), 1, i + 1)
