@@ -1,0 +1,263 @@
+"""Weight import from HF transformers DINOv3 / DINOv2 checkpoints, and encoder save / load.
+
+Sources: a HF checkpoint folder (config.json + *.safetensors), a lone .safetensors file plus a
+config dict, or an in-memory state dict (torch tensors or NumPy arrays). Pickle is never executed:
+we read safetensors, or `torch.load(weights_only=True)` for .bin/.pt files.
+
+Layout changes: Linear weights [out, in] -> kernels [in, out]; the patch Conv2d [D, C, p, p] becomes
+a dense kernel over patches flattened in (row, col, channel) order. A grey-input model (in_chans=1)
+built from RGB weights sums the three patch-embedding channels, which gives the same output as
+feeding the grey image replicated to three channels.
+
+Our own encoder checkpoints (`save_encoder`) are an Orbax checkpoint of the Param state plus
+`encoder.json` (the ViTConfig), or a safetensors file with our dotted parameter names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from m2dino_jax import fileio
+from m2dino_jax.errors import DataError
+from m2dino_jax.models import vit
+
+# Older HF / Meta-style names -> the transformers 5.x names we map from.
+_ALIASES = (
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.up_proj."),
+    (r"\.mlp\.fc2\.", ".mlp.down_proj."),
+    (r"\.mlp\.weights_out\.", ".mlp.down_proj."),
+    (r"^model\.layer\.", "layer."),
+    (r"^encoder\.layer\.", "layer."),
+    (r"^layernorm\.", "norm."),
+    (r"\.patch_embeddings\.projection\.", ".patch_embeddings."),
+)
+_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attention.q_proj": "attn.q", "attention.k_proj": "attn.k",
+          "attention.v_proj": "attn.v", "attention.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate",
+          "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
+
+
+def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
+  """Our ViTConfig from a transformers DINOv3ViTConfig / Dinov2Config dict (config.json)."""
+  mtype = hf.get("model_type", "dinov3_vit")
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  common = dict(dim=d, depth=hf["num_hidden_layers"], heads=heads, patch=_int(hf.get("patch_size", 16)),
+                num_registers=hf.get("num_register_tokens", 0), in_chans=hf.get("num_channels", 3),
+                layerscale_init=hf.get("layerscale_value", 1.0))
+  if mtype.startswith("dinov3"):
+    cfg = dict(common, kind="dinov3", mlp_dim=hf["intermediate_size"],
+               ffn="swiglu" if hf.get("use_gated_mlp") else "mlp", query_bias=hf.get("query_bias", True),
+               key_bias=hf.get("key_bias", False), value_bias=hf.get("value_bias", True),
+               proj_bias=hf.get("proj_bias", True), mlp_bias=hf.get("mlp_bias", True),
+               norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 100.0))
+    if hf.get("hidden_act", "gelu") not in ("gelu", "silu"):
+      raise DataError("config.json", f"unsupported hidden_act {hf['hidden_act']!r}")
+  elif mtype.startswith("dinov2"):
+    hidden = int(d * hf.get("mlp_ratio", 4))
+    swiglu = bool(hf.get("use_swiglu_ffn", False))
+    if swiglu:
+      hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    qkv = hf.get("qkv_bias", True)
+    cfg = dict(common, kind="dinov2", mlp_dim=hidden, ffn="swiglu" if swiglu else "mlp", query_bias=qkv,
+               key_bias=qkv, value_bias=qkv, norm_eps=hf.get("layer_norm_eps", 1e-6),
+               pos_grid=_int(hf.get("image_size", 518)) // common["patch"],
+               pos_antialias=mtype == "dinov2_with_registers")
+  else:
+    raise DataError("config.json", f"unsupported model_type {mtype!r}; expected dinov3_vit or dinov2*")
+  cfg.update(overrides)
+  return vit.ViTConfig(**cfg)
+
+
+def _int(v) -> int:
+  return int(v[0] if isinstance(v, (list, tuple)) else v)
+
+
+def _np(t) -> np.ndarray:
+  if hasattr(t, "detach"):
+    t = t.detach().cpu().float().numpy()
+  return np.asarray(t, np.float32)
+
+
+def normalise_names(state: dict) -> dict[str, np.ndarray]:
+  """Maps HF / Meta-style names to one scheme; splits packed SwiGLU `weights_in` into gate and up."""
+  out = {}
+  for name, value in state.items():
+    for pat, rep in _ALIASES:
+      name = re.sub(pat, rep, name)
+    arr = _np(value)
+    if ".mlp.weights_in." in name:
+      gate, up = np.split(arr, 2, axis=0)
+      out[name.replace("weights_in", "gate_proj")] = gate
+      out[name.replace("weights_in", "up_proj")] = up
+      continue
+    out[name] = arr
+  return out
+
+
+def hf_to_params(state: dict, cfg: vit.ViTConfig, source: str = "<state dict>") -> dict[str, np.ndarray]:
+  """HF state dict -> {our dotted param name: array}. Raises DataError on missing or extra weights."""
+  sd = normalise_names(state)
+  used: set[str] = set()
+
+  def take(name):
+    if name not in sd:
+      raise DataError(source, f"missing weight '{name}' for a {cfg.kind} encoder of depth {cfg.depth}")
+    used.add(name)
+    return sd[name]
+
+  p = cfg.patch
+  w = take("embeddings.patch_embeddings.weight")  # [D, C, p, p]
+  if w.shape[1] != cfg.in_chans:
+    if cfg.in_chans == 1:
+      w = w.sum(axis=1, keepdims=True)
+    else:
+      raise DataError(source, f"patch embedding has {w.shape[1]} channels, model wants {cfg.in_chans}")
+  params = {"patch_embed.kernel": w.transpose(2, 3, 1, 0).reshape(p * p * cfg.in_chans, cfg.dim),
+            "patch_embed.bias": take("embeddings.patch_embeddings.bias"),
+            "cls_token": take("embeddings.cls_token").reshape(1, 1, cfg.dim),
+            "mask_token": take("embeddings.mask_token").reshape(1, 1, cfg.dim),
+            "norm.scale": take("norm.weight"), "norm.bias": take("norm.bias")}
+  if cfg.num_registers:
+    params["register_tokens"] = take("embeddings.register_tokens")
+  if cfg.kind == "dinov2":
+    params["pos_embed"] = take("embeddings.position_embeddings")
+  for i in range(cfg.depth):
+    for hf_name, ours in _BLOCK.items():
+      key = f"layer.{i}.{hf_name}"
+      if hf_name == "mlp.gate_proj" and cfg.ffn != "swiglu":
+        continue
+      weight = take(key + ".weight")
+      is_norm = hf_name.startswith("norm")
+      params[f"blocks.{i}.{ours}.{'scale' if is_norm else 'kernel'}"] = weight if is_norm else weight.T
+      if key + ".bias" in sd:
+        params[f"blocks.{i}.{ours}.bias"] = take(key + ".bias")
+    for j in (1, 2):
+      key = f"layer.{i}.layer_scale{j}.lambda1"
+      if cfg.layerscale_init is not None:
+        params[f"blocks.{i}.ls{j}.gamma"] = take(key)
+  extra = sorted(k for k in set(sd) - used - {"embeddings.position_ids"} if sd[k].size)
+  if extra:
+    raise DataError(source, f"unexpected weights for this config: {extra[:5]}")
+  return params
+
+
+def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
+  return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<params>", strict: bool = True):
+  """Copies named arrays into `model` (shapes checked); `strict` requires every encoder param."""
+  target = flat_params(model)
+  for name, arr in params.items():
+    if name not in target:
+      raise DataError(source, f"weight '{name}' has no place in this model")
+    if tuple(target[name].shape) != tuple(np.shape(arr)):
+      raise DataError(source, f"weight '{name}' has shape {np.shape(arr)}, model wants {target[name].shape}")
+    target[name][...] = jax.numpy.asarray(arr, target[name].dtype)
+  missing = [n for n in target if n not in params]
+  if strict and missing:
+    raise DataError(source, f"no value for {len(missing)} params, e.g. {missing[:3]}")
+  return model
+
+
+def read_hf(path) -> tuple[dict, dict]:
+  """(state dict, config dict) from a HF folder, or a .safetensors file with config.json beside it."""
+  path = Path(path)
+  folder = path if path.is_dir() else path.parent
+  cfg_file = folder / "config.json"
+  if not cfg_file.is_file():
+    raise DataError(cfg_file, "no config.json beside the weights")
+  hf_cfg = json.loads(cfg_file.read_text())
+  files = [path] if path.is_file() else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+  if not files:
+    raise DataError(folder, "no *.safetensors (or *.bin) weights found")
+  state = {}
+  for f in files:
+    state.update(read_weights(f))
+  return state, hf_cfg
+
+
+def read_weights(path) -> dict[str, np.ndarray]:
+  path = Path(path)
+  try:
+    if path.suffix == ".safetensors":
+      from safetensors.numpy import load_file
+      return load_file(str(path))
+    import torch  # only for .bin / .pt, never executing pickle code
+    return {k: _np(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+  except (OSError, ValueError, RuntimeError) as e:
+    raise DataError(path, f"cannot read weights: {e}") from None
+
+
+def encoder_from_hf(path_or_state, hf_config: dict | None = None, *, rngs: nnx.Rngs | None = None,
+                    **overrides) -> vit.Encoder:
+  """A ready encoder from a HF folder / file, or from (state dict, config dict)."""
+  if isinstance(path_or_state, (str, Path)):
+    state, hf_config = read_hf(path_or_state)
+    source = str(path_or_state)
+  else:
+    state, source = path_or_state, "<state dict>"
+  cfg = config_from_hf(hf_config, **overrides)
+  model = vit.Encoder(cfg, rngs=rngs or nnx.Rngs(0))
+  return assign(model, hf_to_params(state, cfg, source), source)
+
+
+def save_encoder(model: vit.Encoder, out_dir, fmt: str = "orbax") -> Path:
+  """Writes `encoder.json` and the params (Orbax folder `params/`, or `encoder.safetensors`)."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  arrays = {k: np.asarray(v[...]) for k, v in flat_params(model).items()}
+  if fmt == "safetensors":
+    from safetensors.numpy import save_file
+    with fileio.atomic_path(out / "encoder.safetensors") as tmp:
+      save_file(arrays, str(tmp))
+  elif fmt == "orbax":
+    import orbax.checkpoint as ocp
+    target = (out / "params").resolve()
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(target, arrays, force=True)
+  else:
+    raise DataError(out, f"unknown format {fmt!r}; use orbax or safetensors")
+  fileio.write_json(out / "encoder.json", dataclasses.asdict(model.cfg))
+  return out
+
+
+def load_encoder_params(path) -> tuple[vit.ViTConfig | None, dict[str, np.ndarray]]:
+  """Reads our saved encoder (folder or .safetensors) or a HF checkpoint; returns (config, params)."""
+  path = Path(path)
+  folder = path if path.is_dir() else path.parent
+  ours = folder / "encoder.json"
+  if ours.is_file():
+    cfg = vit.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in json.loads(ours.read_text()).items()})
+    if (folder / "params").is_dir():
+      import orbax.checkpoint as ocp
+      with ocp.StandardCheckpointer() as ckptr:
+        return cfg, dict(ckptr.restore((folder / "params").resolve()))
+    return cfg, read_weights(folder / "encoder.safetensors")
+  if (folder / "config.json").is_file():
+    state, hf_cfg = read_hf(path)
+    cfg = config_from_hf(hf_cfg)
+    return cfg, hf_to_params(state, cfg, str(path))
+  raise DataError(path, "not an encoder checkpoint: expected encoder.json or a HF config.json")
+
+
+def init_encoder_from(model: vit.Encoder, path) -> vit.Encoder:
+  """Loads saved weights into an existing encoder (architecture must match; grey from RGB allowed)."""
+  cfg, params = load_encoder_params(path)
+  pe = params.get("patch_embed.kernel")
+  want = model.cfg.patch * model.cfg.patch * model.cfg.in_chans
+  if pe is not None and pe.shape[0] != want and model.cfg.in_chans == 1 and cfg is not None:
+    params = dict(params, **{"patch_embed.kernel": pe.reshape(cfg.patch, cfg.patch, cfg.in_chans, -1)
+                             .sum(axis=2).reshape(want, -1)})
+  return assign(model, params, str(path), strict=False)
