@@ -154,6 +154,8 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
     paradigm.load_run(empty, "au")
   with pytest.raises(M2DinoError, match="LABEL=DIR"):
     report_cli._parse_runs(["ts"])
+  with pytest.raises(M2DinoError, match="--baseline 'xx'"):
+    report_cli.make_report({"ts": missing}, tmp_path / "o", baseline="xx")
 
   dup = tmp_path / "dup"
   paradigm.write_eval(dup / "a" / "eval", 1, "cg", {"lung": {"dice": 0.1, "hd": 1.0, "n": 1}})
@@ -168,3 +170,14 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
   (bad / "3.json").write_text('{"step": 3, "tasks": {"lung": {"dice": "high"}}}')
   with pytest.raises(DataError, match=r"3\.json.*'dice'"):
     paradigm.load_run(bad.parent, "au")
+
+
+def test_report_without_baseline_has_values_but_no_deltas(tmp_path):
+  root = _make_runs(tmp_path)
+  written = report_cli.make_report({"au": root / "au"}, tmp_path / "o")
+  assert "delta_heatmap" not in written and written["bars"].read_bytes()[:8] == PNG_MAGIC
+  with open(written["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["task", "type", "metric", "higher_is_better", "au"]
+  assert {(r["task"], r["metric"]): float(r["au"]) for r in rows}[("FUGC", "mre")] == AU["FUGC"]["mre"]
+  assert "No `ts` run was given" in written["markdown"].read_text()

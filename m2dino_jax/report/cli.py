@@ -31,10 +31,17 @@ def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def make_report(run_dirs: dict[str, Path], out_dir, baseline: str = "ts") -> dict[str, Path]:
-  """Loads the runs, writes the markdown + CSV tables and the plots; returns {kind: path}."""
+def make_report(run_dirs: dict[str, Path], out_dir, baseline: str | None = None) -> dict[str, Path]:
+  """Loads the runs, writes the markdown + CSV tables and the plots; returns {kind: path}.
+
+  `baseline` (default: 'ts' when given, else no relative changes) must be one of the run labels.
+  """
   if not run_dirs:
     raise M2DinoError("--runs: give at least one LABEL=DIR")
+  if baseline is None:
+    baseline = "ts"
+  elif baseline not in run_dirs:
+    raise M2DinoError(f"--baseline '{baseline}' is not one of the --runs labels: {', '.join(run_dirs)}")
   runs = [paradigm.load_run(d, label) for label, d in run_dirs.items()]
   labels = [r.label for r in runs]
   rows = paradigm.build_rows(runs, baseline)
@@ -64,9 +71,11 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
   p = subparsers.add_parser("report", help="compare TS / CG / AU runs: tables and plots",
-                            description=__doc__.splitlines()[0])
+                            description="Compare TS / CG / AU runs from their eval files: markdown and "
+                            "CSV tables, % change vs the baseline (positive = better) and PNG plots.")
   p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR",
                  help="runs to compare, e.g. ts=runs/ts cg=runs/cg au=runs/au")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--baseline", default="ts", help="label the relative changes are taken against (default ts)")
+  p.add_argument("--baseline", default=None,
+                 help="run label the relative changes are taken against (default: ts, when given)")
   p.set_defaults(func=run)
