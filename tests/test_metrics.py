@@ -230,3 +230,14 @@ def test_primary_metric():
   assert metrics.HIGHER_IS_BETTER["hd"] is False
   with pytest.raises(ValueError):
     metrics.primary_metric("captioning")
+
+
+def test_segmentation_evaluator_with_spacing():
+  rng = np.random.default_rng(5)
+  pred, target = _blobs(rng, (33, 45), 2), _blobs(rng, (33, 45), 2)
+  spacing = np.array([0.5, 2.0])
+  for ev, kwargs in ((metrics.TaskEvaluator("lung", spacing=spacing), {}),
+                     (metrics.TaskEvaluator("lung"), {"spacing": spacing})):
+    ev.add(pred, target, **kwargs)
+    assert ev.result()["hd"] == pytest.approx(_sitk_hd(pred == 1, target == 1, spacing), rel=1e-6)
+    assert ev.result()["dice"] == pytest.approx(_sitk_dice(pred, target, 1), rel=1e-6)

@@ -105,9 +105,10 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, num_classes: int, 
   pred, target = np.asarray(pred), np.asarray(target)
   if pred.shape != target.shape:
     raise ValueError(f"prediction mask shape {pred.shape} != target mask shape {target.shape}")
-  classes = range(1, num_classes)
-  dices = np.array([dice(pred == c, target == c) for c in classes], float)
-  hds = np.array([hausdorff(pred == c, target == c, spacing) for c in classes], float)
+  dices, hds = np.zeros(num_classes - 1), np.zeros(num_classes - 1)
+  for c in range(1, num_classes):
+    a, b = pred == c, target == c
+    dices[c - 1], hds[c - 1] = dice(a, b), hausdorff(a, b, spacing)
   return dices, hds
 
 
@@ -207,7 +208,8 @@ class TaskEvaluator:
   def add(self, pred, target, spacing=None) -> None:
     t = self.task
     if t.type == registry.SEGMENTATION:
-      self._preds.append(segmentation_scores(pred, target, t.num_classes, spacing or self.spacing))
+      spacing = self.spacing if spacing is None else spacing
+      self._preds.append(segmentation_scores(pred, target, t.num_classes, spacing))
       self._targets.append(None)
       return
     pred = np.asarray(pred, float)
