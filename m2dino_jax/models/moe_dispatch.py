@@ -1,0 +1,196 @@
+"""MoE dispatch back-ends: move routed tokens to their experts, run the experts, combine.
+
+Every back-end takes the same routing decision (made once in `moe.route`) and computes
+
+  y[b, n] = sum_j gates[b, n, j] * FFN_{experts[b, n, j]}(x[b, n])
+
+over the assignments that were kept; a dropped assignment has gate 0 (and `position >= capacity`).
+Capacity is counted per image (one image = one routing group, as MaxText's per-sequence groups), so
+the result does not depend on how the batch is split over devices.
+
+  dense            GShard / V-MoE one-hot dispatch and combine masks [B, N, E, C] and einsums.
+  dropless         sort assignments by expert and run a grouped matmul: `jax.lax.ragged_dot` (native on
+                   TPU) or a blocked equivalent (rows padded per expert to `block_size`, one weight slice
+                   per block) that does no wasted work on CPU/GPU, where ragged_dot becomes a dense
+                   matmul over every expert.
+  expert_parallel  experts sharded over the 'expert' mesh axis; each device scatters its tokens into a
+                   fixed [E, b, C, D] buffer, `jax.lax.all_to_all` sends each expert's slots to the
+                   device holding it and back, inside `jax.shard_map`.
+
+Expert parameters are a dict: w_in [E, D, H'] (H' = 2H for SwiGLU: value half, then gate half),
+b_in [E, H'], w_out [E, H, D], b_out [E, D].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+BATCH_MESH_AXES = ("data", "fsdp", "expert")
+
+
+def activate(h, activation: str):
+  """The expert non-linearity: exact GELU, or SwiGLU on the two halves of the first projection."""
+  if activation == "swiglu":
+    value, gate = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(value) * gate
+  return jax.nn.gelu(h, approximate=False)
+
+
+def expert_ffn(params, xs, activation: str):
+  """All experts on their own slots: xs [E, R, D] -> [E, R, D]."""
+  h = jnp.einsum("erd,edh->erh", xs, params["w_in"]) + params["b_in"][:, None, :]
+  h = activate(h, activation)
+  return jnp.einsum("erh,ehd->erd", h, params["w_out"]) + params["b_out"][:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------- dense
+
+
+def dense_dispatch(x, experts, gates, positions, capacity: int, params, activation: str):
+  """One-hot dispatch/combine masks [B, N, E, C]; positions >= capacity give an all-zero row (dropped)."""
+  num_experts = params["w_in"].shape[0]
+  expert_hot = jax.nn.one_hot(experts, num_experts, dtype=x.dtype)      # [B, N, k, E]
+  slot_hot = jax.nn.one_hot(positions, capacity, dtype=x.dtype)         # [B, N, k, C]
+  dispatch = jnp.einsum("bnke,bnkc->bnec", expert_hot, slot_hot)
+  combine = jnp.einsum("bnke,bnkc,bnk->bnec", expert_hot, slot_hot, gates.astype(x.dtype))
+  xs = jnp.einsum("bnd,bnec->ebcd", x, dispatch)
+  e, b, c, d = xs.shape
+  ys = expert_ffn(params, xs.reshape(e, b * c, d), activation).reshape(e, b, c, d)
+  return jnp.einsum("ebcd,bnec->bnd", ys, combine)
+
+
+# -------------------------------------------------------------------------------------------- dropless
+
+
+def _flatten_assignments(experts, gates):
+  """[B, N, k] routing -> flat per-assignment expert id, source token and gate (token-major order)."""
+  b, n, k = experts.shape
+  flat_expert = experts.reshape(-1)
+  token = jnp.repeat(jnp.arange(b * n, dtype=jnp.int32), k)
+  return flat_expert, token, gates.reshape(-1)
+
+
+def _grouped_ragged(x_tok, flat_expert, token, params, activation):
+  """Sorted rows + `jax.lax.ragged_dot`; returns each assignment's expert output [A, D]."""
+  num_experts = params["w_in"].shape[0]
+  order = jnp.argsort(flat_expert, stable=True)
+  sorted_expert = flat_expert[order]
+  group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+  rows = x_tok[token[order]]
+  h = jax.lax.ragged_dot(rows, params["w_in"], group_sizes) + params["b_in"][sorted_expert]
+  h = activate(h, activation)
+  y = jax.lax.ragged_dot(h, params["w_out"], group_sizes) + params["b_out"][sorted_expert]
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  return y[inverse]
+
+
+def _grouped_blocked(x_tok, flat_expert, token, params, activation, block_size: int):
+  """Rows grouped by expert, each group padded to a multiple of `block_size`; one expert per block.
+
+  The number of blocks is bounded statically by ceil(A / block) + E, so shapes stay fixed while the
+  padding per expert is under one block.
+  """
+  num_experts = params["w_in"].shape[0]
+  num_assign, dim = flat_expert.shape[0], x_tok.shape[-1]
+  num_blocks = -(-num_assign // block_size) + num_experts
+  sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+  padded = -(-sizes // block_size) * block_size
+  padded_start = jnp.cumsum(padded) - padded
+  start = jnp.cumsum(sizes) - sizes
+  order = jnp.argsort(flat_expert, stable=True)
+  sorted_pos = jnp.zeros_like(order).at[order].set(jnp.arange(num_assign, dtype=order.dtype))
+  dest = padded_start[flat_expert] + sorted_pos - start[flat_expert]    # row of each assignment
+  num_rows = num_blocks * block_size
+  row_token = jnp.full((num_rows,), x_tok.shape[0], jnp.int32).at[dest].set(token)
+  x_pad = jnp.concatenate([x_tok, jnp.zeros((1, dim), x_tok.dtype)])
+  rows = x_pad[row_token].reshape(num_blocks, block_size, dim)
+  block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+  block_expert = jnp.searchsorted(padded_start + padded, block_start, side="right")
+  block_expert = jnp.minimum(block_expert, num_experts - 1)             # tail blocks hold only padding
+  h = jnp.einsum("gbd,gdh->gbh", rows, params["w_in"][block_expert]) + params["b_in"][block_expert][:, None]
+  h = activate(h, activation)
+  y = jnp.einsum("gbh,ghd->gbd", h, params["w_out"][block_expert]) + params["b_out"][block_expert][:, None]
+  return y.reshape(num_rows, dim)[dest]
+
+
+def dropless_dispatch(x, experts, gates, params, activation: str, method: str = "blocked",
+                      block_size: int = 128):
+  """Every assignment is computed (no capacity): sort by expert, grouped matmul, weighted sum."""
+  b, n, d = x.shape
+  flat_expert, token, flat_gate = _flatten_assignments(experts, gates)
+  x_tok = x.reshape(b * n, d)
+  if method == "ragged_dot":
+    y_assign = _grouped_ragged(x_tok, flat_expert, token, params, activation)
+  else:
+    y_assign = _grouped_blocked(x_tok, flat_expert, token, params, activation, block_size)
+  y = (y_assign * flat_gate[:, None].astype(y_assign.dtype)).reshape(b, n, -1, d).sum(axis=2)
+  return y.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- expert parallel
+
+
+def _to_slots(x, experts, positions, num_experts: int, capacity: int):
+  """Scatters tokens into a fixed [E, b, C, D] buffer; out-of-capacity assignments are dropped."""
+  b, n, k = experts.shape
+  image = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, n, k))
+  updates = jnp.broadcast_to(x[:, :, None, :], (b, n, k, x.shape[-1]))
+  buf = jnp.zeros((num_experts, b, capacity, x.shape[-1]), x.dtype)
+  return buf.at[experts, image, positions].add(updates, mode="drop")
+
+
+def _from_slots(ys, experts, gates, positions):
+  """Gathers each kept assignment's output back to its token and sums with the gates."""
+  b, n, k = experts.shape
+  image = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, n, k))
+  out = ys.at[experts, image, positions].get(mode="fill", fill_value=0)  # [b, n, k, D]
+  return jnp.einsum("bnkd,bnk->bnd", out, gates.astype(out.dtype))
+
+
+def capacity_dispatch_local(x, experts, gates, positions, capacity: int, params, activation: str):
+  """Index-based capacity dispatch on one device (the expert-parallel path without the exchange)."""
+  num_experts = params["w_in"].shape[0]
+  buf = _to_slots(x, experts, positions, num_experts, capacity)
+  e, b, c, d = buf.shape
+  ys = expert_ffn(params, buf.reshape(e, b * c, d), activation).reshape(e, b, c, d)
+  return _from_slots(ys, experts, gates, positions).astype(x.dtype)
+
+
+def expert_mesh_size(mesh) -> int:
+  """Size of the 'expert' axis of `mesh` (1 when there is no mesh or no such axis)."""
+  if mesh is None or getattr(mesh, "empty", False) or "expert" not in mesh.axis_names:
+    return 1
+  return int(dict(zip(mesh.axis_names, mesh.axis_sizes))["expert"])
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """Mesh axes that split the batch around an MoE layer (the batch is also split over 'expert')."""
+  return tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+
+
+def expert_parallel_dispatch(x, experts, gates, positions, capacity: int, params, activation: str, mesh):
+  """Experts sharded over mesh axis 'expert'; tokens exchanged with two fixed-size all_to_alls.
+
+  Inside `jax.shard_map` each device holds b images and E/ep experts. Its [E, b, C, D] slot buffer is
+  split along E and sent out (all_to_all, concatenating the senders' images), the local experts run on
+  [E/ep, ep*b*C] rows, and the reverse all_to_all returns every slot to the device that owns its token.
+  """
+  num_experts = params["w_in"].shape[0]
+  ep = expert_mesh_size(mesh)
+  if num_experts % ep:
+    raise ValueError(f"num_experts={num_experts} is not divisible by the expert mesh axis ({ep})")
+  bspec = P(batch_axes(mesh))
+  pspecs = {"w_in": P("expert"), "b_in": P("expert"), "w_out": P("expert"), "b_out": P("expert")}
+
+  def local(x, experts, gates, positions, params):
+    buf = _to_slots(x, experts, positions, num_experts, capacity)               # [E, b, C, D]
+    buf = jax.lax.all_to_all(buf, "expert", split_axis=0, concat_axis=1, tiled=True)
+    e_loc, rows, c, d = buf.shape                                               # [E/ep, ep*b, C, D]
+    ys = expert_ffn(params, buf.reshape(e_loc, rows * c, d), activation).reshape(e_loc, rows, c, d)
+    ys = jax.lax.all_to_all(ys, "expert", split_axis=1, concat_axis=0, tiled=True)  # [E, b, C, D]
+    return _from_slots(ys, experts, gates, positions).astype(x.dtype)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(bspec, bspec, bspec, bspec, pspecs), out_specs=bspec)
+  return fn(x, experts, gates, positions, {k: params[k] for k in pspecs})
