@@ -41,10 +41,15 @@ def failing(source, message: str, row: int | None = None) -> Item:
   return Item(str(source), row, load)
 
 
-def read_items(items: Iterable[Item], *, skip_bad: bool = False,
-               skipped_log=None) -> Iterator[records.Record]:
-  """Loads and validates items; bad ones raise, or with skip_bad are skipped, logged and listed."""
-  skipped: list[dict] = []
+def read_items(items: Iterable[Item], *, skip_bad: bool = False, skipped_log=None,
+               skipped: list | None = None) -> Iterator[records.Record]:
+  """Loads and validates items; bad ones raise, or with skip_bad are skipped, logged and listed.
+
+  The skipped list ({source, row, reason} dicts) goes to `skipped_log` when given, and is also
+  appended to `skipped` when the caller passes a list (builders gather several splits' lists).
+  """
+  skipped = [] if skipped is None else skipped
+  start = len(skipped)
   try:
     for item in items:
       try:
@@ -59,9 +64,9 @@ def read_items(items: Iterable[Item], *, skip_bad: bool = False,
         log.warning("skipped bad record: %s", e)
   finally:
     if skipped_log is not None:
-      write_skipped(skipped_log, skipped)
-    if skipped:
-      log.warning("skipped %d bad record(s)%s", len(skipped),
+      write_skipped(skipped_log, skipped[start:])
+    if len(skipped) > start:
+      log.warning("skipped %d bad record(s)%s", len(skipped) - start,
                   f"; list in {skipped_log}" if skipped_log is not None else "")
 
 
