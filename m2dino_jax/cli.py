@@ -45,8 +45,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  overrides: list[str] = []
+  if argv and argv[0] == "train":
+    from m2dino_jax.main import split_overrides
+    try:
+      argv, overrides = split_overrides(argv)
+    except M2DinoError as e:
+      print(f"m2dino train: error: {e}", file=sys.stderr)
+      return 2
   parser = build_parser(argv)
   args = parser.parse_args(argv)
+  if overrides:
+    args.overrides = overrides
   if not getattr(args, "func", None):
     parser.print_help()
     return 2

@@ -9,6 +9,7 @@ coerced to the existing field's type; an unknown key or a bad value raises `Conf
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
     node = node[part]
   leaf = parts[-1]
   if leaf not in node:
-    close = [k for k in node.keys() if k.lower()[:3] == leaf.lower()[:3]]
+    close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(dotted, f"unknown config key{hint}")
   old = node[leaf]
