@@ -22,9 +22,14 @@ def add_args(p) -> None:
 
 
 def run(args) -> int:
+  import tensorflow_datasets as tfds
+
   from m2dino_jax.data import tfds as tfds_data
+  tfds.disable_progress_bar()  # keep the terminal to our summary, and errors to one line
+  out = tfds_data.dataset_dir(args.dataset, args.data_dir)
+  kept = (out / "dataset_info.json").is_file() and not args.overwrite
   counts = tfds_data.build(args.dataset, args.manual_dir, args.data_dir, skip_bad=args.skip_bad,
                            skipped_log=args.skipped_log, overwrite=args.overwrite)
-  out = tfds_data.dataset_dir(args.dataset, args.data_dir)
-  print(f"built {args.dataset}: " + ", ".join(f"{s} {n}" for s, n in counts.items()) + f" examples in {out}")
+  verb = "kept existing build of" if kept else "built"  # --overwrite rebuilds
+  print(f"{verb} {args.dataset}: " + ", ".join(f"{s} {n}" for s, n in counts.items()) + f" examples in {out}")
   return 0
