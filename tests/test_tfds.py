@@ -103,6 +103,17 @@ def test_source_errors(fmc_build, tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(DataError, match="manual directory is missing or empty"):
     tfds_data.build("busi", tmp_path / "empty", tmp_path / "out")
+  (tmp_path / "empty" / "readme.txt").write_text("wrong folder")
+  with pytest.raises(DataError, match="FMC_UIA csv_files folder not found"):
+    tfds_data.build("fmc_uia", tmp_path / "empty", tmp_path / "out")
+
+
+def test_build_with_a_missing_split(tmp_path):
+  """A release with only train/ builds only the train split."""
+  import shutil
+  write_fmc(tmp_path / "manual")
+  shutil.rmtree(tmp_path / "manual" / "data" / "val")
+  assert tfds_data.build("fmc_uia", tmp_path / "manual", tmp_path / "out") == {"train": 10}
 
 
 def test_cli_build(tmp_path, capsys):

@@ -44,11 +44,19 @@ def build(dataset: str, manual_dir, data_dir, *, skip_bad: bool = False, skipped
   manual_dir = Path(manual_dir)
   if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
     raise DataError(manual_dir, "manual directory is missing or empty")
-  nonempty = tuple(s for s in adapters.splits(dataset) if next(iter(mod.items(manual_dir, s)), None))
+  nonempty, errors = [], []
+  for split in adapters.splits(dataset):  # a release may lack a split (e.g. no val/ folder)
+    try:
+      if next(iter(mod.items(manual_dir, split)), None) is not None:
+        nonempty.append(split)
+    except DataError as e:
+      errors.append(e)
   if not nonempty:
+    if errors:
+      raise errors[0]
     raise DataError(manual_dir, f"no {dataset} data found for splits {', '.join(adapters.splits(dataset))}")
   bld = builder_lib.M2dinoUltrasound(config=dataset, data_dir=str(data_dir), file_format="array_record")
-  bld.skip_bad, bld.skipped, bld.nonempty_splits = skip_bad, [], nonempty
+  bld.skip_bad, bld.skipped, bld.nonempty_splits = skip_bad, [], tuple(nonempty)
   mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else \
       tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   already = (dataset_dir(dataset, data_dir) / "dataset_info.json").is_file() and not overwrite
