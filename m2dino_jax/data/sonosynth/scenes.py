@@ -1,0 +1,537 @@
+"""The 27 FMC_UIA task scenes: for each task a builder that draws one random scene and its label,
+the probe it is imaged with, and how many images the task has (data-rich vs data-scarce).
+
+Label conventions (ours; the simulator defines them, so they hold exactly):
+- breast_2cls: 0 benign, 1 malignant. breast_3cls: 0 normal, 1 benign, 2 malignant.
+- fetal_head_pos_cls / fetal_sacral_pos_cls: k = direction of the face (orbits) / the sacrum from
+  the centre, k * 45 degrees clockwise from 12 o'clock. A horizontal flip changes the class.
+- fetal_plane_cls: 0 abdomen, 1 brain, 2 femur, 3 thorax, 4 maternal cervix, 5 other.
+- liver_lesion_2cls: 0 benign (hyperechoic), 1 malignant (target lesion). lung_2cls: 0 A-lines,
+  1 B-lines. lung_disease_3cls: 0 normal, 1 interstitial (B-lines), 2 consolidation.
+- organ_cls: 0 liver, 1 kidney, 2 spleen, 3 bladder, 4 gallbladder, 5 aorta.
+- cardiac_multi: 1 LV cavity, 2 myocardium, 3 left atrium. cervix_multi: 1 anterior lip, 2 posterior
+  lip. fetal_abdomen_multi: 1 aorta, 2 liver, 3 stomach, 4 umbilical vein. head_symphysis_multi:
+  1 pubic symphysis, 2 fetal head.
+- FUGC points: internal os, external os. IUGC: symphysis upper end, lower end, tangent point on the
+  fetal skull (the angle of progression). fetal_femur: the two shaft ends, left one first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from m2dino_jax.data.sonosynth import anatomy as A
+from m2dino_jax.data.sonosynth.physics import Probe
+from m2dino_jax.data.sonosynth.shapes import (
+  BONE_ATTEN,
+  BONE_DB,
+  FLUID_ATTEN,
+  FLUID_DB,
+  WALL_DB,
+  Canvas,
+  background,
+  blob,
+  ellipse,
+  polar_dir,
+  segment_distance,
+  smooth_noise,
+)
+
+LINEAR = Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=18.0)
+CONVEX = Probe("sector", depth_mm=110.0, angle_deg=55.0, apex_mm=45.0, f0_mhz=3.5, f_number=2.5,
+               focus_mm=60.0)
+PHASED = Probe("sector", depth_mm=140.0, angle_deg=75.0, apex_mm=0.0, f0_mhz=2.5, f_number=2.5,
+               focus_mm=70.0)
+ENDOCAVITY = Probe("sector", depth_mm=60.0, angle_deg=80.0, apex_mm=6.0, f0_mhz=6.5, focus_mm=30.0)
+
+
+@dataclasses.dataclass
+class Scene:
+  """What a builder returns: scene maps on the image grid and the label in pixel space."""
+  echo: np.ndarray
+  atten: np.ndarray
+  label: int = -1
+  mask: np.ndarray | None = None
+  box: np.ndarray | None = None
+  points: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  build: Callable[[Canvas, np.random.Generator, int], Scene]
+  probe: Probe
+  base_size: int  # images at scale 1 (train + val)
+
+
+def _box(mask) -> np.ndarray:
+  ys, xs = np.nonzero(mask)
+  return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def _centre(cv: Canvas, rng, x=0.5, y=0.45, jitter=0.08):
+  return (cv.px(x + rng.uniform(-jitter, jitter)), cv.px(y + rng.uniform(-jitter, jitter)))
+
+
+# ---- regression -------------------------------------------------------------------------------
+
+def fugc(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  _, _, internal, external = A.cervix(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05),
+                                      cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)),
+                                      rng.uniform(-0.4, 0.4))
+  return Scene(echo, atten, points=np.stack([internal, external]))
+
+
+def _symphysis_and_head(cv, rng):
+  """Transperineal view: pubic symphysis (upper left) and the fetal head (lower right)."""
+  echo, atten = background(cv, rng, layers=False)
+  ps_c = np.array(_centre(cv, rng, x=0.33, y=0.28, jitter=0.04), np.float32)
+  half = cv.px(rng.uniform(0.08, 0.11))
+  ang = rng.uniform(0.3, 0.8)
+  u = np.array([math.cos(ang), math.sin(ang)], np.float32)
+  upper, lower = ps_c - half * u, ps_c + half * u
+  ps = ellipse(cv, *ps_c, half * 1.1, cv.px(0.03), ang) < 1
+  echo[ps] = 8.0 + 2.0 * smooth_noise(cv, rng, 24)[ps]
+  atten[ps] = 2.0
+  hc = (lower[0] + cv.px(rng.uniform(0.15, 0.22)), lower[1] + cv.px(rng.uniform(0.18, 0.26)))
+  a, b = cv.px(rng.uniform(0.17, 0.22)), cv.px(rng.uniform(0.14, 0.17))
+  h_ang = rng.uniform(-0.5, 0.5)
+  head = A.skull(cv, rng, echo, atten, hc, a, b, h_ang)
+  head &= ~ps
+  # tangent from the symphysis' lower end to the skull: the boundary point seen at the widest angle
+  t = np.linspace(0, 2 * math.pi, 720, endpoint=False)
+  c, s = math.cos(h_ang), math.sin(h_ang)
+  bx = hc[0] + a * np.cos(t) * c - b * np.sin(t) * s
+  by = hc[1] + a * np.cos(t) * s + b * np.sin(t) * c
+  vec = np.stack([bx - lower[0], by - lower[1]], 1)
+  cosang = vec @ u / np.linalg.norm(vec, axis=1)
+  tangent = np.array([bx[np.argmin(cosang)], by[np.argmin(cosang)]], np.float32)
+  return echo, atten, ps, head, np.stack([upper, lower, tangent])
+
+
+def iugc(cv, rng, label):
+  echo, atten, _, _, points = _symphysis_and_head(cv, rng)
+  return Scene(echo, atten, points=points)
+
+
+def fetal_femur(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  c = np.array(_centre(cv, rng, y=0.4, jitter=0.06), np.float32)
+  half = cv.px(rng.uniform(0.14, 0.24))
+  ang = rng.uniform(-0.45, 0.45)
+  d = np.array([math.cos(ang), math.sin(ang)], np.float32) * half
+  A.body_outline(cv, rng, echo, c, half * 1.4, half * 0.7, ang)
+  A.femur(cv, rng, echo, atten, c - d, c + d)
+  return Scene(echo, atten, points=np.stack([c - d, c + d]))
+
+
+# ---- classification ---------------------------------------------------------------------------
+
+def _breast(cv, rng, kind):
+  """kind: 0 normal, 1 benign, 2 malignant."""
+  echo, atten = background(cv, rng)
+  A.breast_tissue(cv, rng, echo)
+  mask = None
+  if kind:
+    mask = A.breast_mass(cv, rng, echo, atten, kind == 2, _centre(cv, rng, y=0.45, jitter=0.12),
+                         cv.px(rng.uniform(0.08, 0.15)))
+  else:
+    for _ in range(rng.integers(0, 3)):  # a few ducts / tiny cysts
+      c = _centre(cv, rng, y=0.45, jitter=0.25)
+      duct = ellipse(cv, *c, cv.px(rng.uniform(0.02, 0.05)), cv.px(0.012), rng.uniform(-0.3, 0.3)) < 1
+      echo[duct] = FLUID_DB
+  return echo, atten, mask
+
+
+def breast_2cls(cv, rng, label):
+  echo, atten, _ = _breast(cv, rng, 1 + label)
+  return Scene(echo, atten, label=label)
+
+
+def breast_3cls(cv, rng, label):
+  echo, atten, _ = _breast(cv, rng, label)
+  return Scene(echo, atten, label=label)
+
+
+def fetal_head_pos_cls(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  c = np.array(_centre(cv, rng, y=0.42, jitter=0.04), np.float32)
+  direction = label * 45.0 + rng.uniform(-10, 10)
+  d = polar_dir(direction)
+  a, b = cv.px(rng.uniform(0.17, 0.22)), cv.px(rng.uniform(0.14, 0.16))
+  A.skull(cv, rng, echo, atten, c, a, b, math.atan2(d[1], d[0]))
+  n = np.array([-d[1], d[0]], np.float32)
+  for side in (-1, 1):  # the orbits mark where the face is
+    o = c + 0.62 * a * d + side * 0.3 * b * n
+    orbit = ellipse(cv, *o, 0.13 * b, 0.13 * b)
+    echo[orbit < 1] = FLUID_DB
+    echo[(orbit >= 1) & (orbit < 1.3)] = WALL_DB
+  return Scene(echo, atten, label=label)
+
+
+def fetal_sacral_pos_cls(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  c = np.array(_centre(cv, rng, y=0.42, jitter=0.04), np.float32)
+  d = polar_dir(label * 45.0 + rng.uniform(-10, 10))
+  r = cv.px(rng.uniform(0.2, 0.25))
+  A.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.8, 0.95), rng.uniform(0, math.pi))
+  A.spine_dots(cv, echo, atten, c - 0.2 * r * d, d, 0.85 * r, n=7, size0=0.022, taper=0.6)
+  n = np.array([-d[1], d[0]], np.float32)
+  for side in (-1, 1):  # iliac wings flanking the sacrum
+    p0 = c + 0.35 * r * d + side * 0.25 * r * n
+    wing = segment_distance(cv, p0, p0 + 0.3 * r * d + side * 0.15 * r * n) < cv.px(0.008)
+    echo[wing] = BONE_DB - 2
+  return Scene(echo, atten, label=label)
+
+
+def fetal_plane_cls(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  c = np.array(_centre(cv, rng, y=0.42, jitter=0.05), np.float32)
+  r = cv.px(rng.uniform(0.18, 0.24))
+  if label == 0:
+    A.fetal_abdomen(cv, rng, echo, atten, c, r)
+  elif label == 1:
+    A.skull(cv, rng, echo, atten, c, r * 1.1, r * 0.9, rng.uniform(-0.6, 0.6))
+  elif label == 2:
+    ang = rng.uniform(-0.4, 0.4)
+    d = np.array([math.cos(ang), math.sin(ang)], np.float32) * r
+    A.femur(cv, rng, echo, atten, c - d, c + d)
+  elif label == 3:
+    _thorax(cv, rng, echo, atten, c, r)
+  elif label == 4:
+    A.cervix(cv, rng, echo, atten, c, r * 1.1, r * 0.45, rng.uniform(-0.4, 0.4))
+  else:  # other: placenta and fluid pockets
+    top = cv.px(rng.uniform(0.1, 0.25))
+    placenta = (cv.yy > top) & (cv.yy < top + cv.px(0.15) + 8 * smooth_noise(cv, rng, 6))
+    echo[placenta] += 5.0
+    for _ in range(rng.integers(1, 4)):
+      p = _centre(cv, rng, y=0.55, jitter=0.15)
+      pocket = blob(cv, rng, *p, cv.px(rng.uniform(0.05, 0.12)), cv.px(0.05), rng.uniform(0, 3), 0.2) < 1
+      echo[pocket] = FLUID_DB
+      atten[pocket] = FLUID_ATTEN
+  return Scene(echo, atten, label=label)
+
+
+def _thorax(cv, rng, echo, atten, c, r):
+  """Fetal thorax: skin, lungs, ribs with shadows, spine and a four-chamber heart. Returns the heart."""
+  angle = rng.uniform(0, 2 * math.pi)
+  rho = A.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.9, 1.0), angle)
+  echo[rho < 0.95] += 4.0  # lungs
+  back = np.array([math.cos(angle), math.sin(angle)], np.float32)
+  for k in (-1, 1):
+    rib_dir = np.array([math.cos(angle + k * 1.1), math.sin(angle + k * 1.1)], np.float32)
+    rib = segment_distance(cv, c + 0.8 * r * rib_dir, c + 0.95 * r * rib_dir) < cv.px(0.008)
+    echo[rib] = BONE_DB
+    atten[rib] = BONE_ATTEN
+  A.spine_dots(cv, echo, atten, c + 0.75 * r * back, back, 0.0, n=1, size0=0.03)
+  hc = c - 0.2 * r * back + 0.15 * r * np.array([-back[1], back[0]])
+  return A.heart_4ch(cv, rng, echo, hc, 0.42 * r, 0.36 * r, angle + rng.uniform(-0.5, 0.5))
+
+
+def liver_lesion_2cls(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False, texture_db=1.5)
+  for _ in range(rng.integers(1, 4)):  # hepatic vessels
+    p0 = _centre(cv, rng, y=0.45, jitter=0.3)
+    p1 = _centre(cv, rng, y=0.45, jitter=0.3)
+    vessel = segment_distance(cv, p0, p1) < cv.px(rng.uniform(0.008, 0.02))
+    echo[vessel] = A.BLOOD_DB
+  c = _centre(cv, rng, y=0.45, jitter=0.1)
+  r = cv.px(rng.uniform(0.05, 0.11))
+  rho = blob(cv, rng, *c, r, r * rng.uniform(0.8, 1.0), rng.uniform(0, 3), wobble=0.06)
+  if label == 0:  # haemangioma-like: bright, homogeneous, sharp
+    echo[rho < 1] = 9.0 + smooth_noise(cv, rng, 24)[rho < 1]
+  else:  # target lesion: dark halo around a heterogeneous core
+    echo[(rho >= 0.6) & (rho < 1.1)] = -12.0
+    core = rho < 0.6
+    echo[core] = 3.0 + 4.0 * smooth_noise(cv, rng, 30)[core]
+  return Scene(echo, atten, label=label)
+
+
+def _lung(cv, rng, kind):
+  """kind: 0 A-lines, 1 B-lines, 2 consolidation. Returns echo, atten, consolidation region or None."""
+  echo, atten = background(cv, rng)
+  pleura, ribs = A.lung_surface(cv, rng, echo, atten)
+  region = None
+  if kind == 0:
+    A.a_lines(cv, echo, pleura, ribs)
+  elif kind == 1:
+    A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(2, 5)))
+  else:
+    region = A.consolidation(cv, rng, echo, atten, pleura, ribs)
+  return echo, atten, region
+
+
+def lung_2cls(cv, rng, label):
+  echo, atten, _ = _lung(cv, rng, label)
+  return Scene(echo, atten, label=label)
+
+
+def lung_disease_3cls(cv, rng, label):
+  echo, atten, _ = _lung(cv, rng, label)
+  return Scene(echo, atten, label=label)
+
+
+def organ_cls(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  c = _centre(cv, rng, y=0.42, jitter=0.06)
+  s = cv.size
+  ang = rng.uniform(-0.5, 0.5)
+  if label == 0:  # liver: big parenchyma, vessels, diaphragm
+    diaphragm = np.abs(ellipse(cv, c[0], c[1] - s * 0.1, s * 0.6, s * 0.45, ang) - 1) < 0.02
+    echo[diaphragm] = WALL_DB + 4
+    for _ in range(3):
+      p0, p1 = _centre(cv, rng, y=0.4, jitter=0.25), _centre(cv, rng, y=0.4, jitter=0.25)
+      echo[segment_distance(cv, p0, p1) < cv.px(0.012)] = A.BLOOD_DB
+  elif label == 1:  # kidney: dark cortex, bright central sinus, capsule
+    rho = ellipse(cv, *c, s * rng.uniform(0.2, 0.26), s * rng.uniform(0.1, 0.13), ang)
+    echo[rho < 1] = -6.0
+    echo[(rho >= 1) & (rho < 1.06)] = WALL_DB
+    sinus = blob(cv, rng, *c, s * 0.12, s * 0.04, ang, wobble=0.2) < 1
+    echo[sinus] = 9.0 + 2.0 * smooth_noise(cv, rng, 30)[sinus]
+  elif label == 2:  # spleen: homogeneous crescent
+    outer = ellipse(cv, *c, s * 0.25, s * 0.16, ang) < 1
+    inner = ellipse(cv, c[0], c[1] + s * 0.09, s * 0.22, s * 0.13, ang) < 1
+    echo[:] -= 4.0
+    echo[outer & ~inner] = 3.0
+  elif label in (3, 4):  # bladder (large, squarish) or gallbladder (small pear with a stone)
+    big = label == 3
+    a, b = (s * rng.uniform(0.18, 0.25), s * rng.uniform(0.14, 0.2)) if big else (s * 0.12, s * 0.055)
+    u, v = cv.xx - c[0], cv.yy - c[1]
+    cs, sn = math.cos(ang), math.sin(ang)
+    p = 4.0 if big else 2.0
+    rho = (np.abs((cs * u + sn * v) / a) ** p + np.abs((-sn * u + cs * v) / b) ** p) ** (1 / p)
+    echo[(rho >= 1) & (rho < 1.08)] += WALL_DB
+    echo[rho < 1] = FLUID_DB
+    atten[rho < 1] = FLUID_ATTEN
+    if not big and rng.random() < 0.5:
+      stone = ellipse(cv, c[0] + 0.5 * a * cs, c[1] + b * 0.6, 4, 3) < 1
+      echo[stone] = BONE_DB
+      atten[stone] = BONE_ATTEN
+  else:  # transverse aorta in front of a vertebral body
+    r = s * rng.uniform(0.05, 0.08)
+    rho = ellipse(cv, *c, r, r)
+    echo[rho < 1] = A.BLOOD_DB - 8
+    echo[(rho >= 1) & (rho < 1.15)] = WALL_DB
+    vb = (np.abs(ellipse(cv, c[0], c[1] + r * 3.5, r * 2.2, r * 1.5) - 1) < 0.1) & (cv.yy < c[1] + r * 3.5)
+    echo[vb] = BONE_DB
+    atten[ellipse(cv, c[0], c[1] + r * 3.5, r * 2.2, r * 1.5) < 1] = BONE_ATTEN
+  return Scene(echo, atten, label=label)
+
+
+# ---- detection --------------------------------------------------------------------------------
+
+def spinal_cord_injury_loc(cv, rng, label):
+  echo, atten = background(cv, rng)
+  top = cv.px(rng.uniform(0.35, 0.45))
+  thick = cv.px(rng.uniform(0.12, 0.18))
+  tilt = rng.uniform(-0.1, 0.1)
+  y0 = top + tilt * (cv.xx - cv.size / 2)
+  cord = (cv.yy > y0) & (cv.yy < y0 + thick)
+  echo[cord] = -12.0
+  for y in (y0, y0 + thick):
+    echo[np.abs(cv.yy - y) < 1.5] = WALL_DB + 4  # dura
+  echo[np.abs(cv.yy - (y0 + thick / 2)) < 0.8] = 2.0  # central echo complex
+  cx = cv.px(rng.uniform(0.25, 0.75))
+  length = cv.px(rng.uniform(0.08, 0.25))
+  cy = top + tilt * (cx - cv.size / 2) + thick / 2
+  lesion = (blob(cv, rng, cx, cy, length / 2, thick * 0.45, tilt, wobble=0.2) < 1) & cord
+  echo[lesion] = 6.0 + 2.0 * smooth_noise(cv, rng, 30)[lesion]
+  return Scene(echo, atten, box=_box(lesion))
+
+
+def thyroid_nodule_det(cv, rng, label):
+  echo, atten, region = _thyroid_with_nodule(cv, rng)
+  return Scene(echo, atten, box=_box(region))
+
+
+def _thyroid_with_nodule(cv, rng):
+  echo, atten = background(cv, rng)
+  lobe, (lx, ly), (a, b) = A.thyroid(cv, rng, echo, atten)
+  r = min(a, b) * rng.uniform(0.3, 0.7)
+  c = (lx + rng.uniform(-0.4, 0.4) * (a - r), ly + rng.uniform(-0.3, 0.3) * (b - r))
+  return echo, atten, A.nodule(cv, rng, echo, atten, c, r)
+
+
+def uterine_fibroid_det(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  c = np.array(_centre(cv, rng, y=0.42, jitter=0.04), np.float32)
+  a, b, ang = cv.px(rng.uniform(0.26, 0.32)), cv.px(rng.uniform(0.15, 0.19)), rng.uniform(-0.4, 0.4)
+  uterus = ellipse(cv, *c, a, b, ang) < 1
+  echo[uterus] = 1.0 + 1.5 * smooth_noise(cv, rng, 16)[uterus]
+  u = np.array([math.cos(ang), math.sin(ang)], np.float32)
+  echo[(segment_distance(cv, c - 0.7 * a * u, c + 0.7 * a * u) < cv.px(0.012)) & uterus] = 7.0
+  r = cv.px(rng.uniform(0.06, 0.12))
+  fc = c + u * rng.uniform(-0.5, 0.5) * a + np.array([-u[1], u[0]]) * rng.uniform(-0.6, 0.6) * b
+  rho = blob(cv, rng, *fc, r, r * rng.uniform(0.85, 1.0), rng.uniform(0, 3), wobble=0.05)
+  fibroid = rho < 1
+  echo[fibroid] = -6.0 + 3.0 * np.sin(rho[fibroid] * 14.0 + smooth_noise(cv, rng, 20)[fibroid])
+  atten[fibroid] = 1.0
+  return Scene(echo, atten, box=_box(fibroid & cv.fov))
+
+
+# ---- segmentation -----------------------------------------------------------------------------
+
+def breast_lesion(cv, rng, label):
+  echo, atten, mask = _breast(cv, rng, int(rng.integers(1, 3)))
+  return Scene(echo, atten, mask=mask.astype(np.uint8))
+
+
+def cardiac_multi(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  s = cv.size
+  cx, top = s * rng.uniform(0.53, 0.6), s * rng.uniform(0.12, 0.18)
+  length, width = s * rng.uniform(0.3, 0.38), s * rng.uniform(0.1, 0.13)
+  tilt = rng.uniform(-0.15, 0.15)
+  base_y = top + length
+  lv_c = (cx, top + length * 0.55)
+  wall = s * rng.uniform(0.025, 0.04)
+  outer = ellipse(cv, *lv_c, length * 0.55 + wall, width + wall, math.pi / 2 + tilt)
+  lv = ellipse(cv, *lv_c, length * 0.55, width, math.pi / 2 + tilt)
+  below_base = cv.yy > base_y
+  labels = np.zeros((s, s), np.uint8)
+  labels[(outer < 1) & ~below_base] = 2
+  labels[(lv < 1) & ~below_base] = 1
+  la = ellipse(cv, cx, base_y + s * 0.1, width * 1.05, s * 0.1) < 1
+  labels[la & below_base & (labels == 0)] = 3
+  rv = (ellipse(cv, cx - width * 2.3, lv_c[1] + length * 0.1, width * 0.9, length * 0.45, tilt) < 1) & ~below_base
+  ra = ellipse(cv, cx - width * 2.2, base_y + s * 0.09, width, s * 0.09) < 1
+  blood = (labels == 1) | (labels == 3) | ((rv | ra) & (labels == 0))
+  echo[(labels == 2) | ((ellipse(cv, cx - width * 2.3, lv_c[1] + length * 0.1, width * 0.9 + wall,
+                                 length * 0.45 + wall, tilt) < 1) & ~blood)] = 2.0
+  echo[blood] = A.BLOOD_DB
+  return Scene(echo, atten, mask=labels)
+
+
+def carotid_artery(cv, rng, label):
+  echo, atten = background(cv, rng)
+  s = cv.size
+  if rng.random() < 0.6:  # transverse
+    c = _centre(cv, rng, y=0.5, jitter=0.08)
+    r = s * rng.uniform(0.08, 0.13)
+    rho = ellipse(cv, *c, r, r * rng.uniform(0.9, 1.0))
+    lumen = rho < 1
+    echo[(rho >= 1) & (rho < 1.12)] = WALL_DB
+    jv = ellipse(cv, c[0] + rng.choice([-1, 1]) * r * 1.6, c[1] - r * 1.1, r * 1.2, r * 0.5) < 1
+    echo[jv & ~lumen] = FLUID_DB
+  else:  # longitudinal
+    y0 = s * rng.uniform(0.35, 0.5) + 4 * smooth_noise(cv, rng, 4)
+    width = s * rng.uniform(0.12, 0.2)
+    lumen = (cv.yy > y0) & (cv.yy < y0 + width)
+    echo[(np.abs(cv.yy - y0) < 2) | (np.abs(cv.yy - y0 - width) < 2)] = WALL_DB
+  echo[lumen] = FLUID_DB
+  atten[lumen] = FLUID_ATTEN
+  return Scene(echo, atten, mask=lumen.astype(np.uint8))
+
+
+def _cervix_scene(cv, rng):
+  echo, atten = background(cv, rng, layers=False)
+  ant, post, _, _ = A.cervix(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05),
+                             cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)), rng.uniform(-0.4, 0.4))
+  return echo, atten, ant, post
+
+
+def cervix_seg(cv, rng, label):
+  echo, atten, ant, post = _cervix_scene(cv, rng)
+  return Scene(echo, atten, mask=(ant | post).astype(np.uint8))
+
+
+def cervix_multi(cv, rng, label):
+  echo, atten, ant, post = _cervix_scene(cv, rng)
+  return Scene(echo, atten, mask=ant.astype(np.uint8) + 2 * post.astype(np.uint8))
+
+
+def fetal_abdomen_multi(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  labels = A.fetal_abdomen(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05),
+                           cv.px(rng.uniform(0.2, 0.26)))
+  return Scene(echo, atten, mask=labels)
+
+
+def fetal_head(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  head = A.skull(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05), cv.px(rng.uniform(0.18, 0.25)),
+                 cv.px(rng.uniform(0.14, 0.18)), rng.uniform(-0.6, 0.6))
+  return Scene(echo, atten, mask=head.astype(np.uint8))
+
+
+def fetal_heart(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  heart = _thorax(cv, rng, echo, atten, np.array(_centre(cv, rng, y=0.42, jitter=0.05), np.float32),
+                  cv.px(rng.uniform(0.2, 0.26)))
+  return Scene(echo, atten, mask=heart.astype(np.uint8))
+
+
+def head_symphysis_multi(cv, rng, label):
+  echo, atten, ps, head, _ = _symphysis_and_head(cv, rng)
+  return Scene(echo, atten, mask=ps.astype(np.uint8) + 2 * head.astype(np.uint8))
+
+
+def lung_seg(cv, rng, label):
+  echo, atten, region = _lung(cv, rng, 2)
+  return Scene(echo, atten, mask=region.astype(np.uint8))
+
+
+def ovary_tumor(cv, rng, label):
+  echo, atten = background(cv, rng, layers=False)
+  c = np.array(_centre(cv, rng, y=0.42, jitter=0.05), np.float32)
+  r = cv.px(rng.uniform(0.13, 0.22))
+  tumour = blob(cv, rng, *c, r, r * rng.uniform(0.75, 0.95), rng.uniform(0, 3), wobble=0.08) < 1
+  echo[tumour] = FLUID_DB
+  atten[tumour] = FLUID_ATTEN
+  for _ in range(rng.integers(0, 4)):  # septa
+    p0 = c + rng.uniform(-r, r, 2)
+    p1 = c + rng.uniform(-r, r, 2)
+    echo[(segment_distance(cv, p0, p1) < 1.2) & tumour] = WALL_DB
+  if rng.random() < 0.5:  # solid papillary projection from the wall
+    t = rng.uniform(0, 2 * math.pi)
+    p = c + 0.75 * r * np.array([math.cos(t), math.sin(t)])
+    solid = (ellipse(cv, *p, 0.3 * r, 0.25 * r, t) < 1) & tumour
+    echo[solid] = 0.0
+    atten[solid] = 0.7
+  for _ in range(rng.integers(2, 6)):  # follicles of the remaining ovary
+    p = c + rng.uniform(-1.6, 1.6, 2) * r
+    f = (ellipse(cv, *p, cv.px(0.025), cv.px(0.022)) < 1) & ~tumour
+    echo[f] = FLUID_DB
+  return Scene(echo, atten, mask=tumour.astype(np.uint8))
+
+
+def thyroid_nodule(cv, rng, label):
+  echo, atten, region = _thyroid_with_nodule(cv, rng)
+  return Scene(echo, atten, mask=region.astype(np.uint8))
+
+
+# Base sizes span 80..1200 images (15x): data-rich (fetal planes, fetal head, breast, thyroid, cardiac)
+# and data-scarce tasks (spinal cord, femur, liver, lung), the regime the M2DINO study is about.
+SPECS: dict[str, Spec] = {
+    "FUGC": Spec(fugc, ENDOCAVITY, 500),
+    "IUGC": Spec(iugc, CONVEX, 600),
+    "fetal_femur": Spec(fetal_femur, CONVEX, 100),
+    "breast_2cls": Spec(breast_2cls, LINEAR, 600),
+    "breast_3cls": Spec(breast_3cls, LINEAR, 780),
+    "fetal_head_pos_cls": Spec(fetal_head_pos_cls, CONVEX, 320),
+    "fetal_plane_cls": Spec(fetal_plane_cls, CONVEX, 1200),
+    "fetal_sacral_pos_cls": Spec(fetal_sacral_pos_cls, CONVEX, 240),
+    "liver_lesion_2cls": Spec(liver_lesion_2cls, CONVEX, 100),
+    "lung_2cls": Spec(lung_2cls, LINEAR, 150),
+    "lung_disease_3cls": Spec(lung_disease_3cls, LINEAR, 120),
+    "organ_cls": Spec(organ_cls, CONVEX, 180),
+    "spinal_cord_injury_loc": Spec(spinal_cord_injury_loc, LINEAR, 80),
+    "thyroid_nodule_det": Spec(thyroid_nodule_det, LINEAR, 600),
+    "uterine_fibroid_det": Spec(uterine_fibroid_det, CONVEX, 120),
+    "breast_lesion": Spec(breast_lesion, LINEAR, 780),
+    "cardiac_multi": Spec(cardiac_multi, PHASED, 800),
+    "carotid_artery": Spec(carotid_artery, LINEAR, 200),
+    "cervix": Spec(cervix_seg, ENDOCAVITY, 150),
+    "cervix_multi": Spec(cervix_multi, ENDOCAVITY, 500),
+    "fetal_abdomen_multi": Spec(fetal_abdomen_multi, CONVEX, 400),
+    "fetal_head": Spec(fetal_head, CONVEX, 1000),
+    "fetal_heart": Spec(fetal_heart, CONVEX, 120),
+    "head_symphysis_multi": Spec(head_symphysis_multi, CONVEX, 1000),
+    "lung": Spec(lung_seg, LINEAR, 100),
+    "ovary_tumor": Spec(ovary_tumor, ENDOCAVITY, 150),
+    "thyroid_nodule": Spec(thyroid_nodule, LINEAR, 900),
+}
