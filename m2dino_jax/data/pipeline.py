@@ -47,7 +47,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.source.root = ""  # folder: dataset root as released
   c.source.dataset = ""  # tfds: dataset name
   c.source.data_dir = ""  # tfds: data dir
-  c.source.synthetic_count = 64  # synthetic: images per task and split
+  c.source.synthetic_count = 64  # synthetic: images per task and split (<= 0: sonosynth's task sizes)
+  c.source.synthetic_scale = 0.1  # synthetic with count <= 0: sonosynth.task_size scale (sizes differ > 10x)
   c.source.synthetic_size = 256  # synthetic: simulated image side in pixels
   c.train_split = "train"
   c.eval_split = "val"
@@ -109,8 +110,12 @@ def _group_by_task(items, tasks: Sequence[str]) -> dict[str, list]:
 def _synthetic(cfg, tasks, split):
   from m2dino_jax.data import sonosynth
   split_seed = {"train": 0, "val": 1, "test": 2}.get(split, 3)
-  return {t: sonosynth.generate(t, int(cfg.synthetic_count), seed=1000 * split_seed + registry.get(t).index,
-                                size=int(cfg.synthetic_size)) for t in tasks}
+  out = {}
+  for t in tasks:
+    n = int(cfg.synthetic_count)
+    n = n if n > 0 else sonosynth.task_size(t, float(cfg.synthetic_scale))
+    out[t] = sonosynth.generate(t, n, seed=1000 + split_seed, size=int(cfg.synthetic_size))
+  return out
 
 
 def _folder(cfg, tasks, split):
@@ -248,6 +253,9 @@ def _parallelise(ds: grain.IterDataset, worker_count: int, prefetch: int) -> gra
   if worker_count < 0:
     raise ConfigError("worker_count", f"must be >= 0, got {worker_count}")
   if worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (REFERENCE.md: the Grain gotcha)
+      flags.FLAGS.mark_as_parsed()
     options = grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch))
     return ds.mp_prefetch(options)
   if prefetch > 0:
