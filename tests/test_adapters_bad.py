@@ -84,6 +84,17 @@ def test_mask_value_outside_classes(fmc):
   _fails(fmc, "mask value 2 outside the 2 classes of task 'fetal_head'", "fetal_head")
 
 
+def test_binary_mask_0_255_read_as_0_1(fmc):
+  mask = np.zeros((32, 32), np.uint8)
+  mask[4:9, 2:30] = 255
+  save_png(_image_of(fmc, "fetal_head", key="mask_path"), mask)
+  rec = next(r for r in adapters.get("fmc_uia")(fmc, "train") if r.task == "fetal_head")
+  np.testing.assert_array_equal(rec.mask, mask // 255)
+  mask[0, 0] = 128  # anything else stays an error
+  save_png(_image_of(fmc, "fetal_head", key="mask_path"), mask)
+  _fails(fmc, "mask value 255 outside the 2 classes", "fetal_head")
+
+
 @pytest.mark.parametrize("box,pattern", [((1, 2, 40, 20), "outside the 32x32 image"),
                                          ((-1, 2, 10, 20), "outside the 32x32 image"),
                                          ((20, 2, 10, 20), "x_max < x_min")])

@@ -130,3 +130,18 @@ def test_cli_build(tmp_path, capsys):
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("m2dino data: error: ") and "IUGC.csv: empty CSV" in err
   assert not list((tmp_path / "out2").rglob("*.array_record*"))  # nothing half-written
+
+
+def test_build_unlabelled_dicom_keeps_spacing(tmp_path):
+  import shutil
+
+  from pydicom.data import get_testdata_file
+  (tmp_path / "manual").mkdir()
+  shutil.copy(get_testdata_file("gdcm-US-ALOKA-16.dcm"), tmp_path / "manual" / "aloka.dcm")
+  want = list(adapters.get("unlabelled")(tmp_path / "manual", "all"))
+  counts = tfds_data.build("unlabelled", tmp_path / "manual", tmp_path / "out")
+  split = next(iter(counts))
+  assert counts == {split: 1} and want[0].extra["split"] == split
+  got = tfds_data.source("unlabelled", split, tmp_path / "out").record(0)
+  assert_same_record(got, want[0])
+  assert got.spacing_mm == pytest.approx((0.38265306, 0.38265306)) and got.image.shape == (392, 608, 3)

@@ -6,6 +6,8 @@ image_path and mask_path (relative to csv_files/), mask (class label for classif
 num_classes (point count for regression), point_{i}_xy (JSON "[x, y]" in pixels) and
 x_min, y_min, x_max, y_max (pixels). Masks are grey PNGs whose value is the class id.
 Records carry `source` = the CSV and `row` = its line number; the image path is in extra['image_path'].
+Binary masks saved as 0/255 (a common export) are read as 0/1; any other value outside the task's
+classes is an error.
 """
 
 from __future__ import annotations
@@ -95,9 +97,12 @@ def _load_row(csv_path: Path, header: list[str], line: int, row: dict, split: st
     if mrel is None:
       raise DataError(csv_path, "column 'mask_path' is empty for a segmentation row", row=line)
     try:
-      rec.mask = imageio.read_mask(resolve(mrel))
+      mask = imageio.read_mask(resolve(mrel))
     except DataError as e:
       raise DataError(csv_path, f"mask {e}", row=line) from None
+    if task.num_classes == 2 and mask.max(initial=0) == 255 and not np.isin(mask, (0, 255), invert=True).any():
+      mask = (mask > 0).astype(np.uint8)
+    rec.mask = mask
     rec.extra["mask_path"] = str(resolve(mrel))
   elif task_type == registry.CLASSIFICATION:
     rec.label = int(_number(row, "mask", csv_path, line))

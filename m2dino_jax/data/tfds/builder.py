@@ -8,7 +8,8 @@ writing nor reading needs TensorFlow:
   image  uint8 [H, W, C] (C = 1 grey or 3 RGB), zlib      task, task_type, source  text
   label  int64 (-1 = none)     mask uint8 [H, W] ([0, 0] = none), zlib      row  int64 (-1 = none)
   box    float32 [4] (NaN = none)     points float32 [K, 2] (K = 0: none)
-  spacing_mm float64 [2] (NaN = unknown)     extra  text (JSON of Record.extra)
+  spacing_mm text (JSON [x, y]; '' = unknown: exact, where a float tensor would round to float32)
+  extra  text (JSON of Record.extra)
 
 Examples keep the adapter's order (shuffling is the pipeline's job), so a build is reproducible.
 """
@@ -26,7 +27,6 @@ from m2dino_jax.data.adapters import base
 
 VERSION = "1.0.0"
 NO_BOX = np.full(4, np.nan, np.float32)
-NO_SPACING = np.full(2, np.nan, np.float64)
 
 
 def features() -> tfds_features.FeaturesDict:
@@ -39,7 +39,7 @@ def features() -> tfds_features.FeaturesDict:
       "mask": tfds_features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
       "box": tfds_features.Tensor(shape=(4,), dtype=np.float32),
       "points": tfds_features.Tensor(shape=(None, 2), dtype=np.float32),
-      "spacing_mm": tfds_features.Tensor(shape=(2,), dtype=np.float64),
+      "spacing_mm": tfds_features.Text(),
       "source": tfds_features.Text(),
       "row": tfds_features.Scalar(dtype=np.int64),
       "extra": tfds_features.Text(),
@@ -57,7 +57,7 @@ def encode(rec: records.Record) -> dict:
       "mask": np.zeros((0, 0), np.uint8) if rec.mask is None else np.asarray(rec.mask, np.uint8),
       "box": NO_BOX if rec.box is None else np.asarray(rec.box, np.float32),
       "points": np.zeros((0, 2), np.float32) if rec.points is None else np.asarray(rec.points, np.float32),
-      "spacing_mm": NO_SPACING if rec.spacing_mm is None else np.asarray(rec.spacing_mm, np.float64),
+      "spacing_mm": "" if rec.spacing_mm is None else json.dumps([float(v) for v in rec.spacing_mm]),
       "source": rec.source,
       "row": -1 if rec.row is None else int(rec.row),
       "extra": json.dumps(rec.extra, sort_keys=True, default=str),
@@ -74,7 +74,7 @@ def decode(example: dict) -> dict:
   mask = np.asarray(example["mask"])
   box = np.asarray(example["box"], np.float32)
   points = np.asarray(example["points"], np.float32).reshape(-1, 2)
-  spacing = np.asarray(example["spacing_mm"], np.float64)
+  spacing = _text(example["spacing_mm"])
   row = int(example["row"])
   return {
       "image": image[..., 0] if image.shape[-1] == 1 else image,
@@ -84,7 +84,7 @@ def decode(example: dict) -> dict:
       "mask": mask if mask.size else None,
       "box": None if np.isnan(box).any() else box,
       "points": points if points.size else None,
-      "spacing_mm": None if np.isnan(spacing).any() else (float(spacing[0]), float(spacing[1])),
+      "spacing_mm": tuple(json.loads(spacing)) if spacing else None,
       "source": _text(example["source"]),
       "row": None if row < 0 else row,
       "extra": json.loads(_text(example["extra"]) or "{}"),
