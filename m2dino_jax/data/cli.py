@@ -34,7 +34,21 @@ def _synth_run(args) -> int:
   return 0
 
 
+def _build_args(p: argparse.ArgumentParser) -> None:
+  from m2dino_jax.data.tfds import cli as tfds_cli
+
+  tfds_cli.add_args(p)
+
+
+def _build_run(args) -> int:
+  from m2dino_jax.data.tfds import cli as tfds_cli
+
+  return tfds_cli.run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "build": ("convert a dataset as released (--manual-dir) to ArrayRecord with TFDS, no TensorFlow",
+              _build_args, _build_run),
     "synth": ("simulate the 27-task ultrasound dataset (sonosynth) in the FMC_UIA layout",
               _synth_args, _synth_run),
 }
