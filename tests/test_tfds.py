@@ -145,3 +145,26 @@ def test_build_unlabelled_dicom_keeps_spacing(tmp_path):
   got = tfds_data.source("unlabelled", split, tmp_path / "out").record(0)
   assert_same_record(got, want[0])
   assert got.spacing_mm == pytest.approx((0.38265306, 0.38265306)) and got.image.shape == (392, 608, 3)
+
+
+def test_build_from_sonosynth(tmp_path):
+  """The simulator's FMC_UIA layout goes through the same adapter and builder as the real bundle."""
+  import csv as csv_lib
+  from collections import Counter
+
+  from m2dino_jax.data.sonosynth import writer
+  tasks = ["fetal_head", "IUGC", "thyroid_nodule_det"]
+  manifest = writer.write_dataset(tmp_path / "syn", seed=0, scale=0.02, size=48, tasks=tasks)
+  counts = tfds_data.build("fmc_uia", tmp_path / "syn", tmp_path / "out")
+  for split in ("train", "val"):
+    src = tfds_data.source("fmc_uia", split, tmp_path / "out")
+    assert counts[split] == len(src) == sum(manifest["tasks"][t][split] for t in tasks)
+    assert Counter(src.tasks) == {t: manifest["tasks"][t][split] for t in tasks}
+  # the first IUGC row's points, read straight from the CSV, equal the stored record's
+  with open(tmp_path / "syn" / "data" / "train" / "csv_files" / "IUGC.csv", newline="") as f:
+    row = next(csv_lib.DictReader(f))
+  want = np.array([json.loads(row[f"point_{k}_xy"]) for k in (1, 2, 3)], np.float32)
+  src = tfds_data.source("fmc_uia", "train", tmp_path / "out")
+  got = src.record(src.tasks.index("IUGC"))
+  np.testing.assert_array_equal(got.points, want)
+  assert got.image.shape == (48, 48)
