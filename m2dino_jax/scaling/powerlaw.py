@@ -1,0 +1,110 @@
+"""Robust fit of the self law L(D) = E + A * D^(-beta), per domain, vmapped, one jax.jit.
+
+Loss: sum_k w_k * huber(log(E + A D_k^-beta) - log L_k, delta), i.e. Huber on log residuals, so a few
+broken runs do not drag the fit and every scale of loss counts alike. Weights carry bootstrap multiplicities
+(a resample is a weight vector, so resamples vmap) and mask padding (w = 0).
+
+Internally theta = (E, a, log beta) with A = exp(a) * D0^beta and D0 the weighted geometric mean of the data
+sizes: the parameters then have similar scales whatever the units of D. The minimiser is the same as in
+(E, A, beta), so results compare directly with scipy's least_squares on the natural parameters. Each fit
+evaluates a grid of starts, runs Levenberg-Marquardt (numerics.lm_minimise) from the best few and keeps
+the best result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2dino_jax.errors import SolverError
+from m2dino_jax.scaling.numerics import lm_minimise, robust_loss, x64
+
+# Multi-start grid: E as a fraction of the smallest observed loss, and beta.
+E_FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.95)
+BETA_STARTS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.5)
+REFINED_STARTS = 2  # Levenberg-Marquardt runs from this many best grid points
+BETA_BOUNDS = (1e-3, 5.0)
+DEFAULT_DELTA = 0.05
+
+
+def fit_domain(d, loss, w, *, delta, max_iter: int = 100):
+  """Fits one domain's self law from points (d, loss) with weights w (all (k,)); returns a dict of scalars.
+
+  Pure JAX, shapes static: call under jit/vmap. Points with w == 0 are ignored (d, loss may be anything
+  positive there).
+  """
+  valid = w > 0
+  logd = jnp.log(jnp.where(valid, d, 1.0))
+  wsum = jnp.sum(w)
+  logd0 = jnp.sum(w * logd) / wsum
+  u = jnp.where(valid, logd - logd0, 0.0)
+  log_loss = jnp.log(jnp.where(valid, loss, 1.0))
+  loss_min = jnp.min(jnp.where(valid, loss, jnp.inf))
+
+  def residual(theta):
+    e, a, log_beta = theta[0], theta[1], theta[2]
+    pred = e + jnp.exp(a - jnp.exp(log_beta) * u)
+    return jnp.where(valid, jnp.log(pred) - log_loss, 0.0)
+
+  lower = jnp.array([0.0, -jnp.inf, np.log(BETA_BOUNDS[0])])
+  upper = jnp.array([jnp.inf, jnp.inf, np.log(BETA_BOUNDS[1])])
+
+  def start(e_frac, beta):
+    e0 = e_frac * loss_min
+    # Given E and beta, the best a in least squares is the weighted mean of log(L - E) + beta * u.
+    a0 = jnp.sum(w * (jnp.log(jnp.maximum(jnp.where(valid, loss, 1.0) - e0, 1e-12 * loss_min)) + beta * u))
+    return jnp.stack([e0, a0 / wsum, jnp.log(beta)])
+
+  grid = [(ef, b) for ef in E_FRACTIONS for b in BETA_STARTS]
+  theta0 = jnp.stack([start(jnp.asarray(ef, d.dtype), jnp.asarray(b, d.dtype)) for ef, b in grid])
+  # Screen the grid by its loss, then refine only the most promising starts (cheap multi-start).
+  grid_loss = jax.vmap(lambda t: robust_loss(residual(t), w, delta))(theta0)
+  grid_loss = jnp.where(jnp.isfinite(grid_loss), grid_loss, jnp.inf)
+  _, keep = jax.lax.top_k(-grid_loss, REFINED_STARTS)
+  solve = functools.partial(lm_minimise, residual, weights=w, delta=delta, lower=lower, upper=upper,
+                            max_iter=max_iter)
+  results = jax.vmap(solve)(theta0[keep])
+  best = jnp.argmin(jnp.where(jnp.isfinite(results.loss), results.loss, jnp.inf))
+  theta = results.theta[best]
+  beta = jnp.exp(theta[2])
+  return {"E": theta[0], "A": jnp.exp(theta[1] + beta * logd0), "beta": beta, "loss": results.loss[best],
+          "converged": results.converged[best], "iterations": jnp.max(results.iterations)}
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter",))
+def _fit_batch(d, loss, w, delta, max_iter):
+  per_domain = jax.vmap(lambda d_, l_, w_: fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter))
+  return jax.vmap(per_domain, in_axes=(None, None, 0))(d, loss, w)
+
+
+def check_points(d, loss, weights, *, min_points: int = 3) -> None:
+  """Raises SolverError if a domain has too few distinct usable points to fit three parameters."""
+  for i in range(d.shape[0]):
+    keep = weights[i] > 0
+    distinct = np.unique(d[i][keep]).size
+    if distinct < min_points:
+      raise SolverError(f"domain {i}: {distinct} distinct data size(s) with a measured loss; the self law "
+                        f"needs at least {min_points}")
+    if np.any(d[i][keep] <= 0) or np.any(loss[i][keep] <= 0) or not np.all(np.isfinite(loss[i][keep])):
+      raise SolverError(f"domain {i}: data sizes and losses must be positive and finite")
+
+
+@x64
+def fit_power_laws(d, loss, weights=None, *, delta: float = DEFAULT_DELTA, max_iter: int = 100) -> dict:
+  """Fits E, A, beta for each domain.
+
+  d, loss: (domains, points); weights: None, (domains, points) or (resamples, domains, points).
+  Returns numpy arrays of shape (domains,) or (resamples, domains) for E, A, beta, loss, converged.
+  """
+  d = np.asarray(d, np.float64)
+  loss = np.asarray(loss, np.float64)
+  weights = np.ones_like(d) if weights is None else np.asarray(weights, np.float64)
+  batched = weights.ndim == 3
+  w = weights if batched else weights[None]
+  check_points(d, loss, w[0])
+  out = _fit_batch(jnp.asarray(d), jnp.asarray(loss), jnp.asarray(w), delta, max_iter)
+  out = {k: np.asarray(v) for k, v in out.items()}
+  return out if batched else {k: v[0] for k, v in out.items()}
