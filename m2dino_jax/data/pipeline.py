@@ -18,9 +18,11 @@ tests and tools may pass `sources={task: [Record, ...]}` directly.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -128,7 +130,7 @@ def _folder(cfg, tasks, split):
 def _tfds(cfg, tasks, split):
   from m2dino_jax.data import tfds as tfds_builders
   source = tfds_builders.source(cfg.dataset, split, cfg.data_dir)
-  names = np.array([as_record(source[i]).task for i in range(len(source))])  # one scan for the task ids
+  names = np.array(source.tasks)  # the task of every row, indexed at build time
   return {t: _TaskView(source, np.flatnonzero(names == t)) for t in tasks}
 
 
@@ -246,7 +248,20 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
   pipe = transforms.Pipeline(config.transforms.train, config.image_size, config.channels)
   ds = mixture.WorkerStrideIterDataset(mixed).map(_Materialize(sources, names, pipe))
   ds = _parallelise(ds, int(config.worker_count), int(config.prefetch))
-  return ds.__iter__()
+  iterator = ds.__iter__()
+  _OPEN_ITERATORS.add(iterator)
+  return iterator
+
+
+# Prefetch threads still reading (e.g. ArrayRecord) while the interpreter shuts down abort the process;
+# iterators nobody closed are closed at exit instead.
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  for iterator in list(_OPEN_ITERATORS):
+    iterator.close()
 
 
 def _parallelise(ds: grain.IterDataset, worker_count: int, prefetch: int) -> grain.IterDataset:
