@@ -49,7 +49,7 @@ def test_build_and_read_back_equal_records(fmc_build):
       assert_same_record(src.record(i), rec)
       # what the pipeline gets: a dict of Record fields that validates as-is
       records.validate(records.Record(**src[i]))
-    assert src.tasks == [r.task for r in want]
+    assert src.tasks == [r.task for r in want] == [src[i]["task"] for i in range(len(src))]
   assert "tensorflow" not in sys.modules
 
 
@@ -92,6 +92,8 @@ def test_skip_bad_build_lists_skipped(tmp_path):
   skipped = json.loads((tfds_data.dataset_dir("fmc_uia", tmp_path / "out") / "skipped.json").read_text())
   assert len(skipped) == 1 and skipped[0]["split"] == "val" and skipped[0]["row"] == 3
   assert "corrupt or truncated image" in skipped[0]["reason"]
+  src = tfds_data.source("fmc_uia", "val", tmp_path / "out")
+  assert src.tasks == [src[i]["task"] for i in range(9)]  # the task index skips what was skipped
 
 
 def test_source_errors(fmc_build, tmp_path):

@@ -56,7 +56,7 @@ def build(dataset: str, manual_dir, data_dir, *, skip_bad: bool = False, skipped
       raise errors[0]
     raise DataError(manual_dir, f"no {dataset} data found for splits {', '.join(adapters.splits(dataset))}")
   bld = builder_lib.M2dinoUltrasound(config=dataset, data_dir=str(data_dir), file_format="array_record")
-  bld.skip_bad, bld.skipped, bld.nonempty_splits = skip_bad, [], tuple(nonempty)
+  bld.skip_bad, bld.skipped, bld.nonempty_splits, bld.task_index = skip_bad, [], tuple(nonempty), {}
   mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else \
       tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   already = (dataset_dir(dataset, data_dir) / "dataset_info.json").is_file() and not overwrite
@@ -70,20 +70,11 @@ def build(dataset: str, manual_dir, data_dir, *, skip_bad: bool = False, skipped
       raise DataError(manual_dir, f"{e} (every record of the split was bad; see the skipped list)") from None
   out_dir = dataset_dir(dataset, data_dir)
   if not already:
-    _write_task_index(dataset, data_dir, nonempty)
+    fileio.write_json(out_dir / TASKS_FILE, bld.task_index, indent=None)
     if skip_bad:
       from m2dino_jax.data.adapters import base
       base.write_skipped(skipped_log or out_dir / SKIPPED_FILE, bld.skipped)
   return {split: int(info.num_examples) for split, info in bld.info.splits.items()}
-
-
-def _write_task_index(dataset: str, data_dir, splits) -> None:
-  """Saves the task of every example per split, so a pipeline can group by task without decoding."""
-  index = {}
-  for split in splits:
-    src = source(dataset, split, data_dir)
-    index[split] = [src.raw_task(i) for i in range(len(src))]
-  fileio.write_json(dataset_dir(dataset, data_dir) / TASKS_FILE, index, indent=None)
 
 
 class RecordSource:

@@ -103,6 +103,7 @@ class M2dinoUltrasound(tfds.core.GeneratorBasedBuilder):
   skip_bad: bool = False
   skipped: list | None = None
   nonempty_splits: tuple[str, ...] | None = None
+  task_index: dict[str, list[str]] | None = None  # filled while generating: split -> task per example
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=features(), disable_shuffling=True,
@@ -118,7 +119,9 @@ class M2dinoUltrasound(tfds.core.GeneratorBasedBuilder):
     skipped = self.skipped if self.skipped is not None else []
     recs = base.read_items(mod.items(root, split), skip_bad=self.skip_bad, skipped=skipped)
     before = len(skipped)
+    tasks = self.task_index.setdefault(split, []) if self.task_index is not None else []
     for i, rec in enumerate(recs):
-      yield i, encode(rec)
+      tasks.append(rec.task)
+      yield i, encode(rec)  # disable_shuffling: stored in this order, so tasks[i] is example i's
     for entry in skipped[before:]:
       entry.setdefault("split", split)
