@@ -26,23 +26,24 @@ BLOOD_DB = -32.0
 
 
 def breast_mass(cv: Canvas, rng, echo, atten, malignant: bool, centre, radius):
-  """Benign: oval, wider than tall, smooth, thin echogenic capsule, posterior enhancement.
-  Malignant: irregular, spiculated, taller than wide, echogenic halo, posterior shadow."""
+  """Benign: oval, wider than tall, circumscribed, thin echogenic capsule, usually posterior
+  enhancement. Malignant: irregular or spiculated, often taller than wide, echogenic halo, usually
+  a posterior shadow. The cues overlap (as in BI-RADS practice), so no single one decides."""
   cx, cy = centre
   if malignant:
-    rho = blob(cv, rng, cx, cy, radius * rng.uniform(0.75, 1.0), radius * rng.uniform(1.0, 1.3),
-               rng.uniform(-0.4, 0.4), wobble=0.18, spikes=rng.uniform(0.3, 0.5))
+    rho = blob(cv, rng, cx, cy, radius * rng.uniform(0.75, 1.1), radius * rng.uniform(0.85, 1.3),
+               rng.uniform(-0.4, 0.4), wobble=rng.uniform(0.08, 0.2), spikes=rng.uniform(0.1, 0.5))
     inside = rho < 1
-    echo[(rho >= 1) & (rho < 1.3)] += 4.0
-    echo[inside] = -17.0 + 3.0 * smooth_noise(cv, rng, 24)[inside]
-    atten[inside] = rng.uniform(1.4, 2.2)
+    echo[(rho >= 1) & (rho < 1.3)] += rng.uniform(0.0, 5.0)
+    echo[inside] = rng.uniform(-20.0, -12.0) + 3.0 * smooth_noise(cv, rng, 24)[inside]
+    atten[inside] = rng.uniform(0.4, 2.2)
   else:
-    rho = blob(cv, rng, cx, cy, radius * rng.uniform(1.2, 1.7), radius * rng.uniform(0.65, 0.85),
-               rng.uniform(-0.3, 0.3), wobble=0.04)
+    rho = blob(cv, rng, cx, cy, radius * rng.uniform(1.1, 1.7), radius * rng.uniform(0.65, 0.95),
+               rng.uniform(-0.3, 0.3), wobble=rng.uniform(0.02, 0.12))
     inside = rho < 1
-    echo[(rho >= 1) & (rho < 1.07)] += 6.0
+    echo[(rho >= 1) & (rho < 1.07)] += rng.uniform(0.0, 6.0)
     echo[inside] = rng.uniform(-20.0, -10.0) + smooth_noise(cv, rng, 16)[inside]
-    atten[inside] = rng.uniform(0.05, 0.25)
+    atten[inside] = rng.uniform(0.05, 0.9)
   return inside
 
 
@@ -252,7 +253,8 @@ def a_lines(cv: Canvas, echo, pleura, ribs):
 
 def b_lines(cv: Canvas, rng, echo, pleura, ribs, count):
   """Vertical comet-tail artefacts from the pleura to the bottom (interstitial syndrome)."""
-  for x in rng.uniform(ribs[0] + 8, ribs[1] - 8, count):
+  margin = 0.1 * (ribs[1] - ribs[0])
+  for x in rng.uniform(ribs[0] + margin, ribs[1] - margin, count):
     w = cv.px(rng.uniform(0.01, 0.02))
     echo[(np.abs(cv.xx - x) < w) & (cv.yy > pleura)] = 6.0 + rng.uniform(-2, 2)
 
