@@ -12,10 +12,7 @@ materialises exactly global positions w, w + n, ... and the round-robin output i
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
-from pathlib import Path
 
 import grain
 
@@ -25,33 +22,13 @@ MIXTURES = ("uniform", "size", "temperature", "json")
 
 
 def load_mixture_weights(path) -> dict[str, float]:
-  """Reads {task: weight} from a JSON file: a flat mapping or {"weights": {...}} (allocation.json)."""
-  try:
-    from m2dino_jax.scaling import allocation_io  # the scaling allocator's reader, when present
-  except ImportError:
-    allocation_io = None
-  if allocation_io is not None and hasattr(allocation_io, "read_allocation_weights"):
-    return {str(k): float(v) for k, v in allocation_io.read_allocation_weights(path).items()}
-  path = Path(path)
-  try:
-    data = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise ConfigError("weights_file", f"'{path}' does not exist") from None
-  except json.JSONDecodeError as e:
-    raise ConfigError("weights_file", f"'{path}' is not valid JSON: {e}") from None
-  if isinstance(data, dict) and isinstance(data.get("weights"), dict):
-    data = data["weights"]
-  if not isinstance(data, dict) or not data:
-    raise ConfigError("weights_file", f"'{path}' must hold a non-empty {{task: weight}} object "
-                      "or {\"weights\": {task: weight}}")
-  out = {}
-  for key, value in data.items():
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < 0:
-      raise ConfigError("weights_file",
-                        f"'{path}': weight of '{key}' must be a finite number >= 0, got {value!r}")
-    out[str(key)] = float(value)
-  return out
+  """{task: weight} (sum 1) from a JSON file: a flat mapping or the allocator's {"weights": {...}}.
+
+  Delegates to the scaling allocator's reader, so the closed loop allocation.json -> mixture has one
+  parser; bad files raise DataError naming the file and key.
+  """
+  from m2dino_jax.scaling import allocation_io
+  return allocation_io.read_allocation_weights(path)
 
 
 def mixture_weights(kind: str, sizes: Mapping[str, int], *, temperature: float = 1.0,
