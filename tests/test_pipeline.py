@@ -194,3 +194,14 @@ def test_bad_batch_and_mixture_config():
     pipeline.make_train_iterator(_config(batch_size=5), list(TASKS), sources=_sources(), process_count=2)
   with pytest.raises(ConfigError, match="unknown mixture"):
     pipeline.make_train_iterator(_config(mixture="zipf"), list(TASKS), sources=_sources())
+
+
+def test_mixed_task_batches_when_one_task_per_batch_is_off():
+  cfg = _config(one_task_per_batch=False, mixture="uniform", batch_size=6)
+  cfg.transforms.train = ["resize"]
+  _, batches = _take(cfg, 4, seed=0)
+  tids = np.concatenate([b["task_id"] for b in batches])
+  assert any(len(set(b["task_id"].tolist())) > 1 for b in batches)
+  np.testing.assert_array_equal(np.bincount(tids)[np.unique(tids)], [8, 8, 8])  # uniform over 24 examples
+  ids = [i for b in batches for i in _ids(b)]
+  assert all(0 <= i < TASKS[registry.TASKS[t].name] for t, i in ids)
