@@ -2,10 +2,13 @@
 
 Each adapter is a module exposing
   read(root, split='train', *, skip_bad=False, skipped_log=None) -> Iterator[Record]
+  items(root, split) -> Iterator[base.Item]   (where each record comes from; nothing decoded yet)
   SPLITS: the split names it knows ('all' is always accepted too)
-and yields validated `records.Record`s. Without `skip_bad` the first bad file or row raises a
-`DataError` naming it; with `skip_bad` bad items are skipped, logged, and listed with the reason
-in `skipped_log` (a .json or .csv file). Look adapters up by name: `get('busi')(root, 'train')`.
+and yields validated `records.Record`s, lazily (a file is decoded when its record is reached).
+Releases without an official split get a stable hash split by file, patient or video
+(base.hashed_split). Without `skip_bad` the first bad file or row raises a `DataError` naming it;
+with `skip_bad` bad items are skipped, logged, and listed with the reason in `skipped_log`
+(a .json or .csv file). Look adapters up by name: `get('busi')(root, 'train')`.
 """
 
 from __future__ import annotations
