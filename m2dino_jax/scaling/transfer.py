@@ -145,4 +145,31 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
     extra["ci"] = {k: np.moveaxis(np.percentile(boot[k], q, axis=0), 0, -1).tolist()
                    for k in ("E", "A", "beta", "tau") + (("gamma",) if fit_gamma else ())}
     extra["bootstrap_converged"] = float(boot["converged"].mean())
+    extra["bands"] = self_law_bands(data, self_mask, boot, ci)
   return Fits(list(arrays.domains), law, arrays.available, extra)
+
+
+def self_law_bands(data, self_mask, boot: dict, ci: float, points: int = 40) -> dict:
+  """Pointwise bootstrap bands of each self law L_i(D) on a log grid over (and a decade past) its data."""
+  q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
+  grids, lows, highs = [], [], []
+  for i in range(data.shape[1]):
+    sizes = data[self_mask[i], i]
+    grid = np.geomspace(sizes.min(), sizes.max() * 10, points)
+    curves = boot["E"][:, i, None] + boot["A"][:, i, None] * grid[None] ** (-boot["beta"][:, i, None])
+    lo, hi = np.percentile(curves, q, axis=0)
+    grids.append(grid.tolist()), lows.append(lo.tolist()), highs.append(hi.tolist())
+  return {"d": grids, "lo": lows, "hi": highs}
+
+
+def hub_island_scores(tau) -> tuple[np.ndarray, np.ndarray]:
+  """Hub score of j: total transfer it gives, sum_{i != j} tau_ij. Island score of i: 1 / (1 + total
+  transfer it receives, sum_{j != i} tau_ij), so 1 means it gains nothing from the other domains."""
+  tau = np.asarray(tau, np.float64) * (1.0 - np.eye(len(tau)))
+  return tau.sum(axis=0), 1.0 / (1.0 + tau.sum(axis=1))
+
+
+def pearson_r(a, b) -> float:
+  a, b = np.ravel(a), np.ravel(b)
+  keep = np.isfinite(a) & np.isfinite(b)
+  return float(np.corrcoef(a[keep], b[keep])[0, 1])
