@@ -15,11 +15,11 @@ from m2dino_jax.models.moe import MoEFFN, default_moe_config, expert_capacity, m
 DIM, HIDDEN, TASKS = 8, 12, 3
 
 
-def make_moe(seed=0, dim=DIM, hidden=HIDDEN, scale=0.5, **overrides):
+def make_moe(seed=0, dim=DIM, hidden=HIDDEN, scale=0.5, mesh=None, **overrides):
   """An MoEFFN with every parameter drawn N(0, scale^2) (zero-initialised biases would test less)."""
   cfg = default_moe_config()
   cfg.update({"enabled": True, "num_experts": 4, **overrides})
-  model = MoEFFN(dim, hidden, cfg, TASKS, rngs=nnx.Rngs(seed))
+  model = MoEFFN(dim, hidden, cfg, TASKS, rngs=nnx.Rngs(seed), mesh=mesh)
   state = nnx.state(model, nnx.Param)
   pure = nnx.to_pure_dict(state)
   keys = iter(jax.random.split(jax.random.key(seed + 100), len(jax.tree.leaves(pure))))
