@@ -68,11 +68,13 @@ def skull(cv: Canvas, rng, echo, atten, centre, a, b, angle):
   ring = head & (rho > 1 - thick)
   echo[head] = -9.0 + 1.5 * smooth_noise(cv, rng, 12)[head]
   u = np.array([math.cos(angle), math.sin(angle)], np.float32)
-  mid = segment_distance(cv, (cx - 0.8 * a * u[0], cy - 0.8 * a * u[1]), (cx + 0.8 * a * u[0], cy + 0.8 * a * u[1]))
+  c = np.array([cx, cy], np.float32)
+  mid = segment_distance(cv, c - 0.8 * a * u, c + 0.8 * a * u)
   echo[head & (mid < cv.px(0.004) + 0.5)] = 4.0
   for side in (-1, 1):  # choroid plexus, either side of the midline
     n = np.array([-u[1], u[0]]) * side * 0.3 * b
-    plexus = ellipse(cv, cx + n[0] + 0.2 * a * u[0], cy + n[1] + 0.2 * a * u[1], 0.22 * a, 0.08 * b, angle) < 1
+    p = c + n + 0.2 * a * u
+    plexus = ellipse(cv, p[0], p[1], 0.22 * a, 0.08 * b, angle) < 1
     echo[plexus] = 6.0
   echo[ring] = BONE_DB
   atten[ring] = 5.0
@@ -146,7 +148,8 @@ def heart_4ch(cv: Canvas, rng, echo, centre, a, b, angle):
   for su in (-1, 1):
     for sv in (-1, 1):
       c = np.asarray(centre) + su * 0.45 * a * u + sv * 0.42 * b * v
-      ch = ellipse(cv, c[0], c[1], 0.4 * a * rng.uniform(0.85, 1.1), 0.38 * b * rng.uniform(0.85, 1.1), angle) < 1
+      size = rng.uniform(0.85, 1.1, 2)
+      ch = ellipse(cv, c[0], c[1], 0.4 * a * size[0], 0.38 * b * size[1], angle) < 1
       echo[ch & heart] = BLOOD_DB
   return heart
 

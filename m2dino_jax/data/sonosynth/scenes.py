@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from m2dino_jax.data.sonosynth import anatomy as A
+from m2dino_jax.data.sonosynth import views as V
 from m2dino_jax.data.sonosynth.physics import Probe
 from m2dino_jax.data.sonosynth.shapes import (
   BONE_ATTEN,
@@ -67,60 +68,24 @@ class Spec:
   base_size: int  # images at scale 1 (train + val)
 
 
-def _box(mask) -> np.ndarray:
-  ys, xs = np.nonzero(mask)
-  return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-
-
-def _centre(cv: Canvas, rng, x=0.5, y=0.45, jitter=0.08):
-  return (cv.px(x + rng.uniform(-jitter, jitter)), cv.px(y + rng.uniform(-jitter, jitter)))
-
-
 # ---- regression -------------------------------------------------------------------------------
 
 def fugc(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  _, _, internal, external = A.cervix(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05),
+  _, _, internal, external = A.cervix(cv, rng, echo, atten, V.centre(cv, rng, y=0.42, jitter=0.05),
                                       cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)),
                                       rng.uniform(-0.4, 0.4))
   return Scene(echo, atten, points=np.stack([internal, external]))
 
 
-def _symphysis_and_head(cv, rng):
-  """Transperineal view: pubic symphysis (upper left) and the fetal head (lower right)."""
-  echo, atten = background(cv, rng, layers=False)
-  ps_c = np.array(_centre(cv, rng, x=0.33, y=0.28, jitter=0.04), np.float32)
-  half = cv.px(rng.uniform(0.08, 0.11))
-  ang = rng.uniform(0.3, 0.8)
-  u = np.array([math.cos(ang), math.sin(ang)], np.float32)
-  upper, lower = ps_c - half * u, ps_c + half * u
-  ps = ellipse(cv, *ps_c, half * 1.1, cv.px(0.03), ang) < 1
-  echo[ps] = 8.0 + 2.0 * smooth_noise(cv, rng, 24)[ps]
-  atten[ps] = 2.0
-  hc = (lower[0] + cv.px(rng.uniform(0.15, 0.22)), lower[1] + cv.px(rng.uniform(0.18, 0.26)))
-  a, b = cv.px(rng.uniform(0.17, 0.22)), cv.px(rng.uniform(0.14, 0.17))
-  h_ang = rng.uniform(-0.5, 0.5)
-  head = A.skull(cv, rng, echo, atten, hc, a, b, h_ang)
-  head &= ~ps
-  # tangent from the symphysis' lower end to the skull: the boundary point seen at the widest angle
-  t = np.linspace(0, 2 * math.pi, 720, endpoint=False)
-  c, s = math.cos(h_ang), math.sin(h_ang)
-  bx = hc[0] + a * np.cos(t) * c - b * np.sin(t) * s
-  by = hc[1] + a * np.cos(t) * s + b * np.sin(t) * c
-  vec = np.stack([bx - lower[0], by - lower[1]], 1)
-  cosang = vec @ u / np.linalg.norm(vec, axis=1)
-  tangent = np.array([bx[np.argmin(cosang)], by[np.argmin(cosang)]], np.float32)
-  return echo, atten, ps, head, np.stack([upper, lower, tangent])
-
-
 def iugc(cv, rng, label):
-  echo, atten, _, _, points = _symphysis_and_head(cv, rng)
+  echo, atten, _, _, points = V.symphysis_and_head(cv, rng)
   return Scene(echo, atten, points=points)
 
 
 def fetal_femur(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  c = np.array(_centre(cv, rng, y=0.4, jitter=0.06), np.float32)
+  c = np.array(V.centre(cv, rng, y=0.4, jitter=0.06), np.float32)
   half = cv.px(rng.uniform(0.14, 0.24))
   ang = rng.uniform(-0.45, 0.45)
   d = np.array([math.cos(ang), math.sin(ang)], np.float32) * half
@@ -131,35 +96,19 @@ def fetal_femur(cv, rng, label):
 
 # ---- classification ---------------------------------------------------------------------------
 
-def _breast(cv, rng, kind):
-  """kind: 0 normal, 1 benign, 2 malignant."""
-  echo, atten = background(cv, rng)
-  A.breast_tissue(cv, rng, echo)
-  mask = None
-  if kind:
-    mask = A.breast_mass(cv, rng, echo, atten, kind == 2, _centre(cv, rng, y=0.45, jitter=0.12),
-                         cv.px(rng.uniform(0.08, 0.15)))
-  else:
-    for _ in range(rng.integers(0, 3)):  # a few ducts / tiny cysts
-      c = _centre(cv, rng, y=0.45, jitter=0.25)
-      duct = ellipse(cv, *c, cv.px(rng.uniform(0.02, 0.05)), cv.px(0.012), rng.uniform(-0.3, 0.3)) < 1
-      echo[duct] = FLUID_DB
-  return echo, atten, mask
-
-
 def breast_2cls(cv, rng, label):
-  echo, atten, _ = _breast(cv, rng, 1 + label)
+  echo, atten, _ = V.breast(cv, rng, 1 + label)
   return Scene(echo, atten, label=label)
 
 
 def breast_3cls(cv, rng, label):
-  echo, atten, _ = _breast(cv, rng, label)
+  echo, atten, _ = V.breast(cv, rng, label)
   return Scene(echo, atten, label=label)
 
 
 def fetal_head_pos_cls(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  c = np.array(_centre(cv, rng, y=0.42, jitter=0.04), np.float32)
+  c = np.array(V.centre(cv, rng, y=0.42, jitter=0.04), np.float32)
   direction = label * 45.0 + rng.uniform(-10, 10)
   d = polar_dir(direction)
   a, b = cv.px(rng.uniform(0.17, 0.22)), cv.px(rng.uniform(0.14, 0.16))
@@ -175,7 +124,7 @@ def fetal_head_pos_cls(cv, rng, label):
 
 def fetal_sacral_pos_cls(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  c = np.array(_centre(cv, rng, y=0.42, jitter=0.04), np.float32)
+  c = np.array(V.centre(cv, rng, y=0.42, jitter=0.04), np.float32)
   d = polar_dir(label * 45.0 + rng.uniform(-10, 10))
   r = cv.px(rng.uniform(0.2, 0.25))
   A.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.8, 0.95), rng.uniform(0, math.pi))
@@ -190,7 +139,7 @@ def fetal_sacral_pos_cls(cv, rng, label):
 
 def fetal_plane_cls(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  c = np.array(_centre(cv, rng, y=0.42, jitter=0.05), np.float32)
+  c = np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32)
   r = cv.px(rng.uniform(0.18, 0.24))
   if label == 0:
     A.fetal_abdomen(cv, rng, echo, atten, c, r)
@@ -201,7 +150,7 @@ def fetal_plane_cls(cv, rng, label):
     d = np.array([math.cos(ang), math.sin(ang)], np.float32) * r
     A.femur(cv, rng, echo, atten, c - d, c + d)
   elif label == 3:
-    _thorax(cv, rng, echo, atten, c, r)
+    V.thorax(cv, rng, echo, atten, c, r)
   elif label == 4:
     A.cervix(cv, rng, echo, atten, c, r * 1.1, r * 0.45, rng.uniform(-0.4, 0.4))
   else:  # other: placenta and fluid pockets
@@ -209,37 +158,21 @@ def fetal_plane_cls(cv, rng, label):
     placenta = (cv.yy > top) & (cv.yy < top + cv.px(0.15) + 8 * smooth_noise(cv, rng, 6))
     echo[placenta] += 5.0
     for _ in range(rng.integers(1, 4)):
-      p = _centre(cv, rng, y=0.55, jitter=0.15)
+      p = V.centre(cv, rng, y=0.55, jitter=0.15)
       pocket = blob(cv, rng, *p, cv.px(rng.uniform(0.05, 0.12)), cv.px(0.05), rng.uniform(0, 3), 0.2) < 1
       echo[pocket] = FLUID_DB
       atten[pocket] = FLUID_ATTEN
   return Scene(echo, atten, label=label)
 
 
-def _thorax(cv, rng, echo, atten, c, r):
-  """Fetal thorax: skin, lungs, ribs with shadows, spine and a four-chamber heart. Returns the heart."""
-  angle = rng.uniform(0, 2 * math.pi)
-  rho = A.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.9, 1.0), angle)
-  echo[rho < 0.95] += 4.0  # lungs
-  back = np.array([math.cos(angle), math.sin(angle)], np.float32)
-  for k in (-1, 1):
-    rib_dir = np.array([math.cos(angle + k * 1.1), math.sin(angle + k * 1.1)], np.float32)
-    rib = segment_distance(cv, c + 0.8 * r * rib_dir, c + 0.95 * r * rib_dir) < cv.px(0.008)
-    echo[rib] = BONE_DB
-    atten[rib] = BONE_ATTEN
-  A.spine_dots(cv, echo, atten, c + 0.75 * r * back, back, 0.0, n=1, size0=0.03)
-  hc = c - 0.2 * r * back + 0.15 * r * np.array([-back[1], back[0]])
-  return A.heart_4ch(cv, rng, echo, hc, 0.42 * r, 0.36 * r, angle + rng.uniform(-0.5, 0.5))
-
-
 def liver_lesion_2cls(cv, rng, label):
   echo, atten = background(cv, rng, layers=False, texture_db=1.5)
   for _ in range(rng.integers(1, 4)):  # hepatic vessels
-    p0 = _centre(cv, rng, y=0.45, jitter=0.3)
-    p1 = _centre(cv, rng, y=0.45, jitter=0.3)
+    p0 = V.centre(cv, rng, y=0.45, jitter=0.3)
+    p1 = V.centre(cv, rng, y=0.45, jitter=0.3)
     vessel = segment_distance(cv, p0, p1) < cv.px(rng.uniform(0.008, 0.02))
     echo[vessel] = A.BLOOD_DB
-  c = _centre(cv, rng, y=0.45, jitter=0.1)
+  c = V.centre(cv, rng, y=0.45, jitter=0.1)
   r = cv.px(rng.uniform(0.05, 0.11))
   rho = blob(cv, rng, *c, r, r * rng.uniform(0.8, 1.0), rng.uniform(0, 3), wobble=0.06)
   if label == 0:  # haemangioma-like: bright, homogeneous, sharp
@@ -251,40 +184,26 @@ def liver_lesion_2cls(cv, rng, label):
   return Scene(echo, atten, label=label)
 
 
-def _lung(cv, rng, kind):
-  """kind: 0 A-lines, 1 B-lines, 2 consolidation. Returns echo, atten, consolidation region or None."""
-  echo, atten = background(cv, rng)
-  pleura, ribs = A.lung_surface(cv, rng, echo, atten)
-  region = None
-  if kind == 0:
-    A.a_lines(cv, echo, pleura, ribs)
-  elif kind == 1:
-    A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(2, 5)))
-  else:
-    region = A.consolidation(cv, rng, echo, atten, pleura, ribs)
-  return echo, atten, region
-
-
 def lung_2cls(cv, rng, label):
-  echo, atten, _ = _lung(cv, rng, label)
+  echo, atten, _ = V.lung(cv, rng, label)
   return Scene(echo, atten, label=label)
 
 
 def lung_disease_3cls(cv, rng, label):
-  echo, atten, _ = _lung(cv, rng, label)
+  echo, atten, _ = V.lung(cv, rng, label)
   return Scene(echo, atten, label=label)
 
 
 def organ_cls(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  c = _centre(cv, rng, y=0.42, jitter=0.06)
+  c = V.centre(cv, rng, y=0.42, jitter=0.06)
   s = cv.size
   ang = rng.uniform(-0.5, 0.5)
   if label == 0:  # liver: big parenchyma, vessels, diaphragm
     diaphragm = np.abs(ellipse(cv, c[0], c[1] - s * 0.1, s * 0.6, s * 0.45, ang) - 1) < 0.02
     echo[diaphragm] = WALL_DB + 4
     for _ in range(3):
-      p0, p1 = _centre(cv, rng, y=0.4, jitter=0.25), _centre(cv, rng, y=0.4, jitter=0.25)
+      p0, p1 = V.centre(cv, rng, y=0.4, jitter=0.25), V.centre(cv, rng, y=0.4, jitter=0.25)
       echo[segment_distance(cv, p0, p1) < cv.px(0.012)] = A.BLOOD_DB
   elif label == 1:  # kidney: dark cortex, bright central sinus, capsule
     rho = ellipse(cv, *c, s * rng.uniform(0.2, 0.26), s * rng.uniform(0.1, 0.13), ang)
@@ -340,25 +259,17 @@ def spinal_cord_injury_loc(cv, rng, label):
   cy = top + tilt * (cx - cv.size / 2) + thick / 2
   lesion = (blob(cv, rng, cx, cy, length / 2, thick * 0.45, tilt, wobble=0.2) < 1) & cord
   echo[lesion] = 6.0 + 2.0 * smooth_noise(cv, rng, 30)[lesion]
-  return Scene(echo, atten, box=_box(lesion))
+  return Scene(echo, atten, box=V.box_of(lesion))
 
 
 def thyroid_nodule_det(cv, rng, label):
-  echo, atten, region = _thyroid_with_nodule(cv, rng)
-  return Scene(echo, atten, box=_box(region))
-
-
-def _thyroid_with_nodule(cv, rng):
-  echo, atten = background(cv, rng)
-  lobe, (lx, ly), (a, b) = A.thyroid(cv, rng, echo, atten)
-  r = min(a, b) * rng.uniform(0.3, 0.7)
-  c = (lx + rng.uniform(-0.4, 0.4) * (a - r), ly + rng.uniform(-0.3, 0.3) * (b - r))
-  return echo, atten, A.nodule(cv, rng, echo, atten, c, r)
+  echo, atten, region = V.thyroid_with_nodule(cv, rng)
+  return Scene(echo, atten, box=V.box_of(region))
 
 
 def uterine_fibroid_det(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  c = np.array(_centre(cv, rng, y=0.42, jitter=0.04), np.float32)
+  c = np.array(V.centre(cv, rng, y=0.42, jitter=0.04), np.float32)
   a, b, ang = cv.px(rng.uniform(0.26, 0.32)), cv.px(rng.uniform(0.15, 0.19)), rng.uniform(-0.4, 0.4)
   uterus = ellipse(cv, *c, a, b, ang) < 1
   echo[uterus] = 1.0 + 1.5 * smooth_noise(cv, rng, 16)[uterus]
@@ -370,13 +281,13 @@ def uterine_fibroid_det(cv, rng, label):
   fibroid = rho < 1
   echo[fibroid] = -6.0 + 3.0 * np.sin(rho[fibroid] * 14.0 + smooth_noise(cv, rng, 20)[fibroid])
   atten[fibroid] = 1.0
-  return Scene(echo, atten, box=_box(fibroid & cv.fov))
+  return Scene(echo, atten, box=V.box_of(fibroid & cv.fov))
 
 
 # ---- segmentation -----------------------------------------------------------------------------
 
 def breast_lesion(cv, rng, label):
-  echo, atten, mask = _breast(cv, rng, int(rng.integers(1, 3)))
+  echo, atten, mask = V.breast(cv, rng, int(rng.integers(1, 3)))
   return Scene(echo, atten, mask=mask.astype(np.uint8))
 
 
@@ -397,11 +308,12 @@ def cardiac_multi(cv, rng, label):
   labels[(lv < 1) & ~below_base] = 1
   la = ellipse(cv, cx, base_y + s * 0.1, width * 1.05, s * 0.1) < 1
   labels[la & below_base & (labels == 0)] = 3
-  rv = (ellipse(cv, cx - width * 2.3, lv_c[1] + length * 0.1, width * 0.9, length * 0.45, tilt) < 1) & ~below_base
+  rv_c = (cx - width * 2.3, lv_c[1] + length * 0.1)
+  rv = (ellipse(cv, *rv_c, width * 0.9, length * 0.45, tilt) < 1) & ~below_base
   ra = ellipse(cv, cx - width * 2.2, base_y + s * 0.09, width, s * 0.09) < 1
   blood = (labels == 1) | (labels == 3) | ((rv | ra) & (labels == 0))
-  echo[(labels == 2) | ((ellipse(cv, cx - width * 2.3, lv_c[1] + length * 0.1, width * 0.9 + wall,
-                                 length * 0.45 + wall, tilt) < 1) & ~blood)] = 2.0
+  rv_wall = (ellipse(cv, *rv_c, width * 0.9 + wall, length * 0.45 + wall, tilt) < 1) & ~blood
+  echo[(labels == 2) | rv_wall] = 2.0
   echo[blood] = A.BLOOD_DB
   return Scene(echo, atten, mask=labels)
 
@@ -410,7 +322,7 @@ def carotid_artery(cv, rng, label):
   echo, atten = background(cv, rng)
   s = cv.size
   if rng.random() < 0.6:  # transverse
-    c = _centre(cv, rng, y=0.5, jitter=0.08)
+    c = V.centre(cv, rng, y=0.5, jitter=0.08)
     r = s * rng.uniform(0.08, 0.13)
     rho = ellipse(cv, *c, r, r * rng.uniform(0.9, 1.0))
     lumen = rho < 1
@@ -427,57 +339,50 @@ def carotid_artery(cv, rng, label):
   return Scene(echo, atten, mask=lumen.astype(np.uint8))
 
 
-def _cervix_scene(cv, rng):
-  echo, atten = background(cv, rng, layers=False)
-  ant, post, _, _ = A.cervix(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05),
-                             cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)), rng.uniform(-0.4, 0.4))
-  return echo, atten, ant, post
-
-
 def cervix_seg(cv, rng, label):
-  echo, atten, ant, post = _cervix_scene(cv, rng)
+  echo, atten, ant, post = V.cervix(cv, rng)
   return Scene(echo, atten, mask=(ant | post).astype(np.uint8))
 
 
 def cervix_multi(cv, rng, label):
-  echo, atten, ant, post = _cervix_scene(cv, rng)
+  echo, atten, ant, post = V.cervix(cv, rng)
   return Scene(echo, atten, mask=ant.astype(np.uint8) + 2 * post.astype(np.uint8))
 
 
 def fetal_abdomen_multi(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  labels = A.fetal_abdomen(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05),
+  labels = A.fetal_abdomen(cv, rng, echo, atten, V.centre(cv, rng, y=0.42, jitter=0.05),
                            cv.px(rng.uniform(0.2, 0.26)))
   return Scene(echo, atten, mask=labels)
 
 
 def fetal_head(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  head = A.skull(cv, rng, echo, atten, _centre(cv, rng, y=0.42, jitter=0.05), cv.px(rng.uniform(0.18, 0.25)),
+  head = A.skull(cv, rng, echo, atten, V.centre(cv, rng, y=0.42, jitter=0.05), cv.px(rng.uniform(0.18, 0.25)),
                  cv.px(rng.uniform(0.14, 0.18)), rng.uniform(-0.6, 0.6))
   return Scene(echo, atten, mask=head.astype(np.uint8))
 
 
 def fetal_heart(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  heart = _thorax(cv, rng, echo, atten, np.array(_centre(cv, rng, y=0.42, jitter=0.05), np.float32),
+  heart = V.thorax(cv, rng, echo, atten, np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32),
                   cv.px(rng.uniform(0.2, 0.26)))
   return Scene(echo, atten, mask=heart.astype(np.uint8))
 
 
 def head_symphysis_multi(cv, rng, label):
-  echo, atten, ps, head, _ = _symphysis_and_head(cv, rng)
+  echo, atten, ps, head, _ = V.symphysis_and_head(cv, rng)
   return Scene(echo, atten, mask=ps.astype(np.uint8) + 2 * head.astype(np.uint8))
 
 
 def lung_seg(cv, rng, label):
-  echo, atten, region = _lung(cv, rng, 2)
+  echo, atten, region = V.lung(cv, rng, 2)
   return Scene(echo, atten, mask=region.astype(np.uint8))
 
 
 def ovary_tumor(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  c = np.array(_centre(cv, rng, y=0.42, jitter=0.05), np.float32)
+  c = np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32)
   r = cv.px(rng.uniform(0.13, 0.22))
   tumour = blob(cv, rng, *c, r, r * rng.uniform(0.75, 0.95), rng.uniform(0, 3), wobble=0.08) < 1
   echo[tumour] = FLUID_DB
@@ -500,7 +405,7 @@ def ovary_tumor(cv, rng, label):
 
 
 def thyroid_nodule(cv, rng, label):
-  echo, atten, region = _thyroid_with_nodule(cv, rng)
+  echo, atten, region = V.thyroid_with_nodule(cv, rng)
   return Scene(echo, atten, mask=region.astype(np.uint8))
 
 

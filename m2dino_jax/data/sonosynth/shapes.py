@@ -73,7 +73,8 @@ def blob(cv: Canvas, rng, cx, cy, a, b, angle=0.0, wobble=0.08, spikes=0.0) -> n
   theta = np.arctan2(v / np.float32(b), u / np.float32(a))
   scale = np.ones_like(theta)
   for k in (2, 3, 4, 5):
-    scale += np.float32(wobble * rng.uniform(0.3, 1.0) / k * 2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    amplitude = np.float32(wobble * rng.uniform(0.3, 1.0) / k * 2)
+    scale += amplitude * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
   if spikes > 0:
     for k in rng.integers(7, 15, size=2):
       spike = np.maximum(np.cos(k * theta + rng.uniform(0, 2 * np.pi)), 0) ** 12

@@ -1,0 +1,120 @@
+"""Composite views shared by several sonosynth tasks (a breast scan, a lung scan, a fetal thorax,
+the transperineal symphysis-and-head view, ...), built from `anatomy` parts, and small helpers.
+Each returns the scene maps (or draws into them) and the regions / landmarks its tasks label.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from m2dino_jax.data.sonosynth import anatomy as A
+from m2dino_jax.data.sonosynth.shapes import (
+  BONE_ATTEN,
+  BONE_DB,
+  FLUID_DB,
+  Canvas,
+  background,
+  ellipse,
+  segment_distance,
+  smooth_noise,
+)
+
+
+def box_of(mask) -> np.ndarray:
+  ys, xs = np.nonzero(mask)
+  return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def centre(cv: Canvas, rng, x=0.5, y=0.45, jitter=0.08):
+  return (cv.px(x + rng.uniform(-jitter, jitter)), cv.px(y + rng.uniform(-jitter, jitter)))
+
+
+def symphysis_and_head(cv, rng):
+  """Transperineal view: pubic symphysis (upper left) and the fetal head (lower right)."""
+  echo, atten = background(cv, rng, layers=False)
+  ps_c = np.array(centre(cv, rng, x=0.33, y=0.28, jitter=0.04), np.float32)
+  half = cv.px(rng.uniform(0.08, 0.11))
+  ang = rng.uniform(0.3, 0.8)
+  u = np.array([math.cos(ang), math.sin(ang)], np.float32)
+  upper, lower = ps_c - half * u, ps_c + half * u
+  ps = ellipse(cv, *ps_c, half * 1.1, cv.px(0.03), ang) < 1
+  echo[ps] = 8.0 + 2.0 * smooth_noise(cv, rng, 24)[ps]
+  atten[ps] = 2.0
+  hc = (lower[0] + cv.px(rng.uniform(0.15, 0.22)), lower[1] + cv.px(rng.uniform(0.18, 0.26)))
+  a, b = cv.px(rng.uniform(0.17, 0.22)), cv.px(rng.uniform(0.14, 0.17))
+  h_ang = rng.uniform(-0.5, 0.5)
+  head = A.skull(cv, rng, echo, atten, hc, a, b, h_ang)
+  head &= ~ps
+  # tangent from the symphysis' lower end to the skull: the boundary point seen at the widest angle
+  t = np.linspace(0, 2 * math.pi, 720, endpoint=False)
+  c, s = math.cos(h_ang), math.sin(h_ang)
+  bx = hc[0] + a * np.cos(t) * c - b * np.sin(t) * s
+  by = hc[1] + a * np.cos(t) * s + b * np.sin(t) * c
+  vec = np.stack([bx - lower[0], by - lower[1]], 1)
+  cosang = vec @ u / np.linalg.norm(vec, axis=1)
+  tangent = np.array([bx[np.argmin(cosang)], by[np.argmin(cosang)]], np.float32)
+  return echo, atten, ps, head, np.stack([upper, lower, tangent])
+
+
+def breast(cv, rng, kind):
+  """kind: 0 normal, 1 benign, 2 malignant."""
+  echo, atten = background(cv, rng)
+  A.breast_tissue(cv, rng, echo)
+  mask = None
+  if kind:
+    mask = A.breast_mass(cv, rng, echo, atten, kind == 2, centre(cv, rng, y=0.45, jitter=0.12),
+                         cv.px(rng.uniform(0.08, 0.15)))
+  else:
+    for _ in range(rng.integers(0, 3)):  # a few ducts / tiny cysts
+      c = centre(cv, rng, y=0.45, jitter=0.25)
+      duct = ellipse(cv, *c, cv.px(rng.uniform(0.02, 0.05)), cv.px(0.012), rng.uniform(-0.3, 0.3)) < 1
+      echo[duct] = FLUID_DB
+  return echo, atten, mask
+
+
+def thorax(cv, rng, echo, atten, c, r):
+  """Fetal thorax: skin, lungs, ribs with shadows, spine and a four-chamber heart. Returns the heart."""
+  angle = rng.uniform(0, 2 * math.pi)
+  rho = A.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.9, 1.0), angle)
+  echo[rho < 0.95] += 4.0  # lungs
+  back = np.array([math.cos(angle), math.sin(angle)], np.float32)
+  for k in (-1, 1):
+    rib_dir = np.array([math.cos(angle + k * 1.1), math.sin(angle + k * 1.1)], np.float32)
+    rib = segment_distance(cv, c + 0.8 * r * rib_dir, c + 0.95 * r * rib_dir) < cv.px(0.008)
+    echo[rib] = BONE_DB
+    atten[rib] = BONE_ATTEN
+  A.spine_dots(cv, echo, atten, c + 0.75 * r * back, back, 0.0, n=1, size0=0.03)
+  hc = c - 0.2 * r * back + 0.15 * r * np.array([-back[1], back[0]])
+  return A.heart_4ch(cv, rng, echo, hc, 0.42 * r, 0.36 * r, angle + rng.uniform(-0.5, 0.5))
+
+
+def lung(cv, rng, kind):
+  """kind: 0 A-lines, 1 B-lines, 2 consolidation. Returns echo, atten, consolidation region or None."""
+  echo, atten = background(cv, rng)
+  pleura, ribs = A.lung_surface(cv, rng, echo, atten)
+  region = None
+  if kind == 0:
+    A.a_lines(cv, echo, pleura, ribs)
+  elif kind == 1:
+    A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(2, 5)))
+  else:
+    region = A.consolidation(cv, rng, echo, atten, pleura, ribs)
+  return echo, atten, region
+
+
+def cervix(cv, rng):
+  echo, atten = background(cv, rng, layers=False)
+  ant, post, _, _ = A.cervix(cv, rng, echo, atten, centre(cv, rng, y=0.42, jitter=0.05),
+                             cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)),
+                             rng.uniform(-0.4, 0.4))
+  return echo, atten, ant, post
+
+
+def thyroid_with_nodule(cv, rng):
+  echo, atten = background(cv, rng)
+  lobe, (lx, ly), (a, b) = A.thyroid(cv, rng, echo, atten)
+  r = min(a, b) * rng.uniform(0.3, 0.7)
+  c = (lx + rng.uniform(-0.4, 0.4) * (a - r), ly + rng.uniform(-0.3, 0.3) * (b - r))
+  return echo, atten, A.nodule(cv, rng, echo, atten, c, r)
