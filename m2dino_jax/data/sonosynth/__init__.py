@@ -4,7 +4,7 @@
     sonosynth.write_dataset("synth", seed=0, scale=0.1)          # FMC_UIA on-disk layout
     sonosynth.throughput(54, 256)                                # images/s on one thread
 
-physics: image formation (convolution model); scenes/anatomy/shapes: the 27 task scenes;
+physics: image formation (convolution model); scenes (27 task builders) on views, anatomy, shapes;
 generator: records; writer: the FMC_UIA layout.
 """
 

@@ -121,7 +121,8 @@ def fetal_abdomen(cv: Canvas, rng, echo, atten, centre, radius):
   labels = np.zeros((cv.size, cv.size), np.uint8)
   liver_c = c - back * 0.25 * radius + side * 0.2 * radius
   liver = (ellipse(cv, *liver_c, 0.8 * radius, 0.55 * radius, angle + math.pi / 2) < 1) & (rho < 0.92)
-  echo[liver] = 2.0 + 1.5 * smooth_noise(cv, rng, 20)[liver]
+  echo[(rho < 0.95) & ~liver] -= 3.0
+  echo[liver] = 3.0 + 1.5 * smooth_noise(cv, rng, 20)[liver]
   labels[liver] = 2
   st_c = c - side * rng.uniform(0.35, 0.45) * radius
   stomach = blob(cv, rng, *st_c, 0.22 * radius, 0.15 * radius, angle, wobble=0.1) < 1
@@ -160,7 +161,8 @@ def cervix(cv: Canvas, rng, echo, atten, centre, length, thickness, angle):
   cx, cy = centre
   rho = blob(cv, rng, cx, cy, length, thickness, angle, wobble=0.04)
   tissue = rho < 1
-  echo[tissue] = 3.0 + 1.5 * smooth_noise(cv, rng, 16)[tissue]
+  echo[(rho >= 1) & (rho < 1.25)] -= 6.0  # hypoechoic surroundings outline the cervix
+  echo[tissue] = 6.0 + 1.5 * smooth_noise(cv, rng, 16)[tissue]
   u = np.array([math.cos(angle), math.sin(angle)], np.float32)
   v = np.array([-u[1], u[0]], np.float32)  # points down-ish for |angle| < 90 deg
   sign = rng.choice([-1.0, 1.0])  # which end is the internal os
@@ -239,8 +241,9 @@ def lung_surface(cv: Canvas, rng, echo, atten):
   ribs = (x0, x0 + gap)
   for x in ribs:
     rho = ellipse(cv, x, pleura - s * 0.03, s * 0.09, s * 0.045)
-    echo[(rho < 1) & (cv.yy < pleura - s * 0.03)] = BONE_DB
-    atten[rho < 1] = BONE_ATTEN * 3
+    surface = (rho < 1) & (rho > 0.75) & (cv.yy < pleura - s * 0.03)  # bright cortex, then shadow
+    echo[surface] = BONE_DB
+    atten[(rho < 0.75) | ((rho < 1) & (cv.yy >= pleura - s * 0.03))] = BONE_ATTEN * 3
   line = (np.abs(cv.yy - pleura) < 1.5) & (cv.xx > ribs[0] - s * 0.1) & (cv.xx < ribs[1] + s * 0.1)
   echo[line] = BONE_DB
   echo[cv.yy > pleura + 1.5] = -18.0  # aerated lung: no transmitted echoes, only artefacts
