@@ -102,8 +102,8 @@ def points_to_original(points01, orig_size, image_size: int, mode: str = "letter
 
 def mask_to_original(mask: np.ndarray, orig_size, mode: str = "letterbox") -> np.ndarray:
   """A square canvas mask (class map) -> the (H, W) original-image grid, nearest neighbour."""
-  matrix = canvas_matrix(orig_size, mask.shape[0], mode)
-  return _warp(mask.astype(np.uint8), matrix, (int(orig_size[0]), int(orig_size[1])), Image.NEAREST)
+  back = np.linalg.inv(canvas_matrix(orig_size, mask.shape[0], mode))  # canvas -> original
+  return _warp(mask.astype(np.uint8), back, (int(orig_size[0]), int(orig_size[1])), Image.NEAREST)
 
 
 def _warp(arr: np.ndarray, matrix: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
