@@ -133,6 +133,21 @@ def test_restore_mid_stream_continues_identically(tmp_path):
   fresh.close()
 
 
+def test_state_saved_with_no_workers_restores_with_two():
+  it, _ = _take(_config(worker_count=0), 5, seed=2)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(5)]
+  two = pipeline.make_train_iterator(_config(worker_count=2, prefetch=1), list(TASKS), seed=2, sources=_sources())
+  two.set_state(state)
+  got = [next(two) for _ in range(5)]
+  mid = json.loads(json.dumps(two.get_state()))
+  two.close()
+  _assert_same(got, expected)
+  back = pipeline.make_train_iterator(_config(worker_count=0), list(TASKS), seed=2, sources=_sources())
+  back.set_state(mid)  # and from two workers back to none
+  _assert_same([next(back)], [next(it)])
+
+
 def test_new_weights_after_restore_resume_each_task_stream():
   cfg = _config()
   per_task_ref = {}  # each task's own batch stream does not depend on the mixture weights

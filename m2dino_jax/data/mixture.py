@@ -60,46 +60,57 @@ def mixture_weights(kind: str, sizes: Mapping[str, int], *, temperature: float =
 
 
 class WorkerStrideIterDataset(grain.IterDataset):
-  """Passes its parent through, or, once Grain gives it a worker slice (w::n), every n-th element from w.
+  """Yields (element, state after it) of its parent, or, once Grain gives it a worker slice (w::n),
+  only every n-th element from position `start + w`.
 
   It absorbs the slice (parents are not sliced), so each worker walks the whole parent stream; keep
-  the parent cheap (plans, not pixels) and do the heavy work in a map after this dataset.
+  the parent cheap (plans, not pixels) and do the heavy work in a map after this dataset. The state
+  {"parent", "position"} travelling with each element is the same whatever the worker count, so a
+  pipeline rebuilt from it (`start_state`) continues exactly, with any number of workers.
   """
 
-  def __init__(self, parent: grain.IterDataset):
+  def __init__(self, parent: grain.IterDataset, start_state: dict | None = None):
     super().__init__(parent)
-    self._start, self._step = 0, 1
+    self._start_state = start_state
+    self._offset, self._step = 0, 1
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     del sequential_slice  # a stride of an infinite stream; there is no sequential variant
-    self._start, self._step = sl.start or 0, sl.step or 1
+    self._offset, self._step = sl.start or 0, sl.step or 1
 
   def __iter__(self):
-    return _WorkerStrideIterator(self._parent.__iter__(), self._start, self._step)
+    return _WorkerStrideIterator(self._parent.__iter__(), self._start_state, self._offset, self._step)
 
   def __str__(self) -> str:
-    return f"WorkerStrideIterDataset(start={self._start}, step={self._step})"
+    return f"WorkerStrideIterDataset(offset={self._offset}, step={self._step})"
+
+
+def initial_state() -> dict:
+  """The stride state of a stream nothing has been read from."""
+  return {"parent": None, "position": 0}
 
 
 class _WorkerStrideIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, start: int, step: int):
+  def __init__(self, parent: grain.DatasetIterator, start_state: dict | None, offset: int, step: int):
     super().__init__(parent)
-    self._start, self._step = start, step
-    self._position = 0  # position in the parent stream of the next element to read
+    start_state = start_state or initial_state()
+    if start_state["parent"] is not None:
+      parent.set_state(start_state["parent"])
+    self._position = self._first = int(start_state["position"])  # parent position of the next read
+    self._offset, self._step = offset, step
 
   def __next__(self):
-    while (self._position - self._start) % self._step:
+    while (self._position - self._first - self._offset) % self._step:
       next(self._parent)
       self._position += 1
     element = next(self._parent)
     self._position += 1
-    return element
+    return element, {"parent": self._parent.get_state(), "position": self._position}
 
   def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "position": self._position}
+    return {"parent": self._parent.get_state(), "position": self._position, "first": self._first}
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
-    self._position = int(state["position"])
-
+    self._position, self._first = int(state["position"]), int(state["first"])

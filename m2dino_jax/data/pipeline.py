@@ -9,8 +9,9 @@ Train stream (one per process), built so it is a pure function of (config, seed,
   workers:   WorkerStrideIterDataset -> map(load records + transforms) -> mp_prefetch(worker_count)
 
 Plans are cheap (indices and seeds), the pixels are made after the stride, so the output is
-identical for 0, 1 or N workers (see mixture.py). Every process draws the same task at every step
-(same weights, same deterministic interleave), so a global batch holds one task: SPMD friendly.
+identical for 0, 1 or N workers (see mixture.py), and so is the checkpoint state (TrainIterator).
+Every process draws the same task at every step (same weights, same deterministic interleave),
+so a global batch holds one task: SPMD friendly.
 
 Sources ('folder' | 'tfds' | 'synthetic') give, per task, a random-access sequence of Records;
 tests and tools may pass `sources={task: [Record, ...]}` directly.
@@ -189,8 +190,11 @@ class _DrawSeed(grain.transforms.RandomMap):
             "seed": rng.integers(0, 2**63 - 1, dtype=np.int64)}
 
 
+STATE_KEY = "_stream_state"  # rides along with each batch from the (worker-side) stride to TrainIterator
+
+
 class _Materialize(grain.transforms.Map):
-  """Plans -> a batch of model-ready examples (the heavy part: decode, warp, jitter)."""
+  """(plans, stream state) -> a batch of model-ready examples (the heavy part: decode, warp, jitter)."""
 
   def __init__(self, sources: Mapping[str, Sequence], task_names: Sequence[str], pipeline):
     self.sources, self.task_names, self.pipeline = sources, list(task_names), pipeline
@@ -199,9 +203,50 @@ class _Materialize(grain.transforms.Map):
     rec = as_record(self.sources[self.task_names[int(task_index)]][int(index)])
     return self.pipeline(rec, np.random.default_rng(int(seed)))
 
-  def map(self, plan):
+  def map(self, plan_and_state):
+    plan, state = plan_and_state
     examples = [self.example(t, i, s) for t, i, s in zip(plan["task"], plan["index"], plan["seed"])]
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch[STATE_KEY] = state
+    return batch
+
+
+class TrainIterator(grain.DatasetIterator):
+  """The train stream with a checkpoint state that does not depend on the worker count.
+
+  Its state is the mixture's state after the last returned batch plus the stream position
+  (mixture.WorkerStrideIterDataset); set_state rebuilds the Grain pipeline from it, so a state
+  saved with N workers restores with M workers, and with the weights this iterator was built with.
+  """
+
+  def __init__(self, build):
+    super().__init__()
+    self._build, self._state, self._it = build, mixture.initial_state(), None
+
+  def _iterator(self):
+    if self._it is None:
+      self._it = self._build(self._state).__iter__()
+    return self._it
+
+  def __next__(self) -> dict:
+    batch = next(self._iterator())
+    self._state = batch.pop(STATE_KEY)
+    return batch
+
+  def get_state(self) -> dict:
+    return self._state
+
+  def set_state(self, state: dict) -> None:
+    self.close()
+    self._state = state
+
+  def start_prefetch(self) -> None:
+    self._iterator().start_prefetch()
+
+  def close(self) -> None:
+    if self._it is not None:
+      self._it.close()
+      self._it = None
 
 
 def _task_seed(seed: int, task: registry.Task, process_index: int) -> int:
@@ -212,8 +257,8 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
                         process_count: int = 1, sources=None, weights: Mapping[str, float] | None = None):
   """The infinite train iterator of this process: numpy batch dicts, leading dim = per-process batch.
 
-  `weights` overrides the configured mixture ({task: w}); the iterator's get_state/set_state
-  round-trips through grain.checkpoint (Orbax), also into an iterator built with other weights.
+  `weights` overrides the configured mixture ({task: w}). get_state/set_state round-trip through
+  grain.checkpoint (Orbax), also into an iterator built with other weights or another worker count.
   """
   tasks = _resolve(tasks)
   seed = int(config.seed if seed is None else seed)
@@ -242,13 +287,17 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
     if config.one_task_per_batch:
       ds = ds.batch(local_batch, drop_remainder=True)
     plans[task.name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  mixed = grain.IterDataset.mix(plans, {t: weights[t] for t in plans})
-  if not config.one_task_per_batch:
-    mixed = mixed.batch(local_batch, drop_remainder=True)
   pipe = transforms.Pipeline(config.transforms.train, config.image_size, config.channels)
-  ds = mixture.WorkerStrideIterDataset(mixed).map(_Materialize(sources, names, pipe))
-  ds = _parallelise(ds, int(config.worker_count), int(config.prefetch))
-  iterator = ds.__iter__()
+  materialize = _Materialize(sources, names, pipe)
+
+  def build(start_state: dict) -> grain.IterDataset:
+    mixed = grain.IterDataset.mix(plans, {t: weights[t] for t in plans})
+    if not config.one_task_per_batch:
+      mixed = mixed.batch(local_batch, drop_remainder=True)
+    ds = mixture.WorkerStrideIterDataset(mixed, start_state).map(materialize)
+    return _parallelise(ds, int(config.worker_count), int(config.prefetch))
+
+  iterator = TrainIterator(build)
   _OPEN_ITERATORS.add(iterator)
   return iterator
 
