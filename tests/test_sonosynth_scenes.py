@@ -186,6 +186,8 @@ def test_cli_synth(tmp_path, capsys):
   assert cli.main(["data", "synth", "--out", str(tmp_path / "x"), "--tasks", "no_such_task"]) == 2
   assert "unknown task 'no_such_task'" in capsys.readouterr().err
   assert cli.main(["data", "synth", "--out", str(out), "--scale", "0.1", "--tasks", "lung"]) == 2
+  assert cli.main(["data", "synth", "--out", str(tmp_path / "x"), "--scale", "-1"]) == 2
+  assert "config key 'scale'" in capsys.readouterr().err
   assert not (tmp_path / "x").exists()
 
 

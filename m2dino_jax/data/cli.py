@@ -7,6 +7,7 @@ what it needs lazily, so `m2dino data --help` stays fast. Add a command by addin
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 
@@ -18,7 +19,8 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--size", type=int, default=256, help="image side in pixels")
   p.add_argument("--tasks", nargs="+", default=None, help="task ids (default: all 27)")
   p.add_argument("--val-fraction", type=float, default=0.2, help="share of each task in data/val")
-  p.add_argument("--workers", type=int, default=1, help="simulation processes (output is identical)")
+  p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                 help="simulation processes (the output is identical for any count)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 

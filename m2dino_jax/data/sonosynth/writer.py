@@ -135,6 +135,8 @@ def write_dataset(out_dir, *, seed: int, scale: float = 1.0, size: int = 256, ta
     raise ConfigError("scale", f"must be > 0, got {scale}")
   if size < 32:
     raise ConfigError("size", f"must be at least 32 pixels, got {size}")
+  if workers < 1:
+    raise ConfigError("workers", f"must be at least 1, got {workers}")
   if not 0 <= val_fraction < 1:
     raise ConfigError("val_fraction", f"must be in [0, 1), got {val_fraction}")
   if out.exists() and not overwrite:
