@@ -249,8 +249,10 @@ class TrainIterator(grain.DatasetIterator):
       self._it = None
 
 
-def _task_seed(seed: int, task: registry.Task, process_index: int) -> int:
-  return int(np.random.SeedSequence([seed, task.index, process_index]).generate_state(1)[0])
+def _task_seeds(seed: int, task: registry.Task, process_index: int) -> tuple[int, int]:
+  """Independent 32-bit (shuffle, per-example) seeds of one task's stream on one process."""
+  shuffle_seed, example_seed = np.random.SeedSequence([seed, task.index, process_index]).generate_state(2)
+  return int(shuffle_seed), int(example_seed)
 
 
 def make_train_iterator(config, tasks, *, seed: int | None = None, process_index: int = 0,
@@ -281,9 +283,9 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
   for i, task in enumerate(tasks):
     if task.name not in weights:
       continue
-    task_seed = _task_seed(seed, task, process_index)
+    shuffle_seed, example_seed = _task_seeds(seed, task, process_index)
     ds = (grain.MapDataset.source(_process_shard(sizes[task.name], process_index, process_count))
-          .shuffle(seed=task_seed).repeat().random_map(_DrawSeed(i), seed=task_seed + 1))
+          .shuffle(seed=shuffle_seed).repeat().random_map(_DrawSeed(i), seed=example_seed))
     if config.one_task_per_batch:
       ds = ds.batch(local_batch, drop_remainder=True)
     plans[task.name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
