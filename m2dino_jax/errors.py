@@ -30,3 +30,7 @@ class DataError(M2DinoError):
 
 class SolverError(M2DinoError):
   """An optimisation problem is infeasible or ill-posed (scaling / allocation)."""
+
+
+class NonFiniteError(M2DinoError):
+  """The loss or gradients became NaN / Inf; names the step and task."""

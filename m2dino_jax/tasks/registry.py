@@ -8,6 +8,7 @@ not public: `DEFAULT_GROUPS` is our organ-based grouping; configs may define oth
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from m2dino_jax.errors import ConfigError
 
@@ -100,9 +101,9 @@ def default_groups() -> dict[str, list[str]]:
 
 
 def resolve(names) -> list[Task]:
-  """Task names (list or comma string; 'all' = every task) to Task objects, in registry order."""
+  """Task names (list, or a string split on , + or :; "all" = every task) to Task objects, in registry order."""
   if isinstance(names, str):
-    names = [n.strip() for n in names.split(",") if n.strip()]
+    names = [n.strip() for n in re.split(r"[,+:]", names) if n.strip()]
   if list(names) == ["all"]:
     return list(TASKS)
   wanted = {get(n).name for n in names}

@@ -1,0 +1,146 @@
+"""Task heads on top of the encoder's intermediates (a registry keyed by task type).
+
+  segmentation   UperNet-lite: the selected block outputs become a 4-level pyramid (strides 4, 8,
+                 16, 32 relative to the image for patch 16), FPN top-down fusion, concat at the finest
+                 level, 3x3 conv, 1x1 classifier, bilinear upsampling to the input size.
+  classification linear (or 1-hidden-layer MLP) on [CLS || mean patch token].
+  detection      one box per image: MLP on [CLS || mean patch] -> 4 sigmoids -> (x_min, y_min, x_max,
+                 y_max) in [0, 1] (sorted, so x_min <= x_max).
+  regression     K landmarks in [0, 1]: direct (MLP -> 2K sigmoids) or heatmap (1x1 conv on the last
+                 feature map -> K maps -> soft-argmax).
+
+Each head maps the encoder output dict to the raw prediction of its task.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from m2dino_jax.errors import ConfigError
+from m2dino_jax.tasks import registry
+
+
+def default_heads_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "seg_channels": 128,  # UperNet-lite width
+      "cls_kind": "linear",  # 'linear' | 'mlp'
+      "mlp_hidden": 256,  # hidden width of MLP heads (cls 'mlp', det, reg 'direct')
+      "reg_kind": "direct",  # 'direct' | 'heatmap'
+  })
+
+
+def _dense(din, dout, *, rngs, names=("embed", None)):
+  return nnx.Linear(din, dout, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+                    rngs=rngs)
+
+
+def _conv(cin, cout, k, *, rngs):
+  return nnx.Conv(cin, cout, (k, k), padding="SAME",
+                  kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, None)),
+                  rngs=rngs)
+
+
+def pooled(enc_out: dict) -> jax.Array:
+  return jnp.concatenate([enc_out["cls"], enc_out["patch_tokens"].mean(axis=1)], axis=-1)
+
+
+def _resize(x, hw):
+  return jax.image.resize(x, (x.shape[0], hw[0], hw[1], x.shape[-1]), "bilinear")
+
+
+class SegHead(nnx.Module):
+  """UperNet-lite decoder over `num_inputs` feature maps [B, h, w, D] -> logits [B, H, W, classes]."""
+
+  def __init__(self, dim: int, num_classes: int, num_inputs: int, channels: int, patch: int, *, rngs):
+    self.patch = patch
+    # level i is resampled by 4 / 2**i relative to the patch grid (x4, x2, x1, x0.5 for 4 inputs)
+    self.scales = tuple(4.0 / 2 ** i for i in range(num_inputs))
+    self.lateral = nnx.List([_dense(dim, channels, rngs=rngs) for _ in range(num_inputs)])
+    self.smooth = nnx.List([_conv(channels, channels, 3, rngs=rngs) for _ in range(num_inputs)])
+    self.fuse = _conv(channels * num_inputs, channels, 3, rngs=rngs)
+    self.norm = nnx.GroupNorm(channels, num_groups=min(32, channels), rngs=rngs)
+    self.classify = _dense(channels, num_classes, rngs=rngs, names=(None, None))
+
+  def __call__(self, enc_out: dict, image_hw: tuple[int, int]) -> jax.Array:
+    feats = enc_out["features"]
+    if len(feats) != len(self.lateral):
+      raise ConfigError("model.out_blocks", f"segmentation head needs {len(self.lateral)} feature maps, "
+                                            f"encoder gives {len(feats)}")
+    h, w = enc_out["grid"]
+    levels = []
+    for f, lat, s in zip(feats, self.lateral, self.scales):
+      size = (max(1, round(h * s)), max(1, round(w * s)))
+      levels.append(_resize(lat(f), size))
+    for i in range(len(levels) - 2, -1, -1):  # top-down: coarse into fine
+      levels[i] = levels[i] + _resize(levels[i + 1], levels[i].shape[1:3])
+    finest = levels[0].shape[1:3]
+    outs = [_resize(conv(x), finest) for conv, x in zip(self.smooth, levels)]
+    x = jax.nn.gelu(self.norm(self.fuse(jnp.concatenate(outs, axis=-1))))
+    return _resize(self.classify(x), image_hw)
+
+
+class ClsHead(nnx.Module):
+  def __init__(self, dim: int, num_classes: int, kind: str, hidden: int, *, rngs):
+    self.hidden = _dense(2 * dim, hidden, rngs=rngs) if kind == "mlp" else None
+    self.out = _dense(hidden if kind == "mlp" else 2 * dim, num_classes, rngs=rngs)
+
+  def __call__(self, enc_out: dict, image_hw=None) -> jax.Array:
+    x = pooled(enc_out)
+    if self.hidden is not None:
+      x = jax.nn.gelu(self.hidden(x))
+    return self.out(x)
+
+
+class BoxHead(nnx.Module):
+  """One box per image as sorted sigmoid corners (x_min, y_min, x_max, y_max) in [0, 1]."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs):
+    self.hidden = _dense(2 * dim, hidden, rngs=rngs)
+    self.out = _dense(hidden, 4, rngs=rngs, names=(None, None))
+
+  def __call__(self, enc_out: dict, image_hw=None) -> jax.Array:
+    raw = jax.nn.sigmoid(self.out(jax.nn.gelu(self.hidden(pooled(enc_out)))))
+    x1, y1, x2, y2 = jnp.split(raw, 4, axis=-1)
+    return jnp.concatenate([jnp.minimum(x1, x2), jnp.minimum(y1, y2), jnp.maximum(x1, x2), jnp.maximum(y1, y2)], -1)
+
+
+class PointHead(nnx.Module):
+  """K landmarks (x, y) in [0, 1]: 'direct' regression or 'heatmap' soft-argmax."""
+
+  def __init__(self, dim: int, num_points: int, kind: str, hidden: int, *, rngs):
+    self.kind, self.k = kind, num_points
+    if kind == "direct":
+      self.hidden = _dense(2 * dim, hidden, rngs=rngs)
+      self.out = _dense(hidden, 2 * num_points, rngs=rngs, names=(None, None))
+    elif kind == "heatmap":
+      self.out = _dense(dim, num_points, rngs=rngs)
+    else:
+      raise ConfigError("heads.reg_kind", f"unknown '{kind}'; use 'direct' or 'heatmap'")
+
+  def __call__(self, enc_out: dict, image_hw=None) -> jax.Array:
+    b = enc_out["cls"].shape[0]
+    if self.kind == "direct":
+      return jax.nn.sigmoid(self.out(jax.nn.gelu(self.hidden(pooled(enc_out))))).reshape(b, self.k, 2)
+    h, w = enc_out["grid"]
+    maps = self.out(enc_out["patch_tokens"]).reshape(b, h * w, self.k)
+    prob = jax.nn.softmax(maps, axis=1)  # over positions
+    ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing="ij")
+    grid = jnp.stack([xs.reshape(-1), ys.reshape(-1)], axis=-1)  # [hw, 2] (x, y)
+    return jnp.einsum("bnk,nc->bkc", prob, grid)
+
+
+def build_head(task: registry.Task, dim: int, patch: int, num_features: int,
+               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The head for one task, by task type (registry)."""
+  if task.type == registry.SEGMENTATION:
+    return SegHead(dim, task.num_classes, num_features, cfg.seg_channels, patch, rngs=rngs)
+  if task.type == registry.CLASSIFICATION:
+    return ClsHead(dim, task.num_classes, cfg.cls_kind, cfg.mlp_hidden, rngs=rngs)
+  if task.type == registry.DETECTION:
+    return BoxHead(dim, cfg.mlp_hidden, rngs=rngs)
+  if task.type == registry.REGRESSION:
+    return PointHead(dim, task.num_points, cfg.reg_kind, cfg.mlp_hidden, rngs=rngs)
+  raise ConfigError("tasks", f"no head for task type '{task.type}'")

@@ -1,0 +1,157 @@
+"""The shared training loop: metrics logging, progress, NaN guard, preemption, eval and checkpoints.
+
+Every trainer (multitask, dino, mae) supplies a pure `step_fn(state, batch) -> (state, metrics)` and
+hooks; this loop owns the side effects: WORKDIR/metrics.jsonl, TensorBoard events, a progress line
+with ETA, checkpoint cadence, SIGTERM (save, then exit cleanly) and the finite-loss check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from m2dino_jax.errors import NonFiniteError
+
+
+class MetricWriter:
+  """Appends JSON lines to WORKDIR/metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.tb = None
+    if self.enabled:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+
+  def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    clean = {k: _scalar(v) for k, v in metrics.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **{prefix + k: v for k, v in clean.items()}}) + "\n")
+    if self.tb is not None:
+      for k, v in clean.items():
+        if isinstance(v, float) and math.isfinite(v):
+          self.tb.add_scalar(prefix + k, v, step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _scalar(v):
+  if isinstance(v, str):
+    return v
+  a = np.asarray(v)
+  return float(a) if a.size == 1 else a.tolist()
+
+
+class Progress:
+  """A one-line progress bar with rate and ETA on stderr (a plain line every N steps when not a tty)."""
+
+  def __init__(self, total: int, start: int = 0, every: int = 10, name: str = "train"):
+    self.total, self.start, self.every, self.name = total, start, every, name
+    self.t0 = time.perf_counter()
+    self.tty = sys.stderr.isatty()
+
+  def update(self, step: int, info: str = "") -> None:
+    done = step - self.start
+    if not self.tty and step % self.every and step != self.total:
+      return
+    elapsed = time.perf_counter() - self.t0
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    frac = step / max(self.total, 1)
+    bar = "#" * int(24 * frac)
+    line = (f"{self.name} [{bar:<24}] {step}/{self.total} {rate:.2f} step/s "
+            f"ETA {_hms(eta)} {info}")
+    print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.tty:
+      print(file=sys.stderr)
+
+
+def _hms(s: float) -> str:
+  if not math.isfinite(s):
+    return "--:--"
+  s = int(s)
+  return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+class PreemptionGuard:
+  """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def check_finite(metrics: dict, step: int, task: str = "") -> None:
+  loss = float(np.asarray(metrics["loss"]))
+  gnorm = float(np.asarray(metrics.get("grad_norm", 0.0)))
+  if not (math.isfinite(loss) and math.isfinite(gnorm)):
+    where = f" (task '{task}')" if task else ""
+    raise NonFiniteError(f"non-finite loss {loss} / grad norm {gnorm} at step {step}{where}; "
+                         "the last checkpoint is intact: lower the learning rate or check the data")
+
+
+def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int, writer: MetricWriter,
+        log_every: int = 10, eval_every: int = 0, evaluate: Callable | None = None,
+        checkpoint_every: int = 0, save: Callable | None = None, name: str = "train",
+        crash_at_step: int = -1):
+  """Runs steps start_step+1 .. total_steps. Returns (state, last_step, preempted).
+
+  `batches` yields (task_name, batch); `save(step, state, force)` checkpoints; `evaluate(state, step)`
+  writes eval results. `crash_at_step` kills the process without saving (tests of resume).
+  """
+  progress = Progress(total_steps, start_step, every=log_every, name=name)
+  step = start_step
+  preempted = False
+  with PreemptionGuard() as guard:
+    while step < total_steps:
+      task, batch = next(batches)
+      state, metrics = step_fn(state, batch, task)
+      step += 1
+      if step % log_every == 0 or step == total_steps:
+        metrics = jax.device_get(metrics)
+        check_finite(metrics, step, task)
+        writer.write(step, {"task": task, **metrics})
+        progress.update(step, f"loss {float(metrics['loss']):.4f} ({task})")
+      if step == crash_at_step:
+        import os
+        os._exit(17)
+      if evaluate is not None and eval_every and step % eval_every == 0 and step != total_steps:
+        evaluate(state, step)
+      if save is not None and checkpoint_every and step % checkpoint_every == 0:
+        save(step, state, False)
+      if guard.requested:
+        preempted = True
+        break
+  progress.close()
+  return state, step, preempted
