@@ -196,8 +196,9 @@ class _Run:
       print(f"[{self.name}] already finished; skipping", file=sys.stderr)
       return True
     self.workdir.mkdir(parents=True, exist_ok=True)
-    fileio.write_json(self.workdir / "tasks.json", {"model": self.name, "tasks": [t.name for t in self.tasks],
-                                                     "moe": self.moe_on, "encoder": dataclasses.asdict(self.model.encoder_cfg)})
+    fileio.write_json(self.workdir / "tasks.json", {
+        "model": self.name, "tasks": [t.name for t in self.tasks], "moe": self.moe_on,
+        "encoder": dataclasses.asdict(self.model.encoder_cfg)})
     it = pipeline.make_train_iterator(cfg.data, self.tasks, seed=cfg.seed, process_index=jax.process_index(),
                                       process_count=jax.process_count())
     ckpt = checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
