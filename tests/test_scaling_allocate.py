@@ -86,6 +86,19 @@ def test_budgets_vmapped_equal_one_by_one_and_relative_option():
   np.testing.assert_allclose(rel["weights"] * rel["proportional_losses"], 1.0)
 
 
+def test_hand_gradient_equals_autodiff():
+  rng = np.random.default_rng(3)
+  law = simulate.random_law(5, rng)._replace(gamma=rng.uniform(0.6, 1.3, (5, 5)))
+  problem = allocate.Problem(law, 2e5, np.full(5, 0.02), np.ones(5), rng.uniform(0.5, 2, 5))
+  with jax.enable_x64(True):
+    problem = jax.tree.map(jnp.asarray, problem)
+    for z in rng.dirichlet(np.ones(5), size=5):
+      value, grad = allocate.objective_and_grad(problem, jnp.asarray(z))
+      ref_value, ref_grad = jax.value_and_grad(lambda z_: allocate.objective(problem, z_))(jnp.asarray(z))
+      np.testing.assert_allclose(value, ref_value, rtol=1e-13)
+      np.testing.assert_allclose(grad, ref_grad, rtol=1e-10)
+
+
 @pytest.mark.parametrize("budget, available, floor, message", [
     (1e5, [1e6, 1e6, 1e6], 0.4, "floors alone exceed the budget"),
     (1e5, [1e6, 3e3, 1e6], 0.05, "data available in ['b'] is below the floor"),

@@ -1,0 +1,132 @@
+"""Scaling laws: vmapped JAX allocator and bootstrap fits vs loops of scipy SLSQP / least_squares.
+
+Two comparisons, each at equal answers (the table reports the largest disagreement):
+  allocate  P random allocation problems in one jitted vmapped call vs a loop of multi-start SLSQP;
+  fit       R bootstrap resamples x n domains of power-law fits in one call vs a loop of least_squares(trf).
+Compile time is reported separately from the steady-state time of the compiled call.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2dino_jax.bench import common
+from m2dino_jax.errors import SolverError
+from m2dino_jax.scaling import allocate, powerlaw, reference, simulate
+from m2dino_jax.scaling.law import Law, predict_loss
+
+
+def add_args(p) -> None:
+  p.add_argument("--problems", type=int, default=1000, help="allocation problems")
+  p.add_argument("--domains", type=int, default=4, help="domains per problem / fit")
+  p.add_argument("--slsqp-starts", type=int, default=3, help="SLSQP starts per problem (the paper's recipe)")
+  p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+  p.add_argument("--points", type=int, default=12, help="data sizes per domain in the fit")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--seed", type=int, default=0)
+
+
+def _problems(rng, count: int, n: int):
+  out = []
+  while len(out) < count:
+    law = simulate.random_law(n, rng)
+    available = rng.uniform(1e4, 1e6, n)
+    floor = rng.uniform(0.0, 0.9 / n)
+    budget = rng.uniform(0.1, 0.95) * available.sum()
+    try:
+      lower, upper = allocate.bounds(budget, available, floor)
+    except SolverError:
+      continue
+    out.append((law, budget, lower, upper))
+  return out
+
+
+def _timed_jax(fn, repeats: int) -> dict:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  stats = common.time_fn(lambda: jax.block_until_ready(fn()), warmup=0, repeats=repeats)
+  return {"compile_s": max(first - stats["median_s"], 0.0), "jax_s": stats["median_s"]}
+
+
+def bench_allocate(args) -> dict:
+  rng = np.random.default_rng(args.seed)
+  problems = _problems(rng, args.problems, args.domains)
+  with jax.enable_x64(True):
+    stack = lambda xs: jnp.asarray(np.array(xs))
+    laws = Law(*(stack([np.asarray(p[0][f]) for p in problems]) for f in range(len(Law._fields))))
+    batch = allocate.Problem(laws, stack([p[1] for p in problems]), stack([p[2] for p in problems]),
+                             stack([p[3] for p in problems]), jnp.ones((len(problems), args.domains)))
+    timing = _timed_jax(lambda: allocate.solve_batch(batch, allocate.DEFAULT_TOL), args.repeats)
+    sol = jax.tree.map(np.asarray, allocate.solve_batch(batch, allocate.DEFAULT_TOL))
+  t0 = time.perf_counter()
+  ref = [reference.allocate_slsqp(law, b, lo * b, hi * b, starts=args.slsqp_starts, seed=k)
+         for k, (law, b, lo, hi) in enumerate(problems)]
+  loop_s = time.perf_counter() - t0
+  ours = np.array([np.sum(predict_loss(p[0], sol.fractions[k] * p[1], xp=np)) for k, p in enumerate(problems)])
+  theirs = np.array([r[1] for r in ref])
+  violation = max(max(abs(sol.fractions[k].sum() - 1), np.max(p[2] - sol.fractions[k]),
+                      np.max(sol.fractions[k] - p[3])) for k, p in enumerate(problems))
+  return {"task": "allocate", "count": len(problems), **timing, "reference_s": loop_s,
+          "speedup": loop_s / timing["jax_s"], "speedup_with_compile": loop_s / (timing["jax_s"] +
+                                                                                  timing["compile_s"]),
+          "max_rel_diff": float(np.max(np.abs(ours - theirs) / np.abs(theirs))),
+          "jax_better_or_equal": float(np.mean(ours <= theirs * (1 + 1e-9))),
+          "max_violation": float(max(violation, 0.0)), "converged": float(sol.converged.mean()),
+          "max_iterations": int(sol.iterations.max())}
+
+
+def bench_fit(args) -> dict:
+  rng = np.random.default_rng(args.seed + 1)
+  n, k, r = args.domains, args.points, args.resamples
+  d = np.tile(np.geomspace(1e2, 1e6, k), (n, 1))
+  e, a, b = rng.uniform(0.2, 0.6, n), rng.uniform(3, 12, n), rng.uniform(0.2, 0.7, n)
+  loss = (e[:, None] + a[:, None] * d ** -b[:, None]) * np.exp(0.01 * rng.standard_normal(d.shape))
+  counts = np.zeros((r, k))
+  while True:  # resamples with at least 4 distinct sizes, so every fit is well posed
+    bad = (counts > 0).sum(1) < 4
+    if not bad.any():
+      break
+    counts[bad] = rng.multinomial(k, np.full(k, 1 / k), size=int(bad.sum()))
+  weights = np.broadcast_to(counts[:, None, :], (r, n, k)).copy()
+  timing = _timed_jax(lambda: powerlaw.fit_power_laws(d, loss, weights), args.repeats)
+  ours = powerlaw.fit_power_laws(d, loss, weights)
+  t0 = time.perf_counter()
+  theirs = np.empty((r, n, 3))
+  for s in range(r):
+    rows = np.repeat(np.arange(k), counts[s].astype(int))
+    for i in range(n):
+      theirs[s, i] = reference.fit_power_law_scipy(d[i, rows], loss[i, rows], delta=powerlaw.DEFAULT_DELTA)
+  loop_s = time.perf_counter() - t0
+  mine = np.stack([ours["E"], ours["A"], ours["beta"]], axis=-1)
+  rel = np.abs(mine - theirs) / np.maximum(np.abs(theirs), 1e-12)
+  rel_ab = rel[..., 1:].max(-1)  # A and beta (E may sit on its bound 0)
+  return {"task": "fit", "count": r * n, **timing, "reference_s": loop_s, "speedup": loop_s / timing["jax_s"],
+          "speedup_with_compile": loop_s / (timing["jax_s"] + timing["compile_s"]),
+          "max_rel_diff": float(rel_ab.max()), "median_rel_diff": float(np.median(rel_ab)),
+          "within_1e-4": float(np.mean(rel_ab < 1e-4)),
+          "converged": float(ours["converged"].mean()),
+          "jax_loss_le_scipy": float(np.mean(_huber_losses(d, loss, weights, mine) <=
+                                             _huber_losses(d, loss, weights, theirs) * (1 + 1e-9)))}
+
+
+def _huber_losses(d, loss, weights, params):
+  e, a, b = params[..., 0:1], params[..., 1:2], params[..., 2:3]
+  r = np.log(e + a * d[None] ** -b) - np.log(loss)[None]
+  delta = powerlaw.DEFAULT_DELTA
+  h = np.where(np.abs(r) <= delta, 0.5 * r * r, delta * np.abs(r) - 0.5 * delta * delta)
+  return (weights * h).sum(-1)
+
+
+def run(args) -> int:
+  rows = [bench_allocate(args), bench_fit(args)]
+  common.print_table(rows, ["task", "count", "compile_s", "jax_s", "reference_s", "speedup",
+                            "speedup_with_compile", "max_rel_diff", "converged"])
+  for row in rows:
+    print({k: v for k, v in row.items() if k not in ("compile_s", "jax_s", "reference_s")})
+  common.write_results(args.out, "scaling", rows, settings=vars(args) | {"func": None})
+  return 0
