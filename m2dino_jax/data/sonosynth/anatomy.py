@@ -250,19 +250,20 @@ def lung_surface(cv: Canvas, rng, echo, atten):
   return pleura, ribs
 
 
-def a_lines(cv: Canvas, echo, pleura, ribs):
+def a_lines(cv: Canvas, echo, pleura, ribs, level=8.0):
   """Horizontal reverberations of the pleura at multiples of its depth (normal aerated lung)."""
   between = (cv.xx > ribs[0]) & (cv.xx < ribs[1])
   for k in (2, 3, 4):
-    echo[(np.abs(cv.yy - k * pleura) < 1.5) & between] = 8.0 - 4.0 * (k - 2)
+    line = (np.abs(cv.yy - k * pleura) < 1.5) & between
+    echo[line] = np.maximum(echo[line], level - 4.0 * (k - 2))
 
 
-def b_lines(cv: Canvas, rng, echo, pleura, ribs, count):
+def b_lines(cv: Canvas, rng, echo, pleura, ribs, count, level=6.0):
   """Vertical comet-tail artefacts from the pleura to the bottom (interstitial syndrome)."""
   margin = 0.1 * (ribs[1] - ribs[0])
   for x in rng.uniform(ribs[0] + margin, ribs[1] - margin, count):
     w = cv.px(rng.uniform(0.01, 0.02))
-    echo[(np.abs(cv.xx - x) < w) & (cv.yy > pleura)] = 6.0 + rng.uniform(-2, 2)
+    echo[(np.abs(cv.xx - x) < w) & (cv.yy > pleura)] = level + rng.uniform(-2, 2)
 
 
 def consolidation(cv: Canvas, rng, echo, atten, pleura, ribs):

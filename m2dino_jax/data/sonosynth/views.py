@@ -95,11 +95,19 @@ def lung(cv, rng, kind):
   echo, atten = background(cv, rng)
   pleura, ribs = A.lung_surface(cv, rng, echo, atten)
   region = None
+  # The signs overlap as in practice: a normal lung may show a faint isolated B-line, A-lines can
+  # persist faintly between B-lines, and B-lines often flank a consolidation.
   if kind == 0:
-    A.a_lines(cv, echo, pleura, ribs)
+    A.a_lines(cv, echo, pleura, ribs, level=rng.uniform(0.0, 9.0))
+    if rng.random() < 0.35:
+      A.b_lines(cv, rng, echo, pleura, ribs, 1, level=rng.uniform(-2.0, 3.0))
   elif kind == 1:
-    A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(2, 5)))
+    if rng.random() < 0.3:
+      A.a_lines(cv, echo, pleura, ribs, level=rng.uniform(-4.0, 2.0))
+    A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(2, 6)), level=rng.uniform(2.0, 8.0))
   else:
+    if rng.random() < 0.3:  # drawn first: the consolidation covers them
+      A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(1, 3)), level=rng.uniform(0.0, 6.0))
     region = A.consolidation(cv, rng, echo, atten, pleura, ribs)
   return echo, atten, region
 
