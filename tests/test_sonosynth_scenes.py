@@ -52,6 +52,14 @@ def test_scene_targets_match_the_drawn_anatomy():
     assert patch.max() > np.percentile(rec.image[rec.image > 0], 98)
 
 
+@pytest.mark.parametrize("size", [224, 320])
+def test_other_image_sizes(size):
+  for task in ("cardiac_multi", "IUGC", "thyroid_nodule_det"):
+    rec = sonosynth.sample(task, 0, seed=0, size=size)
+    assert rec.image.shape == (size, size)
+    records.validate(rec)
+
+
 def test_samples_are_deterministic_and_independent_of_n():
   a = sonosynth.generate("cervix_multi", 3, seed=5, size=64)
   b = sonosynth.generate("cervix_multi", 1, seed=5, size=64, start=2)[0]
@@ -142,6 +150,10 @@ def test_writer_produces_fmc_uia_layout(tmp_path):
           np.testing.assert_allclose(pts, ref.points, atol=0.01)
   assert n_total == manifest["total_images"] == sum(generator.task_size(t, 0.1) for t in TASKS4)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]  # no temporary folder left
+  again = sonosynth.write_dataset(out, seed=5, scale=0.1, size=32, tasks=["lung"], overwrite=True)
+  assert again["seed"] == 5 and sorted(again["tasks"]) == ["lung"]
+  assert sorted(p.name for p in (out / "data" / "val" / "csv_files").iterdir()) == ["lung.csv"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]  # the old folder is gone too
 
 
 def test_writer_refuses_existing_output_and_leaves_nothing_when_interrupted(tmp_path, monkeypatch):

@@ -9,13 +9,6 @@ generator: records; writer: the FMC_UIA layout.
 """
 
 from m2dino_jax.data.sonosynth.generator import generate, sample, task_size, throughput
+from m2dino_jax.data.sonosynth.writer import write_dataset
 
 __all__ = ["generate", "sample", "task_size", "throughput", "write_dataset"]
-
-
-def write_dataset(out_dir, *, seed: int, scale: float = 1.0, size: int = 256, tasks=None,
-                  val_fraction: float = 0.2, workers: int = 1):
-  """Writes the simulated FMC_UIA bundle under `out_dir` (see writer.write_dataset)."""
-  from m2dino_jax.data.sonosynth import writer
-  return writer.write_dataset(out_dir, seed=seed, scale=scale, size=size, tasks=tasks,
-                              val_fraction=val_fraction, workers=workers)
