@@ -273,7 +273,7 @@ def consolidation(cv: Canvas, rng, echo, atten, pleura, ribs):
   a = rng.uniform(0.2, 0.3) * (ribs[1] - ribs[0]) * 1.6
   b = s * rng.uniform(0.14, 0.25)
   region = blob(cv, rng, cx, pleura + b * 0.9, a, b, 0.0, wobble=0.25) < 1
-  region &= cv.yy > pleura + 2
+  region &= (cv.yy > pleura + 2) & (cv.xx > ribs[0] + s * 0.09) & (cv.xx < ribs[1] - s * 0.09)  # not under ribs
   echo[region] = 0.5 + 2.0 * smooth_noise(cv, rng, 20)[region]
   dots = region & (smooth_noise(cv, rng, 40) > 1.8)
   echo[dots] = 12.0
