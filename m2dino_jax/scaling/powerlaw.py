@@ -38,7 +38,7 @@ def fit_domain(d, loss, w, *, delta, max_iter: int = 100):
   """
   valid = w > 0
   logd = jnp.log(jnp.where(valid, d, 1.0))
-  wsum = jnp.sum(w)
+  wsum = jnp.maximum(jnp.sum(w), 1e-300)  # an empty resample yields a (flagged) nonsense fit, not NaN
   logd0 = jnp.sum(w * logd) / wsum
   u = jnp.where(valid, logd - logd0, 0.0)
   log_loss = jnp.log(jnp.where(valid, loss, 1.0))
@@ -70,8 +70,12 @@ def fit_domain(d, loss, w, *, delta, max_iter: int = 100):
   best = jnp.argmin(jnp.where(jnp.isfinite(results.loss), results.loss, jnp.inf))
   theta = results.theta[best]
   beta = jnp.exp(theta[2])
+  # Three parameters need three distinct sizes; a resample with fewer is flagged as not converged.
+  same = (d[:, None] == d[None, :]) & valid[None, :]  # same[k, j]: j is valid and has k's size
+  first = jnp.argmax(same, axis=1) == jnp.arange(d.shape[0])  # k is the first valid point of its size
+  distinct = jnp.sum(valid & first)
   return {"E": theta[0], "A": jnp.exp(theta[1] + beta * logd0), "beta": beta, "loss": results.loss[best],
-          "converged": results.converged[best], "iterations": jnp.max(results.iterations)}
+          "converged": results.converged[best] & (distinct >= 3), "iterations": jnp.max(results.iterations)}
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))

@@ -141,10 +141,14 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
            "converged": bool(point["converged"].all()), "n_bootstrap": n_bootstrap, "ci_level": ci}
   if n_bootstrap > 0:
     q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
-    boot = {k: v[1:] for k, v in out.items()}
+    # Resamples whose fits did not converge (e.g. a domain left with too few sizes) are left out.
+    ok = out["converged"][1:].all(axis=1)
+    if not ok.any():
+      raise SolverError("no bootstrap resample converged; too few runs to resample")
+    boot = {k: v[1:][ok] for k, v in out.items()}
     extra["ci"] = {k: np.moveaxis(np.percentile(boot[k], q, axis=0), 0, -1).tolist()
                    for k in ("E", "A", "beta", "tau") + (("gamma",) if fit_gamma else ())}
-    extra["bootstrap_converged"] = float(boot["converged"].mean())
+    extra["bootstrap_converged"] = float(ok.mean())
     extra["bands"] = self_law_bands(data, self_mask, boot, ci)
   return Fits(list(arrays.domains), law, arrays.available, extra)
 
