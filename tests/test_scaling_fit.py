@@ -66,7 +66,7 @@ def test_huber_resists_an_outlier(batch):
 
 
 def test_planted_truth_is_recovered():
-  """Noise 0.2% (simulate.PLANTED_NOISE): beta within 1%, tau within 5%, held-out r >= 0.99."""
+  """Noise 0.15% (simulate.PLANTED_NOISE): beta within 1%, tau within 5%, held-out r >= 0.99."""
   rows, law, _ = simulate.planted_measurements(noise=simulate.PLANTED_NOISE, seed=3)
   fits = transfer.fit_scaling(measurements.to_arrays(rows), n_bootstrap=64, seed=0)
   assert fits.extra["converged"]

@@ -109,7 +109,7 @@ def register(subparsers) -> None:
 
   s = sub.add_parser("simulate", help="write planted-truth measurements", formatter_class=fmt)
   s.add_argument("--out", required=True)
-  s.add_argument("--noise", type=float, default=0.002, help="relative loss noise")
+  s.add_argument("--noise", type=float, default=0.0015, help="relative loss noise")
   s.add_argument("--seed", type=int, default=0)
   s.set_defaults(func=cmd_simulate)
 
