@@ -59,6 +59,7 @@ def get_config(arg=None):
   c.tensorboard = True
   c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=2, async_save=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.mesh_devices = -1  # use the first N devices (-1 = all)
   c.sharding = "dp"  # 'dp' | 'fsdp' | 'ep'
   c.debug = ml_collections.ConfigDict(dict(crash_at_step=-1))
 

@@ -47,9 +47,10 @@ def _t(index, name, type_, organ, group, *, c=0, k=0, flip_ok=True):
 
 
 TASKS: tuple[Task, ...] = (
-    _t(1, "FUGC", REGRESSION, "fetal", "fetal", k=2),
-    _t(2, "IUGC", REGRESSION, "fetal", "fetal", k=3),
-    _t(3, "fetal_femur", REGRESSION, "fetal", "fetal", k=2),
+    # Landmarks are ordered (e.g. femur end 1 / end 2): a flip would swap their meaning.
+    _t(1, "FUGC", REGRESSION, "fetal", "fetal", k=2, flip_ok=False),
+    _t(2, "IUGC", REGRESSION, "fetal", "fetal", k=3, flip_ok=False),
+    _t(3, "fetal_femur", REGRESSION, "fetal", "fetal", k=2, flip_ok=False),
     _t(4, "breast_2cls", CLASSIFICATION, "breast", "breast", c=2),
     _t(5, "breast_3cls", CLASSIFICATION, "breast", "breast", c=3),
     _t(6, "fetal_head_pos_cls", CLASSIFICATION, "fetal", "fetal", c=8, flip_ok=False),

@@ -124,7 +124,7 @@ def check_finite(metrics: dict, step: int, task: str = "") -> None:
 def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int, writer: MetricWriter,
         log_every: int = 10, eval_every: int = 0, evaluate: Callable | None = None,
         checkpoint_every: int = 0, save: Callable | None = None, name: str = "train",
-        crash_at_step: int = -1):
+        crash_at_step: int = -1, before_crash: Callable | None = None):
   """Runs steps start_step+1 .. total_steps. Returns (state, last_step, preempted).
 
   `batches` yields (task_name, batch); `save(step, state, force)` checkpoints; `evaluate(state, step)`
@@ -145,6 +145,8 @@ def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int,
         progress.update(step, f"loss {float(metrics['loss']):.4f} ({task})")
       if step == crash_at_step:
         import os
+        if before_crash is not None:
+          before_crash()
         os._exit(17)
       if evaluate is not None and eval_every and step % eval_every == 0 and step != total_steps:
         evaluate(state, step)

@@ -107,7 +107,8 @@ class _Run:
 
   def __init__(self, config, workdir: Path, name: str, tasks: list[registry.Task]):
     self.config, self.workdir, self.name, self.tasks = config, workdir, name, tasks
-    self.mesh = sharding.make_mesh(config.mesh.to_dict())
+    devices = jax.devices()[:config.mesh_devices] if config.mesh_devices > 0 else None
+    self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     self.rules = sharding.get_rules(config.sharding)
     self.total = _total_steps(config, len(tasks))
     self.hp = multitask_steps.Hyper.from_config(config, self.total)
@@ -216,8 +217,9 @@ class _Run:
         state=self.state, batches=self.batches(it), step_fn=self.step_fn, start_step=start,
         total_steps=self.total, writer=self.writer, log_every=cfg.log_every, eval_every=cfg.eval_every,
         evaluate=self.evaluate, checkpoint_every=cfg.checkpoint.every, save=save, name=self.name,
-        crash_at_step=cfg.debug.crash_at_step)
+        crash_at_step=cfg.debug.crash_at_step, before_crash=ckpt.wait)
     self.state = state
+    it.close()
     if preempted:
       ckpt.save(step, state, it, force=True)
       ckpt.close()
