@@ -215,3 +215,16 @@ def test_param_logical_axes():
   assert tuple(specs["w_out"]) == ("expert", "mlp", "embed")
   assert tuple(specs["router"]) == ("embed", None)
   assert tuple(specs["task_bias"]) == ("task", None)
+
+
+def test_router_jitter_only_in_training():
+  """Switch jitter: router input x * U(1 - j, 1 + j) when training, untouched in evaluation."""
+  model = make_moe(dim=4, jitter=0.5)
+  model.router[...] = jnp.eye(4)                      # logits - bias = the (noisy) router input itself
+  x, task_ids, _ = inputs(dim=4)
+  bias = model.task_bias[...][task_ids][:, None, :]
+  np.testing.assert_allclose(model.router_logits(x, task_ids, train=False) - bias, x, atol=1e-6)
+  factor = np.asarray((model.router_logits(x, task_ids, train=True) - bias) / x)
+  assert factor.min() >= 0.5 - 1e-4 and factor.max() <= 1.5 + 1e-4 and factor.std() > 0.1
+  second = np.asarray((model.router_logits(x, task_ids, train=True) - bias) / x)
+  assert np.abs(second - factor).max() > 1e-3          # fresh noise on every call

@@ -181,7 +181,14 @@ def expert_parallel_dispatch(x, experts, gates, positions, capacity: int, params
   ep = expert_mesh_size(mesh)
   if num_experts % ep:
     raise ValueError(f"num_experts={num_experts} is not divisible by the expert mesh axis ({ep})")
-  bspec = P(batch_axes(mesh))
+  axes = batch_axes(mesh)
+  shards = 1
+  for a in axes:
+    shards *= dict(zip(mesh.axis_names, mesh.axis_sizes))[a]
+  if x.shape[0] % shards:
+    raise ValueError(f"MoE expert parallel: batch {x.shape[0]} is not divisible by the {shards} batch shards "
+                     f"of mesh axes {axes}")
+  bspec = P(axes)
   pspecs = {"w_in": P("expert"), "b_in": P("expert"), "w_out": P("expert"), "b_out": P("expert")}
 
   def local(x, experts, gates, positions, params):
