@@ -1,0 +1,143 @@
+"""`m2dino bench train`: the PyTorch reference computes what our JAX step computes, and the FLOP count.
+
+The benchmark's speed ratio only means something if both sides do the same work: the torch MoE must equal
+our MoEFFN on the same weights (with and without capacity drops), and the whole reference train step
+(backbone, MoE, head, loss, AdamW) must follow ours step by step on a tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from m2dino_jax.bench import torch_ref, train
+from m2dino_jax.models.moe import MoEFFN, default_moe_config
+
+DIM, HIDDEN, EXPERTS, TASKS = 8, 12, 4, 3
+
+
+def _moe_pair(capacity_factor: float):
+  """Our MoEFFN (random weights, dense back-end) and a TorchMoE holding the same weights."""
+  cfg = default_moe_config()
+  cfg.update({"enabled": True, "num_experts": EXPERTS, "top_k": 2, "capacity_factor": capacity_factor})
+  ours = MoEFFN(DIM, HIDDEN, cfg, TASKS, rngs=nnx.Rngs(0))
+  state = nnx.state(ours, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(1)
+  pure = jax.tree.map(lambda v: jnp.asarray(0.5 * rng.standard_normal(v.shape), v.dtype), pure)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(ours, state)
+  ref = torch_ref.TorchMoE(DIM, HIDDEN, EXPERTS, 2, TASKS, capacity_factor=capacity_factor,
+                           balance_weight=cfg.balance_loss_weight, z_weight=cfg.z_loss_weight)
+  with torch.no_grad():
+    for name, value in pure.items():
+      getattr(ref, name).copy_(torch.from_numpy(np.array(value)))
+  return ours, ref
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_torch_moe_equals_ours(capacity_factor):
+  ours, ref = _moe_pair(capacity_factor)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 9, DIM)).astype(np.float32)
+  cot = rng.standard_normal((2, 9, DIM)).astype(np.float32)
+  task_ids = np.array([0, 2], np.int32)
+  graphdef, params = nnx.split(ours, nnx.Param)
+
+  def loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x, task_ids, train=True)
+    return jnp.sum(y * cot) + aux["aux_loss"], (y, aux)
+
+  (value, (y, aux)), (g_params, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+  xt = torch.from_numpy(x).requires_grad_(True)
+  ref.task_ids = torch.from_numpy(task_ids.astype(np.int64))
+  yt = ref(xt)
+  value_t = (yt * torch.from_numpy(cot)).sum() + ref.aux["aux_loss"]
+  value_t.backward()
+
+  drops = float(aux["drop_fraction"])
+  assert drops == pytest.approx(float(ref.aux["drop_fraction"]), abs=1e-7)
+  assert (drops > 0) == (capacity_factor > 0)  # the capacity case really drops assignments
+  np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(aux["aux_loss"], ref.aux["aux_loss"].item(), atol=1e-5, rtol=1e-6)
+  np.testing.assert_allclose(value, value_t.item(), atol=1e-5, rtol=1e-6)
+  np.testing.assert_allclose(g_x, xt.grad.numpy(), atol=1e-5, rtol=0)
+  for name, grad in nnx.to_pure_dict(g_params).items():
+    np.testing.assert_allclose(grad, getattr(ref, name).grad.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_flop_count_by_hand():
+  # dim 8, depth 2, mlp 16, patch 4 on 8 px (4 patches) grey, 1 register: 6 tokens; MoE in block 1 (E 4, top 2).
+  tiny = dict(dim=8, depth=2, mlp_dim=16, patch=4, image_size=8, channels=1, registers=1, moe_layers=(1,),
+              num_experts=4, top_k=2)
+  patch_embed = 2 * 4 * 16 * 8                 # 4 patches x (16 -> 8)
+  qkvo = 2 * 6 * 4 * 8 * 8                     # per block
+  attention = 2 * 2 * 6 * 6 * 8                # q k^T and p v, per block
+  ffn = 2 * 6 * (8 * 16 + 16 * 8)              # dense block 0
+  moe = 2 * 6 * 8 * 4 + 2 * ffn                # router + two experts per token, block 1
+  encoder = patch_embed + 2 * (qkvo + attention) + ffn + moe
+  assert encoder == 19072
+  cls = train.train_flops_per_image(**tiny, head="cls", num_classes=3)
+  assert cls["tokens"] == 6 and cls["encoder_fwd"] == encoder
+  assert cls["head_fwd"] == 2 * 16 * 3 and cls["train"] == 3 * (19072 + 96)
+
+  # UperNet-lite, 4 inputs on the 2 x 2 grid at 4 channels: levels 8x8, 4x4, 2x2, 1x1.
+  seg = train.train_flops_per_image(**tiny, head="seg", num_classes=2, seg_channels=4, seg_inputs=4)
+  lateral = 4 * 2 * 4 * 8 * 4                  # 4 maps of 4 positions, 8 -> 4
+  smooth = 2 * 9 * 4 * 4 * (64 + 16 + 4 + 1)
+  fuse = 2 * 9 * 16 * 4 * 64
+  classify = 2 * 4 * 2 * 64
+  assert seg["head_fwd"] == lateral + smooth + fuse + classify == 100256
+  assert seg["train"] == 3 * (encoder + 100256)
+
+
+def test_seg_head_and_loss_equal_ours():
+  """UperNet-lite in torch (1x1 / 3x3 convs, antialiased bilinear resizes, GroupNorm) vs heads.SegHead."""
+  from m2dino_jax.models import convert, heads
+  from m2dino_jax.tasks import losses
+  dim, classes, channels, grid, size = 16, 3, 8, 4, 64
+  torch.manual_seed(0)
+  ref = torch_ref.SegHead(dim, classes, 4, channels)
+  with torch.no_grad():
+    for p in ref.parameters():  # non-zero biases and norm parameters too
+      p.add_(0.1 * torch.randn_like(p))
+  ours = heads.SegHead(dim, classes, 4, channels, 16, rngs=nnx.Rngs(0))
+  convert.assign(ours, ref.jax_params(), "torch SegHead")
+  rng = np.random.default_rng(3)
+  feats = [rng.standard_normal((2, grid, grid, dim)).astype(np.float32) for _ in range(4)]
+  mask = rng.integers(0, classes, (2, size, size))
+  pred = nnx.jit(lambda m, f: m({"features": f, "grid": (grid, grid)}, (size, size)))(ours, tuple(feats))
+  pred_t = ref(None, None, [torch.from_numpy(f.transpose(0, 3, 1, 2).copy()) for f in feats], (size, size))
+  np.testing.assert_allclose(pred, pred_t.detach().permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=0)
+  loss, _ = losses.segmentation_loss(pred, mask, np.ones(2, bool), classes)
+  loss_t = torch_ref.task_loss("seg", pred_t, torch.from_numpy(mask), classes)
+  np.testing.assert_allclose(loss, loss_t.item(), rtol=1e-6)
+
+
+@pytest.fixture
+def one_torch_thread():
+  """One torch thread: on a shared, busy machine OpenMP threads mostly wait for each other."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)
+
+
+def test_reference_step_follows_ours(one_torch_thread):
+  """Tiny model, MoE with capacity drops, cls head: equal losses before and after one AdamW update."""
+  p = argparse.ArgumentParser()
+  train.add_args(p)
+  args = p.parse_args(["--variant", "mu/16", "--size", "32", "--batch", "2", "--moe-layers", "last2",
+                       "--experts", "4", "--capacity-factor", "1.0"])
+  s = train._setup(args, moe_on=True)
+  assert s["params"]["jax"] == s["params"]["torch"]
+  losses = [(s["jax"](), s["torch"]()) for _ in range(2)]
+  np.testing.assert_allclose(*zip(*losses), rtol=2e-5)
+  assert abs(losses[0][0] - losses[1][0]) > 1e-3  # the update changed the model
