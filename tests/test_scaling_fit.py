@@ -86,6 +86,20 @@ def test_planted_truth_is_recovered():
   assert transfer.pearson_r(predicted, arrays.loss) >= 0.99
 
 
+def test_transfer_rows_equal_scipy_least_squares():
+  """Each tau row equals scipy's trf fit of the same Huber loss, given the same self law."""
+  rows, _, _ = simulate.planted_measurements(noise=0.01, seed=7)  # noisy: residuals are not tiny
+  arrays = measurements.to_arrays(rows)
+  fits = transfer.fit_scaling(arrays, n_bootstrap=0)
+  _, tau_mask = transfer.point_masks(arrays.data, arrays.loss, "all")
+  for i in range(3):
+    keep = tau_mask[i]
+    ref = reference.fit_tau_row_scipy(arrays.data[keep], arrays.loss[keep, i], i, fits.law.E[i],
+                                      fits.law.A[i], fits.law.beta[i], delta=DELTA)
+    off = np.arange(3) != i
+    assert _relative(fits.law.tau[i, off], ref[off]).max() < 1e-4, (i, fits.law.tau[i], ref)
+
+
 def test_transfer_sources_and_gamma():
   law, _ = simulate.planted_law()
   law = law._replace(gamma=np.full((3, 3), 0.9))

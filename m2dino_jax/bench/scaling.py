@@ -2,7 +2,8 @@
 
 Two comparisons, each at equal answers (the table reports the largest disagreement):
   allocate  P random allocation problems in one jitted vmapped call vs a loop of multi-start SLSQP;
-  fit       R bootstrap resamples x n domains of power-law fits in one call vs a loop of least_squares(trf).
+  fit       R bootstrap resamples x n domains of power-law fits in one call vs a loop of least_squares(trf);
+  fit+transfer  R bootstrap resamples of the whole planted study (self laws, then tau rows) likewise.
 Compile time is reported separately from the steady-state time of the compiled call.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from m2dino_jax.bench import common
 from m2dino_jax.errors import SolverError
-from m2dino_jax.scaling import allocate, powerlaw, reference, simulate
+from m2dino_jax.scaling import allocate, measurements, powerlaw, reference, simulate, transfer
 from m2dino_jax.scaling.law import Law, predict_loss
 
 
@@ -114,6 +115,37 @@ def bench_fit(args) -> dict:
                                              _huber_losses(d, loss, weights, theirs) * (1 + 1e-9)))}
 
 
+def bench_transfer(args) -> dict:
+  """The whole fit (self laws + transfer rows) of the planted study, R bootstrap resamples of its runs."""
+  rows, _, _ = simulate.planted_measurements(noise=0.01, seed=args.seed)
+  arrays = measurements.to_arrays(rows)
+  r = args.resamples
+  timing = _timed_jax(lambda: transfer.fit_scaling(arrays, n_bootstrap=r - 1, seed=args.seed), args.repeats)
+  fits = transfer.fit_scaling(arrays, n_bootstrap=r - 1, seed=args.seed)
+  weights = np.concatenate([np.ones((1, len(arrays.run_ids))), np.random.default_rng(args.seed).multinomial(
+      len(arrays.run_ids), np.full(len(arrays.run_ids), 1 / len(arrays.run_ids)), size=r - 1)])
+  self_mask, tau_mask = transfer.point_masks(arrays.data, arrays.loss, "all")
+  n = len(arrays.domains)
+  t0 = time.perf_counter()
+  taus = np.zeros((r, n, n))
+  for s in range(r):
+    for i in range(n):
+      runs = np.repeat(np.arange(len(weights[s])), (weights[s] * self_mask[i]).astype(int))
+      e, a, b = reference.fit_power_law_scipy(arrays.data[runs, i], arrays.loss[runs, i],
+                                              delta=powerlaw.DEFAULT_DELTA)
+      runs = np.repeat(np.arange(len(weights[s])), (weights[s] * tau_mask[i]).astype(int))
+      taus[s, i] = reference.fit_tau_row_scipy(arrays.data[runs], arrays.loss[runs, i], i, e, a, b,
+                                               delta=powerlaw.DEFAULT_DELTA)
+  loop_s = time.perf_counter() - t0
+  ours = np.asarray(fits.law.tau)
+  off = ~np.eye(n, dtype=bool)
+  rel = np.abs(ours[off] - taus[0][off]) / taus[0][off]  # the point estimate; resamples agree alike
+  return {"task": "fit+transfer", "count": r, **timing, "reference_s": loop_s,
+          "speedup": loop_s / timing["jax_s"],
+          "speedup_with_compile": loop_s / (timing["jax_s"] + timing["compile_s"]),
+          "max_rel_diff": float(rel.max()), "converged": fits.extra["bootstrap_converged"]}
+
+
 def _huber_losses(d, loss, weights, params):
   e, a, b = params[..., 0:1], params[..., 1:2], params[..., 2:3]
   r = np.log(e + a * d[None] ** -b) - np.log(loss)[None]
@@ -123,7 +155,7 @@ def _huber_losses(d, loss, weights, params):
 
 
 def run(args) -> int:
-  rows = [bench_allocate(args), bench_fit(args)]
+  rows = [bench_allocate(args), bench_fit(args), bench_transfer(args)]
   common.print_table(rows, ["task", "count", "compile_s", "jax_s", "reference_s", "speedup",
                             "speedup_with_compile", "max_rel_diff", "converged"])
   for row in rows:

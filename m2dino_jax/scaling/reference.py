@@ -36,6 +36,27 @@ def fit_power_law_scipy(d, loss, *, delta: float, x0=None) -> np.ndarray:
   return res.x
 
 
+def fit_tau_row_scipy(data, loss_i, i: int, e: float, a: float, beta: float, *, delta: float,
+                      x0=None) -> np.ndarray:
+  """Row i of tau (gamma = 1) from runs `data` (runs, n) and domain i's losses, self law fixed."""
+  data = np.asarray(data, np.float64)
+  n = data.shape[1]
+  sources = [j for j in range(n) if j != i and (data[:, j] > 0).any()]
+  log_loss = np.log(np.asarray(loss_i, np.float64))
+
+  def residual(t):
+    deff = data[:, i] + data[:, sources] @ t
+    return np.log(e + a * deff ** (-beta)) - log_loss
+
+  x0 = np.full(len(sources), 0.2) if x0 is None else x0
+  res = optimize.least_squares(residual, x0, method="trf", loss="huber", f_scale=delta,
+                               bounds=(0.0, np.inf), x_scale="jac", ftol=1e-15, xtol=1e-15, gtol=1e-15,
+                               max_nfev=5000)
+  row = np.zeros(n)
+  row[sources] = res.x
+  return row
+
+
 def project_reference(v, lower, upper, total) -> np.ndarray:
   """Euclidean projection onto {sum x = total, lower <= x <= upper} via scipy's QP-free route.
 

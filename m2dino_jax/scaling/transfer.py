@@ -23,10 +23,11 @@ from m2dino_jax.errors import SolverError
 from m2dino_jax.scaling import powerlaw
 from m2dino_jax.scaling.law import Fits, Law
 from m2dino_jax.scaling.measurements import MeasurementArrays
-from m2dino_jax.scaling.numerics import lm_minimise, x64
+from m2dino_jax.scaling.numerics import lm_minimise, robust_loss, x64
 
 SOURCES = ("single", "mixture", "all")
-TAU_STARTS = (0.02, 0.2, 1.0)
+TAU_STARTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # screened by loss; the best few are refined
+REFINED_STARTS = 2
 GAMMA_BOUNDS = (0.2, 2.0)
 
 
@@ -60,10 +61,10 @@ def fit_tau_row(i, data, loss_i, w, e, a, beta, *, delta, fit_gamma: bool, max_i
   log_x = jnp.log(jnp.where(x > 0, x, 1.0))
 
   def residual(theta):
-    tau, gamma = theta[:n], (theta[n:] if fit_gamma else jnp.ones(n, theta.dtype))
-    xg = jnp.where(x > 0, jnp.exp(gamma * log_x), 0.0)
-    deff = x[:, i] + jnp.sum(jnp.where(off, tau, 0.0) * xg, axis=1)
-    pred = e + a * jnp.maximum(deff, 1e-300) ** (-beta)
+    tau = jnp.where(off, theta[:n], 0.0)
+    xg = jnp.where(x > 0, jnp.exp(theta[n:] * log_x), 0.0) if fit_gamma else x  # static branch
+    deff = x[:, i] + jnp.sum(xg * tau, axis=1)  # not a matvec: tiny batched dots are slow on CPU
+    pred = e + a * jnp.exp(-beta * jnp.log(jnp.maximum(deff, 1e-300)))
     return jnp.where(valid, jnp.log(pred) - log_loss, 0.0)
 
   # Sources that never appear in these runs carry no information: hold their tau at 0.
@@ -79,9 +80,11 @@ def fit_tau_row(i, data, loss_i, w, e, a, beta, *, delta, fit_gamma: bool, max_i
     return jnp.concatenate([tau0, jnp.ones(n)]) if fit_gamma else tau0
 
   theta0 = jnp.stack([start(jnp.asarray(t, data.dtype)) for t in TAU_STARTS])
+  grid_loss = jax.vmap(lambda t: robust_loss(residual(t), w, delta))(theta0)
+  _, keep = jax.lax.top_k(-jnp.where(jnp.isfinite(grid_loss), grid_loss, jnp.inf), REFINED_STARTS)
   solve = functools.partial(lm_minimise, residual, weights=w, delta=delta, lower=lower, upper=upper,
                             free=free, max_iter=max_iter)
-  results = jax.vmap(solve)(theta0)
+  results = jax.vmap(solve)(theta0[keep])
   best = jnp.argmin(jnp.where(jnp.isfinite(results.loss), results.loss, jnp.inf))
   theta = results.theta[best]
   tau = jnp.where(off, theta[:n], 0.0)
@@ -89,27 +92,43 @@ def fit_tau_row(i, data, loss_i, w, e, a, beta, *, delta, fit_gamma: bool, max_i
   return tau, gamma, results.converged[best] | ~jnp.any(valid)
 
 
-def _fit_one(data, loss, self_mask, tau_mask, run_w, delta, fit_gamma, max_iter):
+def gather_rows(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(domains, runs) bool -> run indices (domains, k) and validity (domains, k), k = most runs of a domain.
+
+  The fits then work on each domain's own runs only instead of all runs with zero weights.
+  """
+  k = max(1, int(mask.sum(1).max()))
+  idx = np.zeros((mask.shape[0], k), np.int32)
+  ok = np.zeros((mask.shape[0], k), bool)
+  for i, row in enumerate(mask):
+    runs = np.flatnonzero(row)
+    idx[i, :runs.size], ok[i, :runs.size] = runs, True
+  return idx, ok
+
+
+def _fit_one(data, loss, self_idx, self_ok, tau_idx, tau_ok, run_w, delta, fit_gamma, max_iter):
   """Self laws then tau rows for one vector of run weights; everything (domains, ...)."""
   n = data.shape[1]
-  d = jnp.where(self_mask, data.T, 1.0)
-  losses = jnp.where(self_mask | tau_mask, loss.T, 1.0)
-  self_w = self_mask * run_w[None, :]
+  col = jnp.arange(n)[:, None]
+  d = jnp.where(self_ok, data[self_idx, col], 1.0)
+  self_loss = jnp.where(self_ok, loss[self_idx, col], 1.0)
+  self_w = jnp.where(self_ok, run_w[self_idx], 0.0)
   laws = jax.vmap(lambda d_, l_, w_: powerlaw.fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter))(
-      d, losses, self_w)
-  tau_w = tau_mask * run_w[None, :]
-  rows = jax.vmap(lambda i, l_, w_, e, a, b: fit_tau_row(i, data, l_, w_, e, a, b, delta=delta,
-                                                         fit_gamma=fit_gamma, max_iter=max_iter))(
-      jnp.arange(n), losses, tau_w, laws["E"], laws["A"], laws["beta"])
-  tau, gamma, tau_ok = rows
+      d, self_loss, self_w)
+  tau_loss = jnp.where(tau_ok, loss[tau_idx, col], 1.0)
+  tau_w = jnp.where(tau_ok, run_w[tau_idx], 0.0)
+  rows = jax.vmap(lambda i, x_, l_, w_, e, a, b: fit_tau_row(i, x_, l_, w_, e, a, b, delta=delta,
+                                                             fit_gamma=fit_gamma, max_iter=max_iter))(
+      jnp.arange(n), data[tau_idx], tau_loss, tau_w, laws["E"], laws["A"], laws["beta"])
+  tau, gamma, tau_converged = rows
   return {"E": laws["E"], "A": laws["A"], "beta": laws["beta"], "tau": tau, "gamma": gamma,
-          "converged": laws["converged"] & tau_ok}
+          "converged": laws["converged"] & tau_converged}
 
 
 @functools.partial(jax.jit, static_argnames=("fit_gamma", "max_iter"))
-def _fit_resamples(data, loss, self_mask, tau_mask, run_weights, delta, fit_gamma, max_iter):
-  fit = functools.partial(_fit_one, data, loss, self_mask, tau_mask, delta=delta, fit_gamma=fit_gamma,
-                          max_iter=max_iter)
+def _fit_resamples(data, loss, self_idx, self_ok, tau_idx, tau_ok, run_weights, delta, fit_gamma, max_iter):
+  fit = functools.partial(_fit_one, data, loss, self_idx, self_ok, tau_idx, tau_ok, delta=delta,
+                          fit_gamma=fit_gamma, max_iter=max_iter)
   return jax.vmap(fit)(run_weights)
 
 
@@ -131,9 +150,9 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
   rng = np.random.default_rng(seed)
   weights = np.concatenate([np.ones((1, runs)),
                             rng.multinomial(runs, np.full(runs, 1.0 / runs), size=n_bootstrap)]).astype(float)
-  out = _fit_resamples(jnp.asarray(data), jnp.asarray(np.where(np.isfinite(loss), loss, 1.0)),
-                       jnp.asarray(self_mask), jnp.asarray(tau_mask), jnp.asarray(weights), delta,
-                       fit_gamma, max_iter)
+  gathered = [jnp.asarray(a) for a in (*gather_rows(self_mask), *gather_rows(tau_mask))]
+  out = _fit_resamples(jnp.asarray(data), jnp.asarray(np.where(np.isfinite(loss), loss, 1.0)), *gathered,
+                       jnp.asarray(weights), delta, fit_gamma, max_iter)
   out = {k: np.asarray(v) for k, v in out.items()}
   point = {k: v[0] for k, v in out.items()}
   law = Law(E=point["E"], A=point["A"], beta=point["beta"], tau=point["tau"], gamma=point["gamma"])
