@@ -90,7 +90,6 @@ def lm_minimise(residual_fn, theta0, *, weights, delta, lower, upper, free=None,
     jac = jax.jacfwd(residual_fn)(theta)
     inlier = jnp.abs(r) <= delta
     psi = jnp.where(inlier, r, delta * jnp.sign(r))  # Huber derivative
-    # Products as broadcast sums: under vmap, tiny batched dots are much slower on CPU.
     grad = jac.T @ (weights * psi)
     # IRLS curvature: inliers at full weight, outliers at delta/|r| (the Huber secant weight).
     irls = jnp.where(inlier, 1.0, delta / jnp.maximum(jnp.abs(r), 1e-300))

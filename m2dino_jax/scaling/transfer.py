@@ -63,7 +63,7 @@ def fit_tau_row(i, data, loss_i, w, e, a, beta, *, delta, fit_gamma: bool, max_i
   def residual(theta):
     tau = jnp.where(off, theta[:n], 0.0)
     xg = jnp.where(x > 0, jnp.exp(theta[n:] * log_x), 0.0) if fit_gamma else x  # static branch
-    deff = x[:, i] + jnp.sum(xg * tau, axis=1)  # not a matvec: tiny batched dots are slow on CPU
+    deff = x[:, i] + jnp.sum(xg * tau, axis=1)
     pred = e + a * jnp.exp(-beta * jnp.log(jnp.maximum(deff, 1e-300)))
     return jnp.where(valid, jnp.log(pred) - log_loss, 0.0)
 
