@@ -134,9 +134,16 @@ class _Run:
     self.state = {
         "step": jax.device_put(np.int32(0), sharding.replicated(mesh)),
         "encoder": m.enc_params, "heads": m.head_params,
-        "opt_encoder": jax.jit(tx.init)(m.enc_params),
-        "opt_heads": {k: jax.jit(tx.init)(v) for k, v in m.head_params.items()},
+        "opt_encoder": self._on_mesh(jax.jit(tx.init)(m.enc_params)),
+        "opt_heads": {k: self._on_mesh(jax.jit(tx.init)(v)) for k, v in m.head_params.items()},
     }
+
+  def _on_mesh(self, tree):
+    """Leaves created on one device (e.g. Adam's step count) go onto the mesh, replicated, as the step
+    returns them; otherwise the second step would see new input shardings and recompile."""
+    rep = sharding.replicated(self.mesh)
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, rep),
+                        tree)
 
   def _sync_model(self) -> None:
     self.model.enc_params = self.state["encoder"]

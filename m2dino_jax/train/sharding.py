@@ -100,16 +100,20 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
 
 
 def _fit_spec(spec: P, shape, mesh: Mesh) -> P:
-  """Drops mesh axes that do not divide a dimension (small test models stay valid)."""
+  """Drops mesh axes of size 1 or that do not divide a dimension (small test models stay valid), and
+  trailing Nones, so placed arrays carry the same canonical spec that jit gives its outputs (a
+  different but equivalent spec would cost a recompilation of the next step)."""
   out = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
     kept, size = [], 1
     for a in axes:
-      if dim % (size * mesh.shape[a]) == 0:
+      if mesh.shape[a] > 1 and dim % (size * mesh.shape[a]) == 0:
         kept.append(a)
         size *= mesh.shape[a]
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  while out and out[-1] is None:
+    out.pop()
   return P(*out)
 
 
@@ -133,7 +137,8 @@ def batch_spec(ndim: int, rules: Rules) -> P:
 
 
 def batch_shardings(batch, mesh: Mesh, rules: Rules):
-  return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x), rules)), batch)
+  return jax.tree.map(lambda x: NamedSharding(mesh, _fit_spec(batch_spec(np.ndim(x), rules), np.shape(x), mesh)),
+                      batch)
 
 
 def shard_batch(batch, mesh: Mesh, rules: Rules):

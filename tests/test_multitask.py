@@ -1,0 +1,183 @@
+"""M2DINO multi-task training end to end: paradigms, learning on simulator data, exact resume,
+sharded equality, report and predict."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from m2dino_jax import cli, configlib
+from m2dino_jax.data import pipeline
+from m2dino_jax.report import paradigm as report_files
+from m2dino_jax.tasks import metrics, registry
+from m2dino_jax.train import checkpointing, multitask
+from tests.util import ROOT, run_with_devices
+
+FOUR = "fetal_head+breast_2cls+thyroid_nodule_det+fetal_femur"
+SMALL = ["--config.data.image_size=32", "--config.data.source.synthetic_count=16", "--config.data.batch_size=4",
+         "--config.data.eval_batch_size=8", "--config.tensorboard=False"]
+
+
+def _config(arg, overrides=()):
+  return configlib.load_config(f"configs/m2dino.py:{arg}", [o.removeprefix("--config.") for o in overrides])
+
+
+def test_plan_models_and_budget_rule():
+  c = _config("paradigm=cg,smoke,tasks=" + FOUR)
+  plan = {name: [t.name for t in ts] for name, ts in multitask.plan_models(c)}
+  assert plan == {"fetal": ["fetal_femur", "fetal_head"], "breast": ["breast_2cls"],
+                  "thyroid": ["thyroid_nodule_det"]}
+  assert not multitask.moe_enabled(_config("paradigm=ts,smoke")) and multitask.moe_enabled(c)
+  ts = multitask.plan_models(_config("paradigm=ts,smoke,tasks=" + FOUR))
+  assert [len(t) for _, t in ts] == [1, 1, 1, 1]
+  # the same total number of batches for every paradigm
+  for p in ("ts", "cg", "au"):
+    cfg = _config(f"paradigm={p},smoke,tasks={FOUR},steps=7")
+    assert sum(multitask._total_steps(cfg, len(t)) for _, t in multitask.plan_models(cfg)) == 28
+
+
+def _baselines(config, tasks):
+  """Trivial predictors: all-background masks, mean train box / points, constant class scores."""
+  out = {}
+  for task in tasks:
+    train = pipeline.load_sources(config.data, [task], "train")[task.name]
+    val = [pipeline.as_record(r) for r in pipeline.load_sources(config.data, [task], "val")[task.name]]
+    ev = metrics.TaskEvaluator(task)
+    if task.type == registry.SEGMENTATION:
+      for r in val:
+        ev.add(np.zeros_like(r.mask), r.mask)
+    elif task.type == registry.DETECTION:
+      mean = np.mean([pipeline.as_record(r).box for r in train], axis=0)
+      for r in val:
+        ev.add(mean, r.box)
+    elif task.type == registry.REGRESSION:
+      mean = np.mean([pipeline.as_record(r).points for r in train], axis=0)
+      for r in val:
+        ev.add(mean, r.points)
+    else:
+      continue
+    out[task.name] = ev.result()
+  return out
+
+
+@pytest.fixture(scope="module")
+def au_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("au")
+  args = ["train", f"--config=configs/m2dino.py:paradigm=au,smoke,tasks={FOUR},steps=50", f"--workdir={workdir}",
+          "--config.tensorboard=False", "--config.log_every=25"]
+  assert cli.main(args) == 0
+  return workdir
+
+
+def test_smoke_au_beats_trivial_baselines(au_run):
+  config = _config(f"paradigm=au,smoke,tasks={FOUR}")
+  run = report_files.load_run(au_run, "au")
+  base = _baselines(config, registry.resolve(FOUR))
+  got = run.tasks
+  # margins: Dice +0.3 over the empty mask (which scores 0), AUC > 0.6, IoU +0.05, MRE 10% lower
+  assert got["fetal_head"]["dice"] > base["fetal_head"]["dice"] + 0.3
+  assert got["breast_2cls"]["auc"] > 0.6
+  assert got["thyroid_nodule_det"]["iou"] > base["thyroid_nodule_det"]["iou"] + 0.05
+  assert got["fetal_femur"]["mre"] < 0.9 * base["fetal_femur"]["mre"]
+  usage = json.loads(sorted((au_run / "all" / "eval").glob("*_moe.json"))[0].read_text())
+  assert usage["tasks"] == [t.name for t in registry.resolve(FOUR)] and len(usage["usage"][0]) == 4
+  assert np.sum(usage["usage"]) > 0
+
+
+def _run_cli(args, expect=0):
+  proc = subprocess.run([sys.executable, "-m", "m2dino_jax.main", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == expect, proc.stderr[-3000:]
+  return proc
+
+
+def _final_state(workdir, step):
+  return checkpointing.restore_params(workdir / "all" / "ckpt" / str(step) / "state")
+
+
+def test_resume_after_crash_is_bit_identical(tmp_path):
+  common = ["--config=configs/m2dino.py:paradigm=au,smoke,tasks=breast_2cls", "--config.total_steps=8",
+            "--config.checkpoint.every=2", "--config.log_every=1", *SMALL]
+  _run_cli([*common, f"--workdir={tmp_path / 'ref'}"])
+  crashed = tmp_path / "crash"
+  _run_cli([*common, f"--workdir={crashed}", "--config.debug.crash_at_step=5"], expect=17)
+  assert not (crashed / "all" / "done.json").exists()
+  proc = _run_cli([*common, f"--workdir={crashed}"])
+  assert "resumed from step 4" in proc.stderr
+  ref, got = _final_state(tmp_path / "ref", 8), _final_state(crashed, 8)
+  leaves_ref, leaves_got = jax.tree.leaves(ref), jax.tree.leaves(got)
+  assert len(leaves_ref) == len(leaves_got) > 20
+  for a, b in zip(leaves_ref, leaves_got):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the metrics log of the resumed run continues the crashed one: steps 1..8 then nothing repeated past 4
+  steps = [json.loads(line)["step"] for line in (crashed / "all" / "metrics.jsonl").read_text().splitlines()
+           if "task" in json.loads(line)]
+  assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 ran twice: once before the crash, once after resume
+
+
+def test_sharded_train_step_equals_single_device():
+  out = run_with_devices(f"""
+    import jax, numpy as np
+    from m2dino_jax import configlib
+    from m2dino_jax.tasks import registry
+    from m2dino_jax.train import multitask
+    def run(mesh, preset, devices, backend):
+      c = configlib.load_config("configs/m2dino.py:paradigm=au,smoke,tasks=fetal_head+breast_2cls",
+                                {SMALL[:3]!r} + ["data.batch_size=8", "moe.backend=" + backend, "sharding=" + preset,
+                                "mesh_devices=%d" % devices] + ["mesh.%s=%d" % kv for kv in mesh.items()])
+      r = multitask._Run(c, None, "all", registry.resolve(c.tasks))
+      it = r.batches(__import__("m2dino_jax.data.pipeline", fromlist=["x"]).make_train_iterator(c.data, r.tasks, seed=0))
+      state = r.state
+      for _ in range(3):
+        task, batch = next(it)
+        state, m = r.step_fn(state, batch, task)
+      return jax.device_get({{"enc": state["encoder"], "heads": state["heads"], "loss": m["loss"]}})
+    ref = run(dict(data=1), "dp", 1, "dense")
+    for mesh, preset, backend in [(dict(data=2, fsdp=4), "fsdp", "dense"), (dict(data=2, expert=4), "ep", "expert_parallel")]:
+      got = run(mesh, preset, 8, backend)
+      diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+      print(preset, "MAXDIFF", diff)
+  """, timeout=400)
+  diffs = [float(line.split("MAXDIFF")[1]) for line in out.splitlines() if "MAXDIFF" in line]
+  assert len(diffs) == 2 and max(diffs) <= 1e-5, out
+
+
+def test_report_and_predict_from_smoke_runs(au_run, tmp_path):
+  runs = {"au": au_run}
+  for p in ("ts", "cg"):
+    runs[p] = tmp_path / p
+    assert cli.main(["train", f"--config=configs/m2dino.py:paradigm={p},smoke,tasks={FOUR},steps=4",
+                     f"--workdir={runs[p]}", *SMALL, "--config.data.image_size=64"]) == 0
+  out = tmp_path / "report"
+  assert cli.main(["report", "--runs", *(f"{k}={v}" for k, v in runs.items()), "--out", str(out)]) == 0
+  rows = list(csv.DictReader(open(out / "report.csv")))
+  checked = 0
+  for p, root in runs.items():
+    tasks = report_files.load_run(root, p).tasks
+    for row in rows:
+      if row["task"] in tasks and row["metric"] in tasks[row["task"]] and row.get(p):
+        assert float(row[p]) == pytest.approx(tasks[row["task"]][row["metric"]], rel=1e-12)
+        checked += 1
+  assert checked >= 3 * 8
+  assert (out / "report.md").is_file() and (out / "bars.png").read_bytes()[:4] == b"\x89PNG"
+  # predict with the AU run on simulator images written as PNG
+  from PIL import Image
+
+  from m2dino_jax.data import sonosynth
+  img_dir = tmp_path / "imgs"
+  img_dir.mkdir()
+  for i, rec in enumerate(sonosynth.generate("fetal_head", 2, seed=11, size=80)):
+    Image.fromarray(rec.image).save(img_dir / f"case{i}.png")
+  pred_dir = tmp_path / "pred"
+  assert cli.main(["predict", "--workdir", str(au_run), "--task", "fetal_head", "--input", str(img_dir),
+                   "--out", str(pred_dir)]) == 0
+  mask = np.asarray(Image.open(pred_dir / "masks" / "case0.png"))
+  assert mask.shape == (80, 80) and set(np.unique(mask)) <= {0, 1} and mask.any()
+  assert cli.main(["predict", "--workdir", str(au_run), "--task", "fetal_femur", "--input", str(img_dir),
+                   "--out", str(pred_dir)]) == 0
+  pts = json.loads((pred_dir / "regression_predictions.json").read_text())["case1.png"]
+  assert np.allclose(np.array(pts["predicted_points_pixels"]) / 80, pts["predicted_points_normalized"])
