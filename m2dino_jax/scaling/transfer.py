@@ -47,7 +47,7 @@ def point_masks(data: np.ndarray, loss: np.ndarray, source: str = "all") -> tupl
   self_mask = measured & own & (others == 0)
   single = measured & ~own & (others == 1)
   mixture = measured & own & (others >= 1)
-  tau_mask = {"single": single, "mixture": mixture, "all": single | mixture | (measured & ~own & (others > 1))}
+  tau_mask = {"single": single, "mixture": mixture, "all": measured & (others >= 1)}
   return self_mask, tau_mask[source]
 
 
