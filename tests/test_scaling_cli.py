@@ -23,7 +23,7 @@ def study(tmp_path_factory):
   root = tmp_path_factory.mktemp("study")
   m, fits, alloc = root / "m.jsonl", root / "fits.json", root / "allocation.json"
   assert cli.main(["scaling", "simulate", "--out", str(m), "--seed", "5"]) == 0
-  assert cli.main(["scaling", "fit", "--measurements", str(m), "--out", str(fits), "--bootstrap", "16"]) == 0
+  assert cli.main(["scaling", "fit", "--measurements", str(m), "--out", str(fits), "--bootstrap", "64"]) == 0
   assert cli.main(["scaling", "allocate", "--fits", str(fits), "--budget", "3e5", "--floor", "0.05",
                    "--out", str(alloc)]) == 0
   return root, m, fits, alloc

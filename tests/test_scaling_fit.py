@@ -90,7 +90,7 @@ def test_transfer_rows_equal_scipy_least_squares():
   """Each tau row equals scipy's trf fit of the same Huber loss, given the same self law."""
   rows, _, _ = simulate.planted_measurements(noise=0.01, seed=7)  # noisy: residuals are not tiny
   arrays = measurements.to_arrays(rows)
-  fits = transfer.fit_scaling(arrays, n_bootstrap=0)
+  fits = transfer.fit_scaling(arrays, n_bootstrap=64)  # same shapes as the planted test: one compile
   _, tau_mask = transfer.point_masks(arrays.data, arrays.loss, "all")
   for i in range(3):
     keep = tau_mask[i]
