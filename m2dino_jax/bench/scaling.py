@@ -26,7 +26,8 @@ from m2dino_jax.scaling.law import Law, predict_loss
 def add_args(p) -> None:
   p.add_argument("--problems", type=int, default=1000, help="allocation problems")
   p.add_argument("--domains", type=int, default=4, help="domains per problem / fit")
-  p.add_argument("--slsqp-starts", type=int, default=3, help="SLSQP starts per problem (the paper's recipe)")
+  p.add_argument("--slsqp-starts", type=int, default=3,
+                 help="SLSQP starts per problem (multi-start, as in our REFERENCE recipe)")
   p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
   p.add_argument("--points", type=int, default=12, help="data sizes per domain in the fit")
   p.add_argument("--repeats", type=int, default=5)
