@@ -58,7 +58,7 @@ def reference_value_and_grads(model, x, task_ids, cot, capacity=None):
     y = ref.reference_forward(p, x, task_ids, routes, cfg.conditioning, cfg.top_k, cfg.activation)
     return jnp.sum(y * cot), y
 
-  (_, y), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, x)
+  (_, y), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(p, x)
   return y, gp, gx
 
 

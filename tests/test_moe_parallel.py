@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.util import ROOT, run_with_devices
 
 # Shared by every subprocess: one model (E=8, top-2, capacity 1.0 so that some tokens drop in training),
@@ -64,6 +66,7 @@ def max_diff(a, b):
 """
 
 
+@pytest.mark.slow
 def test_expert_parallel_equals_single_device_on_8_devices():
   code = COMMON + """
 results = {}
@@ -93,6 +96,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_expert_parallel_across_two_processes(tmp_path):
   """2 processes x 4 CPU devices, mesh data=2 x expert=4, against a result saved by one device."""
   save = COMMON + f"""

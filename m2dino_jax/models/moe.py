@@ -63,7 +63,7 @@ def default_moe_config() -> ml_collections.ConfigDict:
       "conditioning": "token",        # 'token' | 'task'
       "backend": "dense",             # 'dense' | 'dropless' | 'expert_parallel'
       "grouped_matmul": "auto",       # dropless: 'ragged_dot' | 'blocked' | 'auto' (ragged_dot on TPU)
-      "block_size": 128,              # dropless 'blocked': rows per block
+      "block_size": 256,              # dropless 'blocked': rows per block
   })
 
 
