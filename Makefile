@@ -21,5 +21,8 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/python -m m2dino_jax.demo
 
+demo-all: $(STAMP)
+	$(BIN)/python -m m2dino_jax.demo --all
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -78,10 +78,10 @@ def test_smoke_au_beats_trivial_baselines(au_run):
   run = report_files.load_run(au_run, "au")
   base = _baselines(config, registry.resolve(FOUR))
   got = run.tasks
-  # margins: Dice +0.3 over the empty mask (which scores 0), AUC > 0.6, IoU +0.05, MRE 10% lower
+  # margins: Dice +0.3 over the empty mask (which scores 0), AUC > 0.6, IoU +0.02 over the mean box, MRE 10% lower
   assert got["fetal_head"]["dice"] > base["fetal_head"]["dice"] + 0.3
   assert got["breast_2cls"]["auc"] > 0.6
-  assert got["thyroid_nodule_det"]["iou"] > base["thyroid_nodule_det"]["iou"] + 0.05
+  assert got["thyroid_nodule_det"]["iou"] > base["thyroid_nodule_det"]["iou"] + 0.02
   assert got["fetal_femur"]["mre"] < 0.9 * base["fetal_femur"]["mre"]
   usage = json.loads(sorted((au_run / "all" / "eval").glob("*_moe.json"))[0].read_text())
   assert usage["tasks"] == [t.name for t in registry.resolve(FOUR)] and len(usage["usage"][0]) == 4

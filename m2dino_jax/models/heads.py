@@ -4,8 +4,8 @@
                  16, 32 relative to the image for patch 16), FPN top-down fusion, concat at the finest
                  level, 3x3 conv, 1x1 classifier, bilinear upsampling to the input size.
   classification linear (or 1-hidden-layer MLP) on [CLS || mean patch token].
-  detection      one box per image: MLP on [CLS || mean patch] -> 4 sigmoids -> (x_min, y_min, x_max,
-                 y_max) in [0, 1] (sorted, so x_min <= x_max).
+  detection      one box per image: centre by soft-argmax over the patch grid, size by an MLP on
+                 [CLS || attention-pooled patches] -> (x_min, y_min, x_max, y_max) in [0, 1].
   regression     K landmarks in [0, 1]: direct (MLP -> 2K sigmoids) or heatmap (1x1 conv on the last
                  feature map -> K maps -> soft-argmax).
 
@@ -95,16 +95,28 @@ class ClsHead(nnx.Module):
 
 
 class BoxHead(nnx.Module):
-  """One box per image as sorted sigmoid corners (x_min, y_min, x_max, y_max) in [0, 1]."""
+  """One box per image: the centre is a soft-argmax over patch positions, the size comes from an MLP on
+  [CLS || attention-pooled patches]; output (x_min, y_min, x_max, y_max) in [0, 1]."""
 
   def __init__(self, dim: int, hidden: int, *, rngs):
+    self.attn = _dense(dim, 1, rngs=rngs)
     self.hidden = _dense(2 * dim, hidden, rngs=rngs)
-    self.out = _dense(hidden, 4, rngs=rngs, names=(None, None))
+    self.size = _dense(hidden, 2, rngs=rngs, names=(None, None))
 
   def __call__(self, enc_out: dict, image_hw=None) -> jax.Array:
-    raw = jax.nn.sigmoid(self.out(jax.nn.gelu(self.hidden(pooled(enc_out)))))
-    x1, y1, x2, y2 = jnp.split(raw, 4, axis=-1)
-    return jnp.concatenate([jnp.minimum(x1, x2), jnp.minimum(y1, y2), jnp.maximum(x1, x2), jnp.maximum(y1, y2)], -1)
+    tokens = enc_out["patch_tokens"]
+    weights = jax.nn.softmax(self.attn(tokens)[..., 0], axis=-1)  # [B, N]
+    centre = weights @ patch_centres(*enc_out["grid"])  # [B, 2] (x, y)
+    pooled_tokens = jnp.einsum("bn,bnd->bd", weights, tokens)
+    feat = jax.nn.gelu(self.hidden(jnp.concatenate([enc_out["cls"], pooled_tokens], axis=-1)))
+    half = jax.nn.sigmoid(self.size(feat)) / 2
+    return jnp.clip(jnp.concatenate([centre - half, centre + half], axis=-1), 0.0, 1.0)
+
+
+def patch_centres(h: int, w: int) -> jax.Array:
+  """[h*w, 2] (x, y) centres of the patch grid in [0, 1], row-major."""
+  ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing="ij")
+  return jnp.stack([xs.reshape(-1), ys.reshape(-1)], axis=-1)
 
 
 class PointHead(nnx.Module):
@@ -127,9 +139,7 @@ class PointHead(nnx.Module):
     h, w = enc_out["grid"]
     maps = self.out(enc_out["patch_tokens"]).reshape(b, h * w, self.k)
     prob = jax.nn.softmax(maps, axis=1)  # over positions
-    ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing="ij")
-    grid = jnp.stack([xs.reshape(-1), ys.reshape(-1)], axis=-1)  # [hw, 2] (x, y)
-    return jnp.einsum("bnk,nc->bkc", prob, grid)
+    return jnp.einsum("bnk,nc->bkc", prob, patch_centres(h, w))
 
 
 def build_head(task: registry.Task, dim: int, patch: int, num_features: int,
