@@ -12,6 +12,12 @@ FLOPs per image are counted analytically (matmuls only, fwd + bwd = 3 x fwd), th
   3 * (2 * N_tok * P_active + 4 * L * N_tok^2 * d) + head,
 and also read from XLA's cost analysis of the compiled step (all ops, including MoE dispatch and the
 capacity padding of the dense back-end). Achieved GFLOP/s use the analytic count.
+
+Threads: by default torch gets as many threads as JAX's cores. On an oversubscribed machine torch's
+OpenMP threads wait for each other far more than XLA's pool does (measured on the shared 2-core box:
+ViT-S torch step 26 s with 2 threads, 4.7 s with 1), which inflates the ratio; `--torch-threads 1`
+(and XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' for JAX) gives the
+single-core comparison.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ def add_args(p) -> None:
   p.add_argument("--modes", default="dense,moe", help="which encoders: 'dense' (no MoE), 'moe'")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--torch-threads", type=int, default=0, help="0 = the cores JAX uses (the fair default)")
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -221,7 +228,7 @@ def run(args) -> int:
   from m2dino_jax.bench.moe import time_interleaved
 
   threads = len(os.sched_getaffinity(0))
-  torch.set_num_threads(threads)
+  torch.set_num_threads(args.torch_threads or threads)
   rows, extra = [], {}
   for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
     s = _setup(args, mode == "moe")
