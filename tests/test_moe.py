@@ -228,3 +228,13 @@ def test_router_jitter_only_in_training():
   assert factor.min() >= 0.5 - 1e-4 and factor.max() <= 1.5 + 1e-4 and factor.std() > 0.1
   second = np.asarray((model.router_logits(x, task_ids, train=True) - bias) / x)
   assert np.abs(second - factor).max() > 1e-3          # fresh noise on every call
+
+
+def test_output_dtype_follows_input():
+  """bf16 activations stay bf16 (router still float32) and agree with the fp32 result to bf16 precision."""
+  model = make_moe(backend="dense")
+  x, task_ids, _ = inputs()
+  y32, _ = call(model, x, task_ids)
+  y16, aux = call(model, x.astype(jnp.bfloat16), task_ids)
+  assert y16.dtype == jnp.bfloat16 and aux["balance_loss"].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.1, rtol=0.05)

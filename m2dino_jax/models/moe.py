@@ -241,7 +241,7 @@ class MoEFFN(nnx.Module):
       else:
         y = moe_dispatch.capacity_dispatch_local(x, r.experts, r.gates, r.positions, capacity, params,
                                                  cfg.activation)
-    return y, aux
+    return y.astype(x.dtype), aux
 
   def grouped_matmul_method(self) -> str:
     method = self.cfg.grouped_matmul
