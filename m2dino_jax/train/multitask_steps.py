@@ -32,6 +32,7 @@ class Hyper:
   weight_decay: float
   b1: float
   b2: float
+  eps: float = 1e-8
   dice_weight: float = 1.0
   label_smoothing: float = 0.0
   box_l1_weight: float = 1.0
@@ -42,6 +43,7 @@ class Hyper:
     o, loss = config.optim, config.loss
     return cls(lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=total_steps,
                head_lr_mult=o.head_lr_mult, clip_norm=o.clip_norm, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+               eps=o.eps,
                dice_weight=loss.dice_weight, label_smoothing=loss.label_smoothing,
                box_l1_weight=loss.box_l1_weight, giou_weight=loss.giou_weight)
 

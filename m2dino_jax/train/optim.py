@@ -30,6 +30,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
       "weight_decay": 0.05,
       "b1": 0.9,
       "b2": 0.999,
+      "eps": 1e-8,
       "clip_norm": 1.0,  # <= 0: no clipping
       "layer_decay": 1.0,  # 1.0 = off
       "freeze_encoder": False,
@@ -56,7 +57,8 @@ def adam_tx(cfg) -> optax.GradientTransformation:
   """Adam direction + decoupled weight decay (the learning rate is applied by `apply`)."""
   def mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, x: not _no_decay(_path_str(p), x), params)
-  return optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2), optax.add_decayed_weights(cfg.weight_decay, mask))
+  adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  return optax.chain(adam, optax.add_decayed_weights(cfg.weight_decay, mask))
 
 
 def _frozen_set(spec: str) -> set[str]:
