@@ -44,7 +44,7 @@ def train(paradigm: str, steps: int) -> int:
 def run(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--all", action="store_true", help="train TS, CG and AU, then write the report")
-  p.add_argument("--steps", type=int, default=20, help="steps per task (budget rule)")
+  p.add_argument("--steps", type=int, default=30, help="steps per task (budget rule)")
   args = p.parse_args(argv)
   ensure_data()
   t0 = time.perf_counter()
