@@ -119,3 +119,24 @@ def test_convert_rejects_wrong_depth(tmp_path):
   cfg["num_hidden_layers"] = 3
   with pytest.raises(DataError, match="missing weight 'layer.2"):
     convert.encoder_from_hf(hf.state_dict(), cfg)
+
+
+def test_init_from_upcycles_dense_ffn_into_moe(tmp_path):
+  """A dense checkpoint loaded into an MoE encoder: every expert equals the dense FFN, so with any routing
+  (gates renormalised to 1) the MoE encoder computes exactly what the dense one does."""
+  import ml_collections
+  from flax import nnx
+
+  from m2dino_jax.models import moe
+  hf = _dinov3(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+               num_register_tokens=4, image_size=32)
+  dense = convert.encoder_from_hf(hf.state_dict(), hf.config.to_dict())
+  convert.save_encoder(dense, tmp_path / "enc", "safetensors")
+  mcfg = moe.default_moe_config()
+  mcfg.update(enabled=True, layers="last1", num_experts=4, capacity_factor=0.0)
+  sparse = vit.Encoder(dense.cfg, moe=ml_collections.ConfigDict(mcfg), num_tasks=3, rngs=nnx.Rngs(5))
+  convert.init_encoder_from(sparse, tmp_path / "enc")
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(sparse(x, jnp.array([0, 2]))["patch_tokens"]),
+                             np.asarray(dense(x)["patch_tokens"]), atol=1e-5)
+  assert sparse.blocks[1].is_moe and not sparse.blocks[0].is_moe

@@ -185,7 +185,7 @@ class Reference(nn.Module):
     """Encoder weights under our names (convert.hf_to_params for the dense part, MoE weights as they are)."""
     from m2dino_jax.models import convert
     sd = dict(self.backbone.state_dict())
-    for i in self.moe_layers:  # hf_to_params expects a dense MLP in every block: give empty placeholders
+    for i in self.moe_layers:  # hf_to_params expects a dense MLP in every block: give empty stand-ins
       for name in [k for k in sd if k.startswith(f"model.layer.{i}.mlp.")]:
         del sd[name]
       for proj in ("up_proj", "down_proj"):

@@ -252,9 +252,40 @@ def load_encoder_params(path) -> tuple[vit.ViTConfig | None, dict[str, np.ndarra
   raise DataError(path, "not an encoder checkpoint: expected encoder.json or a HF config.json")
 
 
+def upcycle_moe(params: dict, model: vit.Encoder, source: str = "<params>") -> dict:
+  """Sparse upcycling: the dense FFN weights of a block that is MoE in `model` become every expert's
+  weights (router and task biases keep their initialisation). SwiGLU experts take [gate | up]."""
+  params = dict(params)
+  for i, block in enumerate(model.blocks):
+    if not block.is_moe or f"blocks.{i}.mlp.up.kernel" not in params:
+      continue
+    moe = block.mlp
+    e = moe.cfg.num_experts
+    dense = {k.rsplit(".mlp.", 1)[1]: params.pop(k) for k in list(params) if k.startswith(f"blocks.{i}.mlp.")}
+    w_in, b_in = dense["up.kernel"], dense.get("up.bias")
+    if moe.cfg.activation == "swiglu":
+      if "gate.kernel" not in dense:
+        raise DataError(source, f"block {i}: SwiGLU experts need a SwiGLU dense FFN to upcycle from")
+      w_in = np.concatenate([dense["gate.kernel"], w_in], axis=-1)
+      b_in = None if b_in is None else np.concatenate([dense["gate.bias"], b_in], axis=-1)
+    if tuple(w_in.shape) != tuple(moe.w_in.shape[1:]):
+      raise DataError(source, f"block {i}: dense FFN {w_in.shape} does not fit experts {moe.w_in.shape[1:]}")
+    prefix = f"blocks.{i}.mlp."
+    params[prefix + "w_in"], params[prefix + "w_out"] = _tile(w_in, e), _tile(dense["down.kernel"], e)
+    if b_in is not None:
+      params[prefix + "b_in"], params[prefix + "b_out"] = _tile(b_in, e), _tile(dense["down.bias"], e)
+  return params
+
+
+def _tile(a: np.ndarray, n: int) -> np.ndarray:
+  return np.broadcast_to(a, (n, *a.shape)).copy()
+
+
 def init_encoder_from(model: vit.Encoder, path) -> vit.Encoder:
-  """Loads saved weights into an existing encoder (architecture must match; grey from RGB allowed)."""
+  """Loads saved weights into an existing encoder (architecture must match; grey from RGB allowed; dense
+  FFNs upcycled into the MoE blocks)."""
   cfg, params = load_encoder_params(path)
+  params = upcycle_moe(params, model, str(path))
   pe = params.get("patch_embed.kernel")
   want = model.cfg.patch * model.cfg.patch * model.cfg.in_chans
   if pe is not None and pe.shape[0] != want and model.cfg.in_chans == 1 and cfg is not None:
