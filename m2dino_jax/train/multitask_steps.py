@@ -60,7 +60,14 @@ class Hyper:
 
 def forward(gdefs, enc_params, enc_rest, head_params, batch, task: registry.Task, *, train: bool, key=None):
   enc_gdef, head_gdef = gdefs
+  # fresh Variables at this trace level, so stateful streams may advance inside grad
+  enc_rest = jax.tree.map(lambda x: x, enc_rest)
   encoder = nnx.merge(enc_gdef, enc_params, enc_rest)
+  if train and key is not None and jax.tree.leaves(enc_rest):
+    # stateful streams (MoE router jitter) restart from the step key: the step stays a pure function of
+    # (state, batch, step) and a resumed run draws the same noise
+    key, jitter_key = jax.random.split(key)
+    nnx.reseed(encoder, jitter=jitter_key)
   head = nnx.merge(head_gdef, head_params)
   out = encoder(batch["image"], batch["task_id"], train=train, key=key)
   return head(out, batch["image"].shape[1:3]), out["moe_aux"]
