@@ -16,40 +16,27 @@ from flax import nnx
 from PIL import Image
 
 from m2dino_jax import fileio
+from m2dino_jax.data import imageio
 from m2dino_jax.errors import DataError
 from m2dino_jax.models import convert, vit
 
 US_FILES = ("US1_UNCR.dcm", "gdcm-US-ALOKA-16.dcm", "OBXXXX1A.dcm")
 
 
-def _dicom_frames(path) -> list[np.ndarray]:
-  import pydicom
-  from pydicom.pixels import apply_color_lut
-  ds = pydicom.dcmread(path)
-  if "PixelData" not in ds:
-    raise DataError(path, "DICOM file has no pixel data")
-  arr = ds.pixel_array
-  if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
-    arr = apply_color_lut(arr, ds)
-  frames = arr if int(ds.get("NumberOfFrames", 1)) > 1 else arr[None]
-  return [f.mean(axis=-1) if f.ndim == 3 else f.astype(np.float32) for f in frames]
-
-
 def load_images(source: str) -> list[tuple[str, np.ndarray]]:
   """(name, grey float image) pairs from a folder, or pydicom's bundled ultrasound files."""
   if not source:
     from pydicom.data import get_testdata_file
-    paths = [get_testdata_file(n) for n in US_FILES]
-    paths = [p for p in paths if p]
+    paths = [Path(p) for p in (get_testdata_file(n) for n in US_FILES) if p]
   else:
     paths = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in (".dcm", ".png", ".jpg", ".jpeg"))
     if not paths:
       raise DataError(source, "no .dcm/.png/.jpg images found")
   out = []
   for p in paths:
-    p = Path(p)
-    frames = _dicom_frames(p) if p.suffix.lower() == ".dcm" else [np.asarray(Image.open(p).convert("L"), np.float32)]
-    out += [(f"{p.name}#{i}", f) for i, f in enumerate(frames)]
+    frames = imageio.iter_dicom_frames(p) if p.suffix.lower() == ".dcm" else [imageio.read_image(p)]
+    out += [(f"{p.name}#{i}", (f.mean(axis=-1) if f.ndim == 3 else f).astype(np.float32))
+            for i, f in enumerate(frames)]
   return out
 
 
