@@ -33,18 +33,7 @@ def test_projection_is_exact():
 
 
 def _random_problems(rng, count, n):
-  problems = []
-  while len(problems) < count:
-    law = simulate.random_law(n, rng)
-    available = rng.uniform(1e4, 1e6, n)
-    floor = rng.uniform(0.0, 0.9 / n)
-    budget = rng.uniform(0.1, 0.95) * available.sum()
-    try:
-      lower, upper = allocate.bounds(budget, available, floor)
-    except SolverError:
-      continue  # a random draw that is infeasible: tested separately below
-    problems.append((law, budget, lower, upper, rng.uniform(0.2, 2.0, n)))
-  return problems
+  return allocate.random_problems(rng, count, n)
 
 
 @pytest.mark.parametrize("n", [2, 4, 6])

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2dino_jax.bench import common
-from m2dino_jax.errors import SolverError
 from m2dino_jax.scaling import allocate, measurements, powerlaw, reference, simulate, transfer
 from m2dino_jax.scaling.law import Law, predict_loss
 
@@ -35,18 +34,7 @@ def add_args(p) -> None:
 
 
 def _problems(rng, count: int, n: int):
-  out = []
-  while len(out) < count:
-    law = simulate.random_law(n, rng)
-    available = rng.uniform(1e4, 1e6, n)
-    floor = rng.uniform(0.0, 0.9 / n)
-    budget = rng.uniform(0.1, 0.95) * available.sum()
-    try:
-      lower, upper = allocate.bounds(budget, available, floor)
-    except SolverError:
-      continue
-    out.append((law, budget, lower, upper))
-  return out
+  return [p[:4] for p in allocate.random_problems(rng, count, n)]  # equal importance weights here
 
 
 def _timed_jax(fn, repeats: int) -> dict:

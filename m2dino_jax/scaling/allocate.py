@@ -221,3 +221,21 @@ def allocate(law: Law, budgets, available, *, floor: float = DEFAULT_FLOOR, weig
           "iterations": sol.iterations, "converged": sol.converged, "weights": np.array(ws),
           "proportional_counts": props, "proportional_losses": prop_losses,
           "proportional_objective": np.sum(np.array(ws) * prop_losses, axis=1)}
+
+
+def random_problems(rng: np.random.Generator, count: int, n: int) -> list[tuple]:
+  """`count` random feasible problems over `n` domains, (law, budget, lower, upper, importance weights), for the
+  tests and the benchmark (infeasible draws are skipped)."""
+  from m2dino_jax.scaling import simulate
+  out = []
+  while len(out) < count:
+    law = simulate.random_law(n, rng)
+    available = rng.uniform(1e4, 1e6, n)
+    floor = rng.uniform(0.0, 0.9 / n)
+    budget = rng.uniform(0.1, 0.95) * available.sum()
+    try:
+      lower, upper = bounds(budget, available, floor)
+    except SolverError:
+      continue
+    out.append((law, budget, lower, upper, rng.uniform(0.2, 2.0, n)))
+  return out
