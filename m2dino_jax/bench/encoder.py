@@ -20,6 +20,8 @@ def add_args(p) -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--registers", type=int, default=4)
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="PyTorch intra-op threads (0 = torch's default); on a busy machine 1 thread can be faster")
 
 
 def run(args) -> int:
@@ -32,6 +34,8 @@ def run(args) -> int:
 
   from m2dino_jax.models import convert, vit
 
+  if args.torch_threads > 0:
+    torch.set_num_threads(args.torch_threads)
   spec = vit.decode_variant(args.variant)
   hf_cfg = transformers.DINOv3ViTConfig(hidden_size=spec["dim"], num_hidden_layers=spec["depth"],
                                         num_attention_heads=spec["heads"], intermediate_size=spec["mlp_dim"],
