@@ -64,8 +64,11 @@ class Progress:
     self.total, self.start, self.every, self.name = total, start, every, name
     self.t0 = time.perf_counter()
     self.tty = sys.stderr.isatty()
+    self.enabled = jax.process_index() == 0
 
   def update(self, step: int, info: str = "") -> None:
+    if not self.enabled:
+      return
     done = step - self.start
     if not self.tty and step % self.every and step != self.total:
       return
@@ -79,7 +82,7 @@ class Progress:
     print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
   def close(self) -> None:
-    if self.tty:
+    if self.tty and self.enabled:
       print(file=sys.stderr)
 
 
