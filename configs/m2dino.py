@@ -62,6 +62,9 @@ def get_config(arg=None):
   c.mesh_devices = -1  # use the first N devices (-1 = all)
   c.sharding = "dp"  # 'dp' | 'fsdp' | 'ep'
   c.debug = ml_collections.ConfigDict(dict(crash_at_step=-1))
+  # multi-process: empty / 0 / -1 = read M2DINO_* from the environment (launch/local.py sets them);
+  # auto = let JAX discover the cluster (SLURM, TPU pods)
+  c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False))
 
   if arg.smoke:
     c.model.variant = "mu/16"
