@@ -57,3 +57,18 @@ def test_features_trainer_runs_on_real_dicom(tmp_path):
   # US1_UNCR (1 frame) + gdcm-US-ALOKA-16 (1) + OBXXXX1A (1) = 3 real frames, grid 2x2 of 64-wide tokens
   assert summary["images"] >= 2 and summary["cls"] == [summary["images"], 64]
   assert summary["patch_tokens"] == [summary["images"], 4, 64]
+
+
+def test_distributed_settings_from_config_and_environment(monkeypatch):
+  from m2dino_jax.train import distributed
+  for k in ("M2DINO_COORDINATOR", "M2DINO_NUM_PROCESSES", "M2DINO_PROCESS_ID"):
+    monkeypatch.delenv(k, raising=False)
+  c = configlib.load_config("configs/m2dino.py:smoke")
+  assert distributed.settings(c) is None  # single process: nothing to start
+  monkeypatch.setenv("M2DINO_COORDINATOR", "10.0.0.1:1234")
+  monkeypatch.setenv("M2DINO_NUM_PROCESSES", "4")
+  monkeypatch.setenv("M2DINO_PROCESS_ID", "3")
+  assert distributed.settings(c) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+  c = configlib.load_config("configs/m2dino.py:smoke", ["distributed.process_id=1", "distributed.num_processes=2"])
+  assert distributed.settings(c) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+  assert distributed.settings(configlib.load_config("configs/m2dino.py", ["distributed.auto=True"])) == {}
