@@ -90,3 +90,10 @@ def test_fsdp_sharded_forward_equals_single_device():
   """)
   diff = float(out.split("MAXDIFF")[1])
   assert diff <= 1e-5, diff
+
+
+def test_every_encoder_parameter_has_logical_axes():
+  model = vit.Encoder(_tiny(), rngs=nnx.Rngs(0))
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var[...].ndim, (path, names)

@@ -104,7 +104,10 @@ def _dense(din, dout, names, *, bias=True, rngs):
 
 
 def _norm(dim, eps, rngs):
-  return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
+  # 'norm' has no mesh rule in the presets: norms stay replicated, but still carry a name
+  return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -9,7 +9,7 @@ Logical axes used by parameters:
   embed   model width            mlp     FFN hidden width
   heads   attention q/k/v width  expert  expert index of MoE weights
   patch   flattened patch pixels task    per-task embeddings / biases
-  classes head outputs           (None)  replicated
+  norm    LayerNorm scale / bias (None)  replicated
 """
 
 from __future__ import annotations
