@@ -37,6 +37,20 @@ def write_json(path, obj, indent: int = 2) -> Path:
   return write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def read_json(path, what: str = "file"):
+  """Parses a JSON file; a missing file or bad JSON raises DataError naming the file."""
+  from m2dino_jax.errors import DataError
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(path, f"{what} not found")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+  except OSError as e:
+    raise DataError(path, f"cannot read {what}: {e}") from None
+
+
 def write_bytes(path, data: bytes) -> Path:
   with atomic_path(path) as tmp:
     tmp.write_bytes(data)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import re
 from pathlib import Path
@@ -108,10 +107,7 @@ class Run:
 
 
 def _read_json(path: Path):
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise DataError(path, f"cannot read JSON: {e}") from None
+  return fileio.read_json(path, "eval file")
 
 
 def read_eval_file(path) -> dict:

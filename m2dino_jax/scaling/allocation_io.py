@@ -9,7 +9,6 @@ weights that sum to 1, ready for grain's IterDataset.mix.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -46,12 +45,7 @@ def read_allocation_weights(path) -> dict[str, float]:
   Raises DataError naming the file and the offending key.
   """
   path = Path(path)
-  if not path.is_file():
-    raise DataError(path, "mixture weights file not found")
-  try:
-    obj = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+  obj = fileio.read_json(path, "mixture weights file")
   if isinstance(obj, dict) and "weights" in obj:
     obj, where = obj["weights"], "'weights'"
   else:

@@ -9,7 +9,6 @@ tau[i][j] is the transfer from source j to target i; the diagonal is ignored. ga
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -72,12 +71,7 @@ def write_fits(path, fits: Fits) -> Path:
 def read_fits(path) -> Fits:
   """Reads and validates fits.json; raises DataError naming the file and the bad key."""
   path = Path(path)
-  if not path.is_file():
-    raise DataError(path, "fits file not found")
-  try:
-    obj = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+  obj = fileio.read_json(path, "fits file")
   if not isinstance(obj, dict):
     raise DataError(path, "expected a JSON object")
   for key in ("domains", "E", "A", "beta", "tau"):
