@@ -27,12 +27,13 @@ from m2dino_jax.train.optim import default_optim_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paradigm="au", variant="S/16", smoke=False, tasks="all", steps=400)
+  arg = parse_arg(arg, paradigm="au", variant="S/16", smoke=False, tasks="all", steps=-1)
   c = ml_collections.ConfigDict()
   c.trainer = "multitask"
   c.paradigm = arg.paradigm
   c.tasks = arg.tasks  # 'all' or a comma list of task ids
-  c.groups = ml_collections.ConfigDict()  # CG groups {name: 'task,task'}; empty = organ groups
+  # CG groups: '' = the registry's organ groups, 'name:task+task;name:task', or a JSON file {name: [tasks]}
+  c.groups = ""
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
@@ -52,7 +53,7 @@ def get_config(arg=None):
   c.data.channels = 1
   c.data.mixture = "uniform"
 
-  c.steps_per_task = arg.steps
+  c.steps_per_task = arg.steps if arg.steps > 0 else 400
   c.total_steps = -1  # > 0 overrides the budget rule
   c.log_every = 10
   c.eval_every = 0  # 0 = only at the end
@@ -61,7 +62,6 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.mesh_devices = -1  # use the first N devices (-1 = all)
   c.sharding = "dp"  # 'dp' | 'fsdp' | 'ep'
-  c.debug = ml_collections.ConfigDict(dict(crash_at_step=-1))
   # multi-process: empty / 0 / -1 = read M2DINO_* from the environment (launch/local.py sets them);
   # auto = let JAX discover the cluster (SLURM, TPU pods)
   c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False))
@@ -82,7 +82,7 @@ def get_config(arg=None):
     c.data.eval_batch_size = 16
     c.data.source.synthetic_count = 48
     c.data.source.synthetic_size = 96
-    c.steps_per_task = arg.steps if arg.steps != 400 else 40
+    c.steps_per_task = arg.steps if arg.steps > 0 else 40
     c.log_every = 5
     c.checkpoint.every = 20
   return c

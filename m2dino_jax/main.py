@@ -14,12 +14,13 @@ import sys
 from m2dino_jax import configlib
 from m2dino_jax.errors import ConfigError, M2DinoError
 
-# trainer name -> module exposing train_and_evaluate(config, workdir) (registry; imported lazily).
+# trainer name -> module exposing train_and_evaluate(config, workdir) (registry; imported lazily). It returns
+# a status ("completed" / "preempted"); a preempted run has written its checkpoint and exits with 0.
 TRAINERS = {
     "multitask": "m2dino_jax.train.multitask",
     "dino": "m2dino_jax.train.dino",
     "mae": "m2dino_jax.train.mae",
-    "features": "m2dino_jax.train.features",
+    "features": "m2dino_jax.infer.features",
 }
 
 

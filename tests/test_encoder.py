@@ -70,20 +70,20 @@ def test_fsdp_sharded_forward_equals_single_device():
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from m2dino_jax.models import vit
-    from m2dino_jax.train import sharding
+    from m2dino_jax import mesh as mesh_lib
     cfg = vit.ViTConfig.from_config(dict(variant="mu/16", out_blocks=(2,)))
     model = vit.Encoder(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
     gdef, state = nnx.split(model)
     fwd = lambda s, x: nnx.merge(gdef, s)(x)["patch_tokens"]
     ref = np.asarray(jax.jit(fwd)(state, x))
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-    rules = sharding.get_rules("fsdp")
-    sh_state = sharding.shard_state(state, mesh, rules)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
+    rules = mesh_lib.get_rules("fsdp")
+    sh_state = mesh_lib.shard_state(state, mesh, rules)
     kernel = sh_state["blocks"][0]["mlp"]["up"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp"), kernel.sharding.spec  # tensor axis has size 1
     assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (16, 256)
-    xs = sharding.shard_batch(np.asarray(x), mesh, rules)
+    xs = mesh_lib.shard_batch(np.asarray(x), mesh, rules)
     with jax.set_mesh(mesh):
       got = jax.jit(fwd)(sh_state, xs)
     print("MAXDIFF", float(np.abs(np.asarray(got) - ref).max()))

@@ -20,7 +20,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from m2dino_jax.bench.moe import all_to_all_bytes
-from m2dino_jax.train.sharding import PRESETS, make_mesh, state_shardings
+from m2dino_jax.mesh import PRESETS, make_mesh, state_shardings
 from tests.test_moe import inputs, make_moe
 
 B, N = 8, 6

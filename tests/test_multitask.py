@@ -12,8 +12,8 @@ import pytest
 
 from m2dino_jax import cli, configlib
 from m2dino_jax.data import pipeline
-from m2dino_jax.report import paradigm as report_files
 from m2dino_jax.tasks import metrics, registry
+from m2dino_jax.tasks import results as report_files
 from m2dino_jax.train import checkpointing, multitask
 from tests.util import ROOT, run_with_devices
 
@@ -88,9 +88,9 @@ def test_smoke_au_beats_trivial_baselines(au_run):
   assert np.sum(usage["usage"]) > 0
 
 
-def _run_cli(args, expect=0):
-  proc = subprocess.run([sys.executable, "-m", "m2dino_jax.main", *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+def _run_cli(args, expect=0, crash_at=None):
+  entry = ["-m", "m2dino_jax.main"] if crash_at is None else ["tests/crash_run.py", str(crash_at)]
+  proc = subprocess.run([sys.executable, *entry, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == expect, proc.stderr[-3000:]
   return proc
 
@@ -119,7 +119,7 @@ def _assert_same(ref_leaves, state):
 
 def test_resume_after_crash_is_bit_identical(tmp_path, reference_run):
   crashed = tmp_path / "crash"
-  _run_cli([*RESUME, f"--workdir={crashed}", "--config.debug.crash_at_step=5"], expect=17)
+  _run_cli([*RESUME, f"--workdir={crashed}"], expect=17, crash_at=5)
   assert not (crashed / "all" / "done.json").exists()
   proc = _run_cli([*RESUME, f"--workdir={crashed}"])
   assert "resumed from step 4" in proc.stderr
@@ -169,13 +169,12 @@ def test_sharded_train_step_equals_single_device():
                                          "sharding=" + preset, "mesh_devices=%d" % devices]
                                 + ["mesh.%s=%d" % kv for kv in mesh.items()])
       r = multitask._Run(c, None, "all", registry.resolve(c.tasks))
-      it = r.batches(pipeline.make_train_iterator(c.data, r.tasks, seed=0))
+      it = map(r.prepare, pipeline.make_train_iterator(c.data, r.tasks, seed=0))
       state, losses = r.state, []
       for _ in range(3):
-        task, batch = next(it)
-        state, m = r.step_fn(state, batch, task)
+        state, m = r.step(state, next(it))
         losses.append(m["loss"])
-      return jax.device_get({{"enc": state["encoder"], "heads": state["heads"], "loss": losses}})
+      return jax.device_get({{"enc": state.params["encoder"], "heads": state.params["heads"], "loss": losses}})
     ref = run(dict(data=1), "dp", 1, "dense")
     cases = [(dict(data=2, fsdp=4), "fsdp", "dense"), (dict(data=2, expert=4), "ep", "expert_parallel")]
     for mesh, preset, backend in cases:
@@ -233,11 +232,10 @@ def test_router_jitter_trains_deterministically():
   def losses(jitter):
     c = _config("paradigm=au,smoke,tasks=breast_2cls", SMALL[:3] + [f"--config.moe.jitter={jitter}"])
     r = multitask._Run(c, None, "all", registry.resolve(c.tasks))
-    it = r.batches(pl.make_train_iterator(c.data, r.tasks, seed=0))
+    it = map(r.prepare, pl.make_train_iterator(c.data, r.tasks, seed=0))
     state, out = r.state, []
     for _ in range(2):
-      task, batch = next(it)
-      state, m = r.step_fn(state, batch, task)
+      state, m = r.step(state, next(it))
       out.append(float(m["loss"]))
     return out
 

@@ -60,19 +60,19 @@ def test_synthetic_source_in_memory():
   assert seg["mask"].max() == 1 and (seg["orig_size"] == 64).all()
 
 
-def test_global_batches_on_four_devices():
+def test_pipeline_batches_shard_over_four_devices():
   out = run_with_devices("""
     import numpy as np
     from m2dino_jax.data import pipeline, records
-    from m2dino_jax.train import sharding
+    from m2dino_jax import mesh as mesh_lib
     cfg = pipeline.default_data_config()
     cfg.image_size, cfg.batch_size, cfg.prefetch = 16, 4, 0
     recs = {"fetal_plane_cls": [records.Record(np.full((20, 20), i, np.uint8), "fetal_plane_cls", label=i % 6)
                                 for i in range(8)]}
     it = pipeline.make_train_iterator(cfg, list(recs), seed=0, sources=recs)
     local = next(pipeline.make_train_iterator(cfg, list(recs), seed=0, sources=recs))
-    mesh = sharding.make_mesh({"data": 4})
-    batch = next(pipeline.global_batches(it, mesh, sharding.get_rules("dp")))
+    mesh = mesh_lib.make_mesh({"data": 4})
+    batch = mesh_lib.shard_batch(next(it), mesh, mesh_lib.get_rules("dp"))
     assert batch["image"].shape == (4, 16, 16, 3) and len(batch["image"].sharding.device_set) == 4
     for k in local:
       np.testing.assert_array_equal(np.asarray(batch[k]), local[k])

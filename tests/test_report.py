@@ -14,6 +14,7 @@ from m2dino_jax import cli
 from m2dino_jax.errors import DataError, M2DinoError
 from m2dino_jax.report import cli as report_cli
 from m2dino_jax.report import paradigm
+from m2dino_jax.tasks import results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,26 +54,26 @@ def _make_runs(tmp_path):
   root = tmp_path / "runs"
   for task, values in TS.items():
     ev = root / "ts" / task / "eval"
-    paradigm.write_eval(ev, 100, "ts", _scaled({task: values}, 0.5))
+    results.write_eval(ev, 100, "ts", _scaled({task: values}, 0.5))
     # NumPy scalars are written as plain numbers; per-class lists are kept but are not table cells.
     extras = {"dice_per_class": [np.float32(0.25)]} if task == "fetal_head" else {}
-    paradigm.write_eval(ev, 200, "ts", {task: {k: np.float64(v) for k, v in values.items()} | extras})
+    results.write_eval(ev, 200, "ts", {task: {k: np.float64(v) for k, v in values.items()} | extras})
     if task == "FUGC":  # best.json (a copy) is an older step and must win over the latest
-      paradigm.write_eval(ev, 50, "ts", {task: values})
-      paradigm.write_eval(ev, 300, "ts", _scaled({task: values}, 3.0))
-      paradigm.write_best(ev, 50)
+      results.write_eval(ev, 50, "ts", {task: values})
+      results.write_eval(ev, 300, "ts", _scaled({task: values}, 3.0))
+      results.write_best(ev, 50)
     if task == "thyroid_nodule_det":  # best.json as a symlink
-      paradigm.write_eval(ev, 300, "ts", _scaled({task: values}, 3.0))
+      results.write_eval(ev, 300, "ts", _scaled({task: values}, 3.0))
       (ev / "best.json").symlink_to("200.json")
   for group, tasks in GROUPS.items():
     ev = root / "cg" / group / "eval"
-    paradigm.write_eval(ev, 1000, "cg", {t: CG[t] for t in tasks})
+    results.write_eval(ev, 1000, "cg", {t: CG[t] for t in tasks})
     usage = np.arange(len(tasks) * 4).reshape(len(tasks), 4) + 1
-    paradigm.write_moe_usage(ev, 1000, 4, [8, 9, 10, 11], tasks, usage)
+    results.write_moe_usage(ev, 1000, 4, [8, 9, 10, 11], tasks, usage)
   ev = root / "au" / "eval"
-  paradigm.write_eval(ev, 10, "au", _scaled(AU, 0.1))
-  paradigm.write_eval(ev, 3000, "au", AU)
-  paradigm.write_moe_usage(ev, 3000, 4, [8, 9, 10, 11], list(AU), [[5, 0, 0, 5], [1, 1, 1, 1], [0, 0, 0, 0],
+  results.write_eval(ev, 10, "au", _scaled(AU, 0.1))
+  results.write_eval(ev, 3000, "au", AU)
+  results.write_moe_usage(ev, 3000, 4, [8, 9, 10, 11], list(AU), [[5, 0, 0, 5], [1, 1, 1, 1], [0, 0, 0, 0],
                                                                      [9, 1, 0, 0]])
   (root / "au" / "checkpoints").mkdir()  # a non-eval sibling folder is ignored
   return root
@@ -120,19 +121,19 @@ def test_report_tables_equal_eval_json_and_deltas(tmp_path, capsys):
 
 def test_type_summary_averages_primary_deltas(tmp_path):
   root = tmp_path / "runs"
-  paradigm.write_eval(root / "ts" / "eval", 1, "ts", {"fetal_head": {"dice": 0.5, "hd": 4.0, "n": 3},
+  results.write_eval(root / "ts" / "eval", 1, "ts", {"fetal_head": {"dice": 0.5, "hd": 4.0, "n": 3},
                                                       "lung": {"dice": 0.8, "hd": 2.0, "n": 3}})
-  paradigm.write_eval(root / "au" / "eval", 1, "au", {"fetal_head": {"dice": 0.6, "hd": 1.0, "n": 3},
+  results.write_eval(root / "au" / "eval", 1, "au", {"fetal_head": {"dice": 0.6, "hd": 1.0, "n": 3},
                                                       "lung": {"dice": 0.4, "hd": 3.0, "n": 3}})
-  runs = [paradigm.load_run(root / "ts", "ts"), paradigm.load_run(root / "au", "au")]
+  runs = [results.load_run(root / "ts", "ts"), results.load_run(root / "au", "au")]
   summary = paradigm.type_summary(paradigm.build_rows(runs))
   assert summary == {"segmentation": {"au": pytest.approx((20.0 - 50.0) / 2)}}
 
 
 def test_eval_file_roundtrip_and_moe(tmp_path):
   ev = tmp_path / "eval"
-  paradigm.write_eval(ev, 7, "au", {"breast_2cls": {"auc": math.nan, "accuracy": 0.5, "n": 4}})
-  paradigm.write_eval(ev, 8, "au", {"lung": {"dice": np.float32(0.5), "n": np.float64(3)}})
+  results.write_eval(ev, 7, "au", {"breast_2cls": {"auc": math.nan, "accuracy": 0.5, "n": 4}})
+  results.write_eval(ev, 8, "au", {"lung": {"dice": np.float32(0.5), "n": np.float64(3)}})
   assert json.loads((ev / "8.json").read_text())["tasks"] == {"lung": {"dice": 0.5, "n": 3}}
   raw = json.loads((ev / "7.json").read_text())
   assert raw == {"step": 7, "paradigm": "au",
@@ -140,7 +141,7 @@ def test_eval_file_roundtrip_and_moe(tmp_path):
   back = paradigm.read_eval_file(ev / "7.json")
   assert math.isnan(back["tasks"]["breast_2cls"]["auc"]) and back["tasks"]["breast_2cls"]["n"] == 4
   with pytest.raises(ValueError):
-    paradigm.write_moe_usage(ev, 7, 3, [1], ["a", "b"], [[1, 2, 3]])
+    results.write_moe_usage(ev, 7, 3, [1], ["a", "b"], [[1, 2, 3]])
 
 
 def test_report_errors_name_the_problem(tmp_path, capsys):
@@ -151,25 +152,25 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
   empty = tmp_path / "empty"
   (empty / "model" / "eval").mkdir(parents=True)
   with pytest.raises(M2DinoError, match=str(empty)):
-    paradigm.load_run(empty, "au")
+    results.load_run(empty, "au")
   with pytest.raises(M2DinoError, match="LABEL=DIR"):
     report_cli._parse_runs(["ts"])
   with pytest.raises(M2DinoError, match="--baseline 'xx'"):
     report_cli.make_report({"ts": missing}, tmp_path / "o", baseline="xx")
 
   dup = tmp_path / "dup"
-  paradigm.write_eval(dup / "a" / "eval", 1, "cg", {"lung": {"dice": 0.1, "hd": 1.0, "n": 1}})
-  paradigm.write_eval(dup / "b" / "eval", 1, "cg", {"lung": {"dice": 0.2, "hd": 1.0, "n": 1}})
+  results.write_eval(dup / "a" / "eval", 1, "cg", {"lung": {"dice": 0.1, "hd": 1.0, "n": 1}})
+  results.write_eval(dup / "b" / "eval", 1, "cg", {"lung": {"dice": 0.2, "hd": 1.0, "n": 1}})
   with pytest.raises(DataError, match="also evaluated"):
-    paradigm.load_run(dup, "cg")
+    results.load_run(dup, "cg")
   with pytest.raises(DataError, match="paradigm 'cg'"):
-    paradigm.load_run(dup / "a", "ts")
+    results.load_run(dup / "a", "ts")
 
   bad = tmp_path / "bad" / "eval"
   bad.mkdir(parents=True)
   (bad / "3.json").write_text('{"step": 3, "tasks": {"lung": {"dice": "high"}}}')
   with pytest.raises(DataError, match=r"3\.json.*'dice'"):
-    paradigm.load_run(bad.parent, "au")
+    results.load_run(bad.parent, "au")
 
 
 def test_report_without_baseline_has_values_but_no_deltas(tmp_path):

@@ -154,7 +154,7 @@ def scaling_point(s: dict) -> dict:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from m2dino_jax.train.sharding import PRESETS, make_mesh, state_shardings
+  from m2dino_jax.mesh import PRESETS, make_mesh, state_shardings
   n = jax.device_count()
   mesh = make_mesh({"expert": n})
   model = _moe(s, "expert_parallel", "auto", mesh=mesh)

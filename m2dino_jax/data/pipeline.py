@@ -329,13 +329,6 @@ def _parallelise(ds: grain.IterDataset, worker_count: int, prefetch: int) -> gra
   return ds
 
 
-def global_batches(iterator, mesh, rules):
-  """Yields global jax.Arrays (batch split over the batch axes) from this process's numpy batches."""
-  from m2dino_jax.train import sharding
-  for batch in iterator:
-    yield sharding.shard_batch(batch, mesh, rules)
-
-
 # ----------------------------------------------------------------------------- eval
 
 

@@ -9,7 +9,8 @@
   regression     K landmarks in [0, 1]: direct (MLP -> 2K sigmoids) or heatmap (1x1 conv on the last
                  feature map -> K maps -> soft-argmax).
 
-Each head maps the encoder output dict to the raw prediction of its task.
+Each head maps the encoder output dict to the raw prediction of its task; `tasks/types.py` picks the head
+of a task type.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import ml_collections
 from flax import nnx
 
 from m2dino_jax.errors import ConfigError
-from m2dino_jax.tasks import registry
 
 
 def default_heads_config() -> ml_collections.ConfigDict:
@@ -140,17 +140,3 @@ class PointHead(nnx.Module):
     maps = self.out(enc_out["patch_tokens"]).reshape(b, h * w, self.k)
     prob = jax.nn.softmax(maps, axis=1)  # over positions
     return jnp.einsum("bnk,nc->bkc", prob, patch_centres(h, w))
-
-
-def build_head(task: registry.Task, dim: int, patch: int, num_features: int,
-               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The head for one task, by task type (registry)."""
-  if task.type == registry.SEGMENTATION:
-    return SegHead(dim, task.num_classes, num_features, cfg.seg_channels, patch, rngs=rngs)
-  if task.type == registry.CLASSIFICATION:
-    return ClsHead(dim, task.num_classes, cfg.cls_kind, cfg.mlp_hidden, rngs=rngs)
-  if task.type == registry.DETECTION:
-    return BoxHead(dim, cfg.mlp_hidden, rngs=rngs)
-  if task.type == registry.REGRESSION:
-    return PointHead(dim, task.num_points, cfg.reg_kind, cfg.mlp_hidden, rngs=rngs)
-  raise ConfigError("tasks", f"no head for task type '{task.type}'")

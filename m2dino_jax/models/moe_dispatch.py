@@ -23,11 +23,15 @@ b_in [E, H'], w_out [E, H, D], b_out [E, D].
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-BATCH_MESH_AXES = ("data", "fsdp", "expert")
+from m2dino_jax import mesh as mesh_lib
+from m2dino_jax.errors import ConfigError
 
 
 def activate(h, activation: str):
@@ -190,14 +194,21 @@ def capacity_dispatch_local(x, experts, gates, positions, capacity: int, params,
 
 def expert_mesh_size(mesh) -> int:
   """Size of the 'expert' axis of `mesh` (1 when there is no mesh or no such axis)."""
-  if mesh is None or getattr(mesh, "empty", False) or "expert" not in mesh.axis_names:
-    return 1
-  return int(dict(zip(mesh.axis_names, mesh.axis_sizes))["expert"])
+  return mesh_lib.axis_size(mesh, EXPERT_AXIS)
 
 
-def batch_axes(mesh) -> tuple[str, ...]:
-  """Mesh axes that split the batch around an MoE layer (the batch is also split over 'expert')."""
-  return tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+EXPERT_AXIS = "expert"
+
+
+def check_expert_parallel(num_experts: int, batch: int, mesh) -> None:
+  """Config-time checks of the expert-parallel layout (called by trainers before compiling)."""
+  ep = expert_mesh_size(mesh)
+  if num_experts % ep:
+    raise ConfigError("moe.num_experts", f"{num_experts} experts are not divisible by the expert mesh axis ({ep})")
+  shards = int(math.prod(mesh_lib.axis_size(mesh, a) for a in mesh_lib.batch_axes(mesh)))
+  if batch % shards:
+    raise ConfigError("data.batch_size", f"MoE expert parallel: batch {batch} is not divisible by the {shards} "
+                      f"batch shards of mesh axes {mesh_lib.batch_axes(mesh)}")
 
 
 def expert_parallel_dispatch(x, experts, gates, positions, capacity: int, params, activation: str, mesh):
@@ -208,26 +219,21 @@ def expert_parallel_dispatch(x, experts, gates, positions, capacity: int, params
   [E/ep, ep*b*C] rows, and the reverse all_to_all returns every slot to the device that owns its token.
   """
   num_experts = params["w_in"].shape[0]
-  ep = expert_mesh_size(mesh)
-  if num_experts % ep:
-    raise ValueError(f"num_experts={num_experts} is not divisible by the expert mesh axis ({ep})")
-  axes = batch_axes(mesh)
-  shards = 1
-  for a in axes:
-    shards *= dict(zip(mesh.axis_names, mesh.axis_sizes))[a]
-  if x.shape[0] % shards:
-    raise ValueError(f"MoE expert parallel: batch {x.shape[0]} is not divisible by the {shards} batch shards "
-                     f"of mesh axes {axes}")
-  bspec = P(axes)
-  pspecs = {"w_in": P("expert"), "b_in": P("expert"), "w_out": P("expert"), "b_out": P("expert")}
+  check_expert_parallel(num_experts, x.shape[0], mesh)
+  bspec = P(mesh_lib.batch_axes(mesh))
+  pspecs = {k: P(EXPERT_AXIS) for k in ("w_in", "b_in", "w_out", "b_out")}
+  # Inside the shard_map each device holds whole experts: weights also sharded over fsdp / tensor (preset
+  # 'ep' with mesh.fsdp > 1) are gathered here, explicitly (an all-gather; its transpose in the backward
+  # pass is a reduce-scatter, as in FSDP).
+  params = {k: jax.lax.with_sharding_constraint(params[k], NamedSharding(mesh, pspecs[k])) for k in pspecs}
 
   def local(x, experts, gates, positions, params):
     buf = _to_slots(x, experts, positions, num_experts, capacity)               # [E, b, C, D]
-    buf = jax.lax.all_to_all(buf, "expert", split_axis=0, concat_axis=1, tiled=True)
+    buf = jax.lax.all_to_all(buf, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
     e_loc, rows, c, d = buf.shape                                               # [E/ep, ep*b, C, D]
     ys = expert_ffn(params, buf.reshape(e_loc, rows * c, d), activation).reshape(e_loc, rows, c, d)
-    ys = jax.lax.all_to_all(ys, "expert", split_axis=1, concat_axis=0, tiled=True)  # [E, b, C, D]
+    ys = jax.lax.all_to_all(ys, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)  # [E, b, C, D]
     return _from_slots(ys, experts, gates, positions).astype(x.dtype)
 
   fn = jax.shard_map(local, mesh=mesh, in_specs=(bspec, bspec, bspec, bspec, pspecs), out_specs=bspec)
-  return fn(x, experts, gates, positions, {k: params[k] for k in pspecs})
+  return fn(x, experts, gates, positions, params)

@@ -13,6 +13,7 @@ from pathlib import Path
 from m2dino_jax import fileio
 from m2dino_jax.errors import M2DinoError
 from m2dino_jax.report import paradigm, plots
+from m2dino_jax.tasks import results
 
 
 def _parse_runs(specs: list[str]) -> dict[str, Path]:
@@ -42,7 +43,7 @@ def make_report(run_dirs: dict[str, Path], out_dir, baseline: str | None = None)
     baseline = "ts"
   elif baseline not in run_dirs:
     raise M2DinoError(f"--baseline '{baseline}' is not one of the --runs labels: {', '.join(run_dirs)}")
-  runs = [paradigm.load_run(d, label) for label, d in run_dirs.items()]
+  runs = [results.load_run(d, label) for label, d in run_dirs.items()]
   labels = [r.label for r in runs]
   rows = paradigm.build_rows(runs, baseline)
   out = Path(out_dir)

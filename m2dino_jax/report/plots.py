@@ -14,7 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from m2dino_jax import fileio
-from m2dino_jax.report.paradigm import MoeUsage, Row
+from m2dino_jax.report.paradigm import Row
+from m2dino_jax.tasks.results import MoeUsage
 
 
 def _save(fig: Figure, path) -> Path:

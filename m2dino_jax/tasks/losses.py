@@ -5,7 +5,8 @@
   detection      L1 + generalised IoU on normalised (x_min, y_min, x_max, y_max)
   regression     L1 on normalised (x, y) landmark coordinates
 
-Each function returns (loss scalar, dict of scalar metrics for logging).
+Each function returns (loss scalar, dict of scalar metrics for logging); `tasks/types.py` picks the loss
+of a task type.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-
-from m2dino_jax.tasks import registry
 
 
 def _masked_mean(x, valid):
@@ -72,16 +71,3 @@ def regression_loss(pred, points, valid, num_points: int):
   l1 = _masked_mean(err, valid)
   dist = jnp.linalg.norm(pred - points[:, :num_points], axis=-1).mean(-1)
   return l1, {"l1": l1, "mre_norm": _masked_mean(dist, valid)}
-
-
-def task_loss(task: registry.Task, pred, batch, cfg=None):
-  """Dispatches on the task type; `cfg` is the config's `loss` section (optional)."""
-  get = (lambda k, d: cfg.get(k, d)) if cfg is not None else (lambda k, d: d)
-  valid = batch["valid"]
-  if task.type == registry.SEGMENTATION:
-    return segmentation_loss(pred, batch["mask"], valid, task.num_classes, get("dice_weight", 1.0))
-  if task.type == registry.CLASSIFICATION:
-    return classification_loss(pred, batch["label"], valid, task.num_classes, get("label_smoothing", 0.0))
-  if task.type == registry.DETECTION:
-    return detection_loss(pred, batch["box"], valid, get("box_l1_weight", 1.0), get("giou_weight", 1.0))
-  return regression_loss(pred, batch["points"], valid, task.num_points)

@@ -5,8 +5,9 @@ A checkpoint step folder holds two items:
          current mesh from an abstract target;
   data   the Grain iterator state, so a resumed run sees exactly the batches it would have seen.
 
-`Checkpointer` keeps the latest `keep` steps under WORKDIR/ckpt for resuming; `save_best` keeps
-the single best state by a metric under WORKDIR/best (params for `init_from` / predict).
+`Checkpointer` keeps the latest `keep` steps under WORKDIR/ckpt for resuming (bind the trainer's data
+iterator with `data_iter` and every save / restore carries it); `save_params` writes a params-only
+checkpoint (e.g. the best eval's params under WORKDIR/best, for `init_from` / predict).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class Checkpointer:
   """Latest-N checkpoints of (state, data iterator) in `directory`."""
 
   def __init__(self, directory, keep: int = 2, async_save: bool = True, best_metric: str | None = None,
-               best_mode: str = "max"):
+               best_mode: str = "max", data_iter=None):
+    self.data_iter = data_iter
     self.directory = Path(directory).resolve()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -47,6 +49,7 @@ class Checkpointer:
     """Saves (asynchronously) unless this step is already saved; returns whether it saved."""
     if step in self.manager.all_steps():
       return False
+    data_iter = self.data_iter if data_iter is None else data_iter
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -55,6 +58,7 @@ class Checkpointer:
   def restore(self, state_like, data_iter=None, step: int | None = None):
     """Restores into the shape/sharding of `state_like` (and `data_iter` in place); returns the state."""
     step = self.manager.latest_step() if step is None else step
+    data_iter = self.data_iter if data_iter is None else data_iter
     items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -115,48 +115,68 @@ class PreemptionGuard:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def check_finite(metrics: dict, step: int, task: str = "") -> None:
+def check_finite(metrics: dict, step: int, label: str = "") -> None:
   loss = float(np.asarray(metrics["loss"]))
   gnorm = float(np.asarray(metrics.get("grad_norm", 0.0)))
   if not (math.isfinite(loss) and math.isfinite(gnorm)):
-    where = f" (task '{task}')" if task else ""
+    where = f" ({label})" if label else ""
     raise NonFiniteError(f"non-finite loss {loss} / grad norm {gnorm} at step {step}{where}; "
                          "the last checkpoint is intact: lower the learning rate or check the data")
 
 
+def agreed(flag: bool) -> bool:
+  """True on every process when `flag` is true on any (a collective: call it at the same steps everywhere)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+# Observers called as hook(step, state, checkpointer) after every step (profilers; fault injection in tests).
+AFTER_STEP_HOOKS: list[Callable] = []
+
+COMPLETED, PREEMPTED = "completed", "preempted"
+
+
+def _labels(metrics: dict) -> str:
+  """String entries of the metrics (e.g. the task of a multi-task step) for the progress line."""
+  return ", ".join(v for v in metrics.values() if isinstance(v, str))
+
+
 def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int, writer: MetricWriter,
         log_every: int = 10, eval_every: int = 0, evaluate: Callable | None = None,
-        checkpoint_every: int = 0, save: Callable | None = None, name: str = "train",
-        crash_at_step: int = -1, before_crash: Callable | None = None):
-  """Runs steps start_step+1 .. total_steps. Returns (state, last_step, preempted).
+        checkpoint_every: int = 0, checkpointer=None, name: str = "train"):
+  """Runs steps start_step+1 .. total_steps of `step_fn(state, batch) -> (state, metrics)`.
 
-  `batches` yields (task_name, batch); `save(step, state, force)` checkpoints; `evaluate(state, step)`
-  writes eval results. `crash_at_step` kills the process without saving (tests of resume).
+  Returns (state, last_step, status) with status COMPLETED or PREEMPTED. Metrics may carry string labels
+  (logged as they are). `checkpointer.save(step, state, force)` runs every `checkpoint_every` steps,
+  `evaluate(state, step)` every `eval_every`. SIGTERM stops the loop at a step that every process agrees on
+  (the flag is all-reduced at the log cadence in multi-process runs, every step otherwise), so the collective
+  checkpoint that follows is written once, for the same step everywhere.
   """
   progress = Progress(total_steps, start_step, every=log_every, name=name)
   step = start_step
-  preempted = False
+  status = COMPLETED
+  multi = jax.process_count() > 1
   with PreemptionGuard() as guard:
     while step < total_steps:
-      task, batch = next(batches)
-      state, metrics = step_fn(state, batch, task)
+      state, metrics = step_fn(state, next(batches))
       step += 1
-      if step % log_every == 0 or step == total_steps:
+      log_step = step % log_every == 0 or step == total_steps
+      if log_step:
         metrics = jax.device_get(metrics)
-        check_finite(metrics, step, task)
-        writer.write(step, {"task": task, **metrics})
-        progress.update(step, f"loss {float(metrics['loss']):.4f} ({task})")
-      if step == crash_at_step:
-        import os
-        if before_crash is not None:
-          before_crash()
-        os._exit(17)
+        label = _labels(metrics)
+        check_finite(metrics, step, label)
+        writer.write(step, metrics)
+        progress.update(step, f"loss {float(metrics['loss']):.4f}" + (f" ({label})" if label else ""))
+      for hook in AFTER_STEP_HOOKS:
+        hook(step, state, checkpointer)
       if evaluate is not None and eval_every and step % eval_every == 0 and step != total_steps:
         evaluate(state, step)
-      if save is not None and checkpoint_every and step % checkpoint_every == 0:
-        save(step, state, False)
-      if guard.requested:
-        preempted = True
+      if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0:
+        checkpointer.save(step, state, force=False)
+      if (log_step or not multi) and agreed(guard.requested):
+        status = PREEMPTED
         break
   progress.close()
-  return state, step, preempted
+  return state, step, status

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from m2dino_jax.data import pipeline, transforms
-from m2dino_jax.tasks import metrics, registry
-from m2dino_jax.train import multitask_steps, sharding
+from m2dino_jax import mesh as mesh_lib
+from m2dino_jax.data import pipeline
+from m2dino_jax.tasks import metrics, registry, types
 
 
 def canvas_mode(data_config) -> str:
@@ -26,40 +26,26 @@ def canvas_mode(data_config) -> str:
   return "resize" if first.startswith("resize") else "letterbox"
 
 
-def to_original(task: registry.Task, pred: np.ndarray, orig_size, image_size: int, mode: str):
-  """One canvas prediction -> original pixel space."""
-  if task.type == registry.SEGMENTATION:
-    return transforms.mask_to_original(pred, orig_size, mode)
-  if task.type == registry.DETECTION:
-    corners = transforms.points_to_original(pred.reshape(2, 2), orig_size, image_size, mode)
-    return corners.reshape(4)
-  if task.type == registry.REGRESSION:
-    return transforms.points_to_original(pred, orig_size, image_size, mode)
-  return pred
+def evaluate_task(predict, task: registry.Task, data_config, mesh, rules, usage_acc=None) -> dict:
+  """Runs one task's eval split; returns TaskEvaluator.result() (plus per-class seg scores).
 
-
-def target_of(task: registry.Task, rec):
-  return {registry.SEGMENTATION: rec.mask, registry.CLASSIFICATION: rec.label, registry.DETECTION: rec.box,
-          registry.REGRESSION: rec.points}[task.type]
-
-
-def evaluate_task(model, task: registry.Task, data_config, mesh, rules, usage_acc=None) -> dict:
-  """Runs one task's eval split; returns TaskEvaluator.result() (plus per-class seg scores)."""
+  `predict(global_batch) -> (prediction, usage)` is the task type's eval program with the state bound.
+  """
   pc, pi = jax.process_count(), jax.process_index()
   source = pipeline.load_sources(data_config, [task], data_config.eval_split)[task.name]
   n = len(source)
   local = int(data_config.eval_batch_size) // pc
   block = math.ceil(n / pc)
   mode, size = canvas_mode(data_config), int(data_config.image_size)
+  kind = types.of(task)
   evaluator = metrics.TaskEvaluator(task)
   batches = pipeline.make_eval_batches(data_config, task, process_index=pi, process_count=pc)
   for b, batch in enumerate(batches):
     batch = dict(batch)
     batch["task_id"] = np.full_like(batch["task_id"], task.task_id)
-    gb = sharding.shard_batch(batch, mesh, rules)
+    gb = mesh_lib.shard_batch(batch, mesh, rules)
     with jax.set_mesh(mesh):
-      pred, usage = multitask_steps.eval_step(model.enc_params, model.enc_rest, model.head_params[task.name], gb,
-                                              gdefs=model.gdefs(task.name), task=task)
+      pred, usage = predict(gb)
     pred = np.asarray(multihost_utils.process_allgather(pred, tiled=True))
     valid = np.asarray(multihost_utils.process_allgather(gb["valid"], tiled=True))
     if usage is not None and usage_acc is not None:
@@ -71,10 +57,11 @@ def evaluate_task(model, task: registry.Task, data_config, mesh, rules, usage_ac
       index = p * block + b * local + j
       rec = pipeline.as_record(source[index])
       orig = rec.image.shape[:2]
-      evaluator.add(to_original(task, pred[g], orig, size, mode), target_of(task, rec))
+      evaluator.add(kind.to_original(task, kind.crop(task, pred[g]), orig, size, mode), kind.target_of(rec))
   result = evaluator.result()
-  if task.type == registry.SEGMENTATION:
-    result["per_class"] = evaluator.per_class()
+  per_class = evaluator.per_class()
+  if per_class:
+    result["per_class"] = per_class
   return result
 
 

@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-  from m2dino_jax.report import predict
+  from m2dino_jax.infer import predict
   results = predict.predict(args.workdir, args.task, args.input, args.out, args.batch_size)
   print(f"predicted {args.task} for {len(results)} images -> {args.out}")
   return 0

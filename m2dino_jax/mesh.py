@@ -1,4 +1,4 @@
-"""One mesh vocabulary and named logical-axis presets.
+"""The one mesh vocabulary: axes, logical-axis rules, presets and placement (models and trainers import it).
 
 Mesh axes are always ('data', 'fsdp', 'expert', 'tensor'). Parameters name their dimensions
 with logical axes (below); a preset maps each logical axis to mesh axes. Batches are split
@@ -46,7 +46,7 @@ def get_rules(preset: str | Sequence) -> Rules:
   """Rules from a preset name, or passed through when already a rules sequence."""
   if isinstance(preset, str):
     if preset not in PRESETS:
-      raise ConfigError("sharding.preset", f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
+      raise ConfigError("sharding", f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
     return PRESETS[preset]
   return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in preset)
 
@@ -99,32 +99,38 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
   return P(*out)
 
 
-def _fit_spec(spec: P, shape, mesh: Mesh) -> P:
-  """Drops mesh axes of size 1 or that do not divide a dimension (small test models stay valid), and
-  trailing Nones, so placed arrays carry the same canonical spec that jit gives its outputs (a
-  different but equivalent spec would cost a recompilation of the next step)."""
+def fit_spec(spec: P, shape, mesh: Mesh, what: str = "array", key: str = "sharding") -> P:
+  """Drops mesh axes of size 1 and trailing Nones, so placed arrays carry the same canonical spec that jit
+  gives its outputs (a different but equivalent spec would cost a recompilation of the next step). An axis
+  that does not divide its dimension is a ConfigError naming `what` (a silent drop would replicate a weight
+  the user asked to shard)."""
   out = []
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    kept, size = [], 1
-    for a in axes:
-      if mesh.shape[a] > 1 and dim % (size * mesh.shape[a]) == 0:
-        kept.append(a)
-        size *= mesh.shape[a]
-    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  for d, (dim, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+    axes = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if mesh.shape[a] > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if dim % size:
+      sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+      raise ConfigError(key, f"{what}: dimension {d} of shape {tuple(shape)} is not divisible by mesh axes "
+                        f"{sizes}; change the mesh or the model size")
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   while out and out[-1] is None:
     out.pop()
   return P(*out)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def state_shardings(state, mesh: Mesh, rules: Rules):
   """NamedShardings for an nnx.State (or abstract state) from its logical-axis metadata."""
   specs = nnx.get_partition_spec(state)
 
-  def one(spec, leaf):
-    return NamedSharding(mesh, _fit_spec(logical_to_spec(tuple(spec), rules), np.shape(leaf), mesh))
+  def one(path, spec, leaf):
+    return NamedSharding(mesh, fit_spec(logical_to_spec(tuple(spec), rules), np.shape(leaf), mesh,
+                                        what=f"parameter '{_path_str(path)}'"))
 
-  return jax.tree.map(one, specs, state)
+  return jax.tree_util.tree_map_with_path(one, specs, state)
 
 
 def shard_state(state, mesh: Mesh, rules: Rules):
@@ -136,14 +142,19 @@ def batch_spec(ndim: int, rules: Rules) -> P:
   return logical_to_spec(("batch",) + (None,) * (ndim - 1), rules)
 
 
-def batch_shardings(batch, mesh: Mesh, rules: Rules):
-  return jax.tree.map(lambda x: NamedSharding(mesh, _fit_spec(batch_spec(np.ndim(x), rules), np.shape(x), mesh)),
-                      batch)
+def batch_shardings(batch, mesh: Mesh, rules: Rules, global_scale: int = 1):
+  """Shardings of a batch whose leading dim is split over the batch axes. `global_scale` multiplies the
+  leading dim for the divisibility check (process-local data of a multi-process batch)."""
+  def one(path, x):
+    shape = (np.shape(x)[0] * global_scale,) + tuple(np.shape(x)[1:])
+    return NamedSharding(mesh, fit_spec(batch_spec(np.ndim(x), rules), shape, mesh,
+                                        what=f"batch '{_path_str(path)}'", key="data.batch_size"))
+  return jax.tree_util.tree_map_with_path(one, batch)
 
 
 def shard_batch(batch, mesh: Mesh, rules: Rules):
   """Global arrays from this process's slice of the batch (leading dim = local batch)."""
-  shardings = batch_shardings(batch, mesh, rules)
+  shardings = batch_shardings(batch, mesh, rules, global_scale=jax.process_count())
   if jax.process_count() == 1:
     return jax.device_put(batch, shardings)
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
@@ -152,3 +163,15 @@ def shard_batch(batch, mesh: Mesh, rules: Rules):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def axis_size(mesh, axis: str) -> int:
+  """Size of `axis` in `mesh` (1 when there is no mesh or no such axis); works for abstract meshes."""
+  if mesh is None or getattr(mesh, "empty", False) or axis not in mesh.axis_names:
+    return 1
+  return int(dict(zip(mesh.axis_names, mesh.axis_sizes))[axis])
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes that split a batch (outside MoE layers the expert axis carries batch too)."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)

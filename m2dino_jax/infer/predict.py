@@ -20,10 +20,11 @@ import numpy as np
 from PIL import Image
 
 from m2dino_jax import fileio
+from m2dino_jax import mesh as mesh_lib
 from m2dino_jax.data import imageio, records, transforms
 from m2dino_jax.errors import DataError, M2DinoError
 from m2dino_jax.tasks import registry
-from m2dino_jax.train import checkpointing, multitask, multitask_eval, multitask_steps, sharding
+from m2dino_jax.train import checkpointing, multitask, multitask_eval, multitask_steps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".dcm", ".mha", ".nii", ".gz")
 
@@ -80,7 +81,7 @@ def predict(run_dir, task_name: str, inputs, out_dir, batch_size: int = 8) -> di
   config, model = load_run_model(run_dir, task.name)
   data = config.data
   pipe = transforms.Pipeline(data.transforms.eval, data.image_size, data.channels)
-  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
   paths = list_inputs(inputs)
   out = Path(out_dir)
   results = {}

@@ -1,0 +1,1 @@
+"""Inference with trained models: challenge-format predictions and frozen-encoder features."""

@@ -1,0 +1,318 @@
+"""M2DINO multi-task trainer: TS / CG / AU paradigms from one config.
+
+  au  one model for all the config's tasks, MoE on;
+  cg  one model per clinical group (config.groups, default: registry's organ groups), MoE on;
+  ts  one model per task, MoE off.
+
+Step budget rule (the same for all paradigms): a model with T tasks trains `steps_per_task * T` steps
+with batches of one task each, drawn by the configured mixture, so the total number of batches (and
+compute) over all models of a paradigm is the same and every task sees about the same number of
+batches under a uniform mixture. Each model lives in WORKDIR/<model name>/ (AU: WORKDIR/all/) with its
+checkpoints (ckpt/, best/), metrics.jsonl, TensorBoard events and eval/STEP.json files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m2dino_jax import fileio
+from m2dino_jax import mesh as mesh_lib
+from m2dino_jax.data import pipeline
+from m2dino_jax.errors import ConfigError
+from m2dino_jax.models import convert, moe_dispatch, vit
+from m2dino_jax.tasks import registry, types
+from m2dino_jax.tasks import results as results_lib
+from m2dino_jax.train import checkpointing, core, loop, optim
+from m2dino_jax.train.multitask import eval as multitask_eval
+from m2dino_jax.train.multitask import steps as multitask_steps
+
+PARADIGMS = results_lib.PARADIGMS
+
+
+def plan_models(config) -> list[tuple[str, list[registry.Task]]]:
+  """[(model name, tasks)] for the config's paradigm."""
+  tasks = registry.resolve(config.tasks)
+  if not tasks:
+    raise ConfigError("tasks", "no tasks selected")
+  if config.paradigm == "au":
+    return [("all", tasks)]
+  if config.paradigm == "ts":
+    return [(t.name, [t]) for t in tasks]
+  if config.paradigm == "cg":
+    spec = parse_groups(config.groups) or registry.default_groups()
+    groups = {g: registry.resolve(names) for g, names in spec.items()}
+    chosen = {t.name for t in tasks}
+    plan = [(g, [t for t in members if t.name in chosen]) for g, members in groups.items()]
+    plan = [(g, ts) for g, ts in plan if ts]
+    covered = [t.name for _, ts in plan for t in ts]
+    missing = sorted(chosen - set(covered))
+    if missing:
+      raise ConfigError("groups", f"tasks {missing} belong to no group")
+    if len(covered) != len(set(covered)):
+      raise ConfigError("groups", "a task appears in two groups")
+    return plan
+  raise ConfigError("paradigm", f"'{config.paradigm}' is not one of {PARADIGMS}")
+
+
+def moe_enabled(config) -> bool:
+  return bool(config.moe.enabled) and config.paradigm != "ts"
+
+
+def parse_groups(spec) -> dict[str, list[str]] | None:
+  """CG groups from `config.groups`: '' (the registry's organ groups), 'name:task+task;name:task' or the path
+  of a JSON file {name: [task, ...]}."""
+  spec = str(spec or "").strip()
+  if not spec:
+    return None
+  if spec.endswith(".json"):
+    obj = fileio.read_json(Path(spec), "groups file")
+    if not isinstance(obj, dict) or not all(isinstance(v, list | str) for v in obj.values()):
+      raise ConfigError("groups", f"{spec}: expected an object {{group: [task, ...]}}")
+    return {str(k): [v] if isinstance(v, str) else list(v) for k, v in obj.items()}
+  groups = {}
+  for item in filter(None, (g.strip() for g in spec.split(";"))):
+    name, sep, members = item.partition(":")
+    if not sep or not name.strip() or not members.strip():
+      raise ConfigError("groups", f"bad group '{item}'; use name:task+task;name:task or a JSON file")
+    groups[name.strip()] = [m.strip() for m in members.replace(",", "+").split("+") if m.strip()]
+  return groups
+
+
+@dataclasses.dataclass
+class ModelDef:
+  """The static half of a model: graph definitions and the encoder config."""
+  enc_gdef: nnx.GraphDef
+  head_gdefs: dict
+  encoder_cfg: vit.ViTConfig
+
+
+def build_modules(config, tasks: list[registry.Task], *, moe_on: bool, seed: int):
+  """(encoder, {task: head}) NNX modules of one model."""
+  cfg = vit.ViTConfig.from_config(config.model)
+  rngs = nnx.Rngs(seed)
+  encoder = vit.Encoder(cfg, moe=config.moe if moe_on else None, num_tasks=registry.NUM_TASKS, rngs=rngs)
+  heads = {t.name: types.build_head(t, cfg.dim, cfg.patch, len(cfg.out_blocks), config.heads, rngs=rngs)
+           for t in tasks}
+  return encoder, heads
+
+
+def _split(encoder, heads):
+  enc_gdef, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
+  head_split = {n: nnx.split(m, nnx.Param) for n, m in heads.items()}
+  return enc_gdef, enc_params, enc_rest, {n: g for n, (g, _) in head_split.items()}, \
+      {n: p for n, (_, p) in head_split.items()}
+
+
+def _total_steps(config, num_tasks: int) -> int:
+  return int(config.total_steps) if config.total_steps > 0 else int(config.steps_per_task) * num_tasks
+
+
+def _check(config) -> None:
+  if config.data.channels != config.model.in_chans:
+    raise ConfigError("data.channels", f"{config.data.channels} must equal model.in_chans {config.model.in_chans}")
+  if config.data.image_size % vit.ViTConfig.from_config(config.model).patch:
+    raise ConfigError("data.image_size", "must be divisible by the patch size")
+  if not config.data.one_task_per_batch:
+    raise ConfigError("data.one_task_per_batch", "the multi-task trainer applies one head per batch: "
+                      "batches must hold one task each (set it to True)")
+
+
+class _Run:
+  """Training of one model (one of the paradigm's models)."""
+
+  def __init__(self, config, workdir: Path | None, name: str, tasks: list[registry.Task]):
+    self.config, self.workdir, self.name, self.tasks = config, workdir, name, tasks
+    devices = jax.devices()[:config.mesh_devices] if config.mesh_devices > 0 else None
+    self.mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
+    self.rules = mesh_lib.get_rules(config.sharding)
+    self.total = _total_steps(config, len(tasks))
+    self.moe_on = moe_enabled(config)
+    if self.moe_on:
+      moe_dispatch.check_expert_parallel(config.moe.num_experts, config.data.batch_size, self.mesh)
+    self.by_type = {}
+    for t in tasks:
+      self.by_type.setdefault(t.type, []).append(t)
+    self._init_state()
+    o = config.optim
+    self.settings = multitask_steps.Settings(
+        lr_schedule=optim.lr_schedule(o, self.total), tx=optim.adam_tx(o), head_lr_mult=float(o.head_lr_mult),
+        clip_norm=float(o.clip_norm), loss_cfg=config.loss,
+        enc_scales=jax.tree.map(np.float32, optim.encoder_lr_scales(self.state.params["encoder"], o,
+                                                                     self.model.encoder_cfg.depth)))
+    weights = _task_weights(config.loss.task_weights, tasks)
+    self.bound = {k: jax.device_put(multitask_steps.bound_inputs(ts, weights, self.enc_rest),
+                                    mesh_lib.replicated(self.mesh)) for k, ts in self.by_type.items()}
+    self._train_programs, self._eval_programs = {}, {}
+
+  def _init_state(self) -> None:
+    config, tx = self.config, optim.adam_tx(self.config.optim)
+    seed_key = core.seed_data(config.seed)
+
+    def init():
+      encoder, heads = build_modules(config, self.tasks, moe_on=self.moe_on, seed=config.seed)
+      _, enc_params, enc_rest, _, head_params = _split(encoder, heads)
+      params = {"encoder": enc_params, "heads": head_params}
+      opt = {"encoder": tx.init(enc_params), "heads": {n: tx.init(p) for n, p in head_params.items()}}
+      return core.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt,
+                             rng=jnp.asarray(seed_key)), enc_rest
+
+    def shardings(abstract):
+      state, rest = abstract
+      return mesh_lib.state_shardings(state, self.mesh, self.rules), \
+          jax.tree.map(lambda _: mesh_lib.replicated(self.mesh), rest)
+
+    abstract_enc, abstract_heads = nnx.eval_shape(
+        lambda: build_modules(config, self.tasks, moe_on=self.moe_on, seed=config.seed))
+    enc_gdef, *_, head_gdefs, _ = _split(abstract_enc, abstract_heads)
+    self.model = ModelDef(enc_gdef, head_gdefs, vit.ViTConfig.from_config(config.model))
+    self.moe_layers = [i for i, b in enumerate(abstract_enc.blocks) if b.is_moe]
+    self.state, self.enc_rest = core.init_state(init, shardings)
+    if config.init_from:
+      encoder = nnx.merge(enc_gdef, jax.device_get(self.state.params["encoder"]), jax.device_get(self.enc_rest))
+      convert.init_encoder_from(encoder, config.init_from)
+      _, enc_params, _ = nnx.split(encoder, nnx.Param, ...)
+      enc_params = mesh_lib.shard_state(enc_params, self.mesh, self.rules)
+      self.state = self.state.replace(params={**self.state.params, "encoder": enc_params})
+    self.state_shardings = core.shardings_of(self.state)
+
+  def _train_program(self, task_type: str, batch):
+    if task_type not in self._train_programs:
+      fn = multitask_steps.train_program(self.model.enc_gdef, self.model.head_gdefs, self.by_type[task_type],
+                                         self.settings)
+      bound = self.bound[task_type]
+      self._train_programs[task_type] = jax.jit(
+          fn, in_shardings=(self.state_shardings, core.shardings_of(batch), core.shardings_of(bound)),
+          out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    return self._train_programs[task_type]
+
+  def _eval_program(self, task_type: str):
+    if task_type not in self._eval_programs:
+      fn = multitask_steps.eval_program(self.model.enc_gdef, self.model.head_gdefs, self.by_type[task_type])
+      self._eval_programs[task_type] = jax.jit(fn)
+    return self._eval_programs[task_type]
+
+  def prepare(self, batch: dict) -> dict:
+    """A host batch from the pipeline -> a global batch on the mesh, with its task name (host side)."""
+    task = registry.TASKS[int(batch["task_id"][0])]
+    return {"task": task, "batch": mesh_lib.shard_batch(batch, self.mesh, self.rules)}
+
+  def step(self, state, prepared: dict):
+    """train_step(state, batch) -> (state, metrics): the compiled program of the batch's task type."""
+    task, batch = prepared["task"], prepared["batch"]
+    with jax.set_mesh(self.mesh):
+      state, metrics = self._train_program(task.type, batch)(state, batch, self.bound[task.type])
+    return state, {"task": task.name, **metrics}
+
+  def evaluate(self, state, step: int) -> float:
+    self.state = state
+    usage = np.zeros((registry.NUM_TASKS, self.config.moe.num_experts)) if self.moe_on else None
+    results, scores = {}, []
+    diag = math.hypot(self.config.data.image_size, self.config.data.image_size)
+    for task in self.tasks:
+      program, bound = self._eval_program(task.type), self.bound[task.type]
+      predict = lambda batch, program=program, bound=bound: program(self.state.params, batch, bound)
+      results[task.name] = multitask_eval.evaluate_task(predict, task, self.config.data, self.mesh, self.rules,
+                                                        usage)
+      scores.append(multitask_eval.score(task, results[task.name], diag))
+    eval_dir = self.workdir / "eval"
+    if jax.process_index() == 0:
+      results_lib.write_eval(eval_dir, step, self.config.paradigm, results)
+      if usage is not None:
+        rows = [usage[t.task_id].tolist() for t in self.tasks]
+        results_lib.write_moe_usage(eval_dir, step, self.config.moe.num_experts, self.moe_layers,
+                                    [t.name for t in self.tasks], rows)
+    score = float(np.mean(scores))
+    flat = {f"{t}/{k}": v for t, r in results.items() for k, v in r.items() if isinstance(v, (int, float))}
+    self.writer.write(step, {"score": score, **flat}, prefix="eval/")
+    if score > self.best_score:
+      self.best_score = score
+      checkpointing.save_params(self.workdir / "best" / "params", self.state.params)
+      if jax.process_index() == 0:
+        results_lib.write_best(eval_dir, step)
+        fileio.write_json(self.workdir / "best" / "best.json", {"step": step, "score": score})
+    return score
+
+  def train(self) -> str:
+    """Trains to the end (resuming if a checkpoint exists). Returns loop.COMPLETED or loop.PREEMPTED."""
+    cfg = self.config
+    done_file = self.workdir / "done.json"
+    if done_file.is_file():
+      print(f"[{self.name}] already finished; skipping", file=sys.stderr)
+      return loop.COMPLETED
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(self.workdir / "tasks.json", {
+        "model": self.name, "tasks": [t.name for t in self.tasks], "moe": self.moe_on,
+        "encoder": dataclasses.asdict(self.model.encoder_cfg)})
+    it = pipeline.make_train_iterator(cfg.data, self.tasks, seed=cfg.seed, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+    ckpt = checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
+                                      async_save=cfg.checkpoint.async_save, data_iter=it)
+    start = 0
+    best_file = self.workdir / "best" / "best.json"
+    self.best_score = fileio.read_json(best_file, "best file")["score"] if best_file.is_file() else -math.inf
+    if ckpt.latest_step() is not None:
+      self.state = ckpt.restore(self.state)
+      start = int(self.state.step)
+      print(f"[{self.name}] resumed from step {start}", file=sys.stderr)
+    self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
+    state, step, status = loop.run(
+        state=self.state, batches=map(self.prepare, it), step_fn=self.step, start_step=start,
+        total_steps=self.total, writer=self.writer, log_every=cfg.log_every, eval_every=cfg.eval_every,
+        evaluate=self.evaluate, checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name=self.name)
+    self.state = state
+    it.close()
+    ckpt.save(step, state, force=True)
+    ckpt.close()
+    if status == loop.PREEMPTED:
+      print(f"[{self.name}] preempted at step {step}: checkpoint written; rerun the same command to resume",
+            file=sys.stderr)
+      return status
+    self.evaluate(state, step)
+    self.writer.close()
+    if jax.process_index() == 0:
+      fileio.write_json(done_file, {"step": step})
+    return status
+
+
+def _task_weights(spec: str, tasks) -> dict[str, float]:
+  weights = {t.name: 1.0 for t in tasks}
+  for item in filter(None, (s.strip() for s in str(spec or "").split(","))):
+    name, _, w = item.partition("=")
+    registry.get(name.strip())
+    try:
+      weights[name.strip()] = float(w)
+    except ValueError:
+      raise ConfigError("loss.task_weights", f"bad weight in '{item}'; use task=weight") from None
+  return weights
+
+
+def train_and_evaluate(config, workdir: str) -> str:
+  """Trains every model of the paradigm in turn and prints the per-task table. Returns loop.COMPLETED, or
+  loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume)."""
+  _check(config)
+  root = Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    fileio.write_text(root / "config.json", config.to_json_best_effort(indent=2))
+  for name, tasks in plan_models(config):
+    if _Run(config, root / name, name, tasks).train() == loop.PREEMPTED:
+      return loop.PREEMPTED
+  print_table(results_lib.load_run(root, config.paradigm))
+  return loop.COMPLETED
+
+
+def print_table(run) -> None:
+  print(f"\nper-task metrics ({run.label}):")
+  for task in registry.TASKS:
+    if task.name in run.tasks:
+      m = run.tasks[task.name]
+      vals = "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "n")
+      print(f"  {task.name:24s} {task.type:15s} {vals}")
