@@ -14,17 +14,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from m2dino_jax import fileio
-from m2dino_jax import mesh as mesh_lib
 from m2dino_jax.data import imageio, records, transforms
 from m2dino_jax.errors import DataError, M2DinoError
-from m2dino_jax.tasks import registry
-from m2dino_jax.train import checkpointing, multitask, multitask_eval, multitask_steps
+from m2dino_jax.tasks import registry, types
+from m2dino_jax.train import checkpointing, multitask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".dcm", ".mha", ".nii", ".gz")
 
@@ -39,26 +37,27 @@ def find_model(run_dir: Path, task: str) -> tuple[Path, list[str], bool]:
 
 
 def load_run_model(run_dir, task: str):
+  """(config, the model's multi-task run on one device, params) of the run's model trained on `task`."""
   run_dir = Path(run_dir)
   cfg_file = run_dir / "config.json"
   if not cfg_file.is_file():
     raise M2DinoError(f"{run_dir}: not a training run (no config.json)")
-  config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+  config = ml_collections.ConfigDict(fileio.read_json(cfg_file, "run config"))
+  config.mesh_devices, config.sharding = 1, "dp"
+  config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+  config.moe.backend = "dense" if config.moe.backend == "expert_parallel" else config.moe.backend
   model_dir, task_names, moe_on = find_model(run_dir, task)
-  tasks = registry.resolve(task_names)
-  model, _ = multitask.build_model(config, tasks, moe_on=moe_on, seed=config.seed)
-  like = {"encoder": model.enc_params, "heads": model.head_params}
+  config.moe.enabled = moe_on
+  model = multitask._Run(config, None, model_dir.name, registry.resolve(task_names))
   best = model_dir / "best" / "params"
   if best.is_dir():
-    params = checkpointing.restore_params(best, like)
+    params = checkpointing.restore_params(best, model.state.params)
   else:
     ckpt = checkpointing.Checkpointer(model_dir / "ckpt", async_save=False)
     if ckpt.latest_step() is None:
       raise M2DinoError(f"{model_dir}: no checkpoint to predict with")
-    state = ckpt.manager.restore(ckpt.latest_step())  # raw restore of the saved state
-    params = {"encoder": state["state"]["encoder"], "heads": state["state"]["heads"]}
-  model.enc_params, model.head_params = params["encoder"], params["heads"]
-  return config, model
+    params = ckpt.restore(model.state).params
+  return config, model, params
 
 
 def list_inputs(inputs) -> list[Path]:
@@ -78,10 +77,10 @@ def list_inputs(inputs) -> list[Path]:
 
 def predict(run_dir, task_name: str, inputs, out_dir, batch_size: int = 8) -> dict:
   task = registry.get(task_name)
-  config, model = load_run_model(run_dir, task.name)
+  config, model, params = load_run_model(run_dir, task.name)
   data = config.data
   pipe = transforms.Pipeline(data.transforms.eval, data.image_size, data.channels)
-  mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  kind = types.of(task)
   paths = list_inputs(inputs)
   out = Path(out_dir)
   results = {}
@@ -91,13 +90,10 @@ def predict(run_dir, task_name: str, inputs, out_dir, batch_size: int = 8) -> di
     examples = [pipe(records.Record(image=img, task="", source=str(p))) for img, p in zip(images, chunk)]
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     batch["task_id"] = np.full(len(chunk), task.task_id, np.int32)
-    with jax.set_mesh(mesh):
-      pred, _ = multitask_steps.eval_step(model.enc_params, model.enc_rest, model.head_params[task.name], batch,
-                                          gdefs=model.gdefs(task.name), task=task)
-    pred = np.asarray(pred)
+    pred = model.predict(params, batch, task)
     for p, img, pr in zip(chunk, images, pred):
       h, w = img.shape[:2]
-      orig = multitask_eval.to_original(task, pr, (h, w), data.image_size, pipe.canvas_mode)
+      orig = kind.to_original(task, pr, (h, w), data.image_size, pipe.canvas_mode)
       results[p.name] = _format(task, orig, (h, w), p, out)
   if task.type != registry.SEGMENTATION:
     name = {registry.CLASSIFICATION: "classification", registry.DETECTION: "detection",

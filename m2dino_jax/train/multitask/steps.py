@@ -52,6 +52,13 @@ def forward_encoder(enc_gdef, enc_params, enc_rest, batch, *, train: bool, key=N
   return out, out["moe_aux"]
 
 
+def _split_static(enc_out: dict):
+  """Encoder output -> (array part, a function restoring the full dict): `lax.switch` operands must be arrays,
+  while the patch grid is a static Python tuple the heads compute shapes from."""
+  arrays = {k: v for k, v in enc_out.items() if k not in ("grid", "moe_aux")}
+  return arrays, lambda a: {**a, "grid": enc_out["grid"]}
+
+
 def bound_inputs(tasks: list[registry.Task], task_weights: dict, enc_rest) -> dict:
   """The per-model inputs bound to a program: the encoder's non-trained state, the task id -> head position
   table and the type's loss weights. Inputs, not constants, so models of equal shapes (TS's many models)
@@ -81,9 +88,9 @@ def train_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task], s: Set
   comes from `bound_inputs`."""
   names = [t.name for t in tasks]
 
-  def head_loss(i):
-    def branch(head_params, enc_out, batch):
-      pred = nnx.merge(head_gdefs[names[i]], head_params[i])(enc_out, batch["image"].shape[1:3])
+  def head_loss(i, restore):
+    def branch(head_params, enc_arrays, batch):
+      pred = nnx.merge(head_gdefs[names[i]], head_params[i])(restore(enc_arrays), batch["image"].shape[1:3])
       return types.task_loss(tasks[i], pred, batch, s.loss_cfg)
     return branch
 
@@ -94,7 +101,9 @@ def train_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task], s: Set
 
     def loss_fn(enc_params, head_params):
       enc_out, moe_aux = forward_encoder(enc_gdef, enc_params, bound["enc_rest"], batch, train=True, key=key)
-      loss, metrics = jax.lax.switch(idx, [head_loss(i) for i in range(len(names))], head_params, enc_out, batch)
+      arrays, restore = _split_static(enc_out)
+      branches = [head_loss(i, restore) for i in range(len(names))]
+      loss, metrics = jax.lax.switch(idx, branches, head_params, arrays, batch)
       aux, moe_metrics = _moe_metrics(moe_aux)
       return bound["weights"][idx] * loss + aux, (loss, aux, {**metrics, **moe_metrics})
 
@@ -127,21 +136,21 @@ def eval_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task]):
   MoE layers (None without MoE)."""
   names = [t.name for t in tasks]
 
-  def head_pred(i):
-    def branch(head_params, enc_out, image_hw):
-      pred = nnx.merge(head_gdefs[names[i]], head_params[i])(enc_out, image_hw)
+  def head_pred(i, restore, image_hw):
+    def branch(head_params, enc_arrays):
+      pred = nnx.merge(head_gdefs[names[i]], head_params[i])(restore(enc_arrays), image_hw)
       return types.of(tasks[i]).postprocess(pred)
     return branch
 
   def program(params, batch, bound):
     enc_out, moe_aux = forward_encoder(enc_gdef, params["encoder"], bound["enc_rest"], batch, train=False)
     heads = tuple(params["heads"][n] for n in names)
-    hw = batch["image"].shape[1:3]
-    branches = [head_pred(i) for i in range(len(names))]
-    shapes = [jax.eval_shape(b, heads, enc_out, hw) for b in branches]
+    arrays, restore = _split_static(enc_out)
+    branches = [head_pred(i, restore, batch["image"].shape[1:3]) for i in range(len(names))]
+    shapes = [jax.eval_shape(b, heads, arrays) for b in branches]
     full = tuple(max(s.shape[d] for s in shapes) for d in range(len(shapes[0].shape)))
-    padded = [lambda h, e, b=b: _pad_to(b(h, e, hw), full) for b in branches]
-    pred = jax.lax.switch(_head_index(bound, batch), padded, heads, enc_out)
+    padded = [lambda h, e, b=b: _pad_to(b(h, e), full) for b in branches]
+    pred = jax.lax.switch(_head_index(bound, batch), padded, heads, arrays)
     usage = sum(a["task_usage"] for a in moe_aux) if moe_aux else None
     return pred, usage
 

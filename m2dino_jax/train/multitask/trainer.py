@@ -199,6 +199,14 @@ class _Run:
       self._eval_programs[task_type] = jax.jit(fn)
     return self._eval_programs[task_type]
 
+  def predict(self, params, batch: dict, task: registry.Task) -> np.ndarray:
+    """Canvas predictions of one task for a host batch (post-processed and cropped), with `params`."""
+    batch = mesh_lib.shard_batch(dict(batch, task_id=np.full(len(batch["image"]), task.task_id, np.int32)),
+                                 self.mesh, self.rules)
+    with jax.set_mesh(self.mesh):
+      pred, _ = self._eval_program(task.type)(params, batch, self.bound[task.type])
+    return np.stack([types.of(task).crop(task, p) for p in np.asarray(pred)])
+
   def prepare(self, batch: dict) -> dict:
     """A host batch from the pipeline -> a global batch on the mesh, with its task name (host side)."""
     task = registry.TASKS[int(batch["task_id"][0])]
