@@ -1,12 +1,12 @@
 """Multi-task train step (images/s): our jitted JAX step vs an equivalent plain PyTorch step, MoE off and on.
 
-JAX: multitask_steps.train_step (encoder + one task head + loss + MoE aux losses + clipping + AdamW),
-compiled ahead of time so that compilation is timed on its own. PyTorch (bench/torch_ref.py): the
-transformers DINOv3ViTModel (eager attention, fp32) with a per-expert-loop MoE patched into the MoE
-blocks, the same head and loss, torch.optim.AdamW. Both start from the same weights (ours are copied from
-the torch model) and see the same batch; the first losses are compared in the run. Steps are timed
-round-robin after a warm-up (a shared machine's load hits both alike), torch with as many threads as the
-cores JAX uses.
+JAX: the multi-task trainer's program (train/multitask/steps.py: encoder + one task head + loss + MoE
+aux losses + clipping + AdamW), compiled ahead of time so that compilation is timed on its own. PyTorch
+(bench/torch_ref.py): the transformers DINOv3ViTModel (eager attention, fp32) with a per-expert-loop MoE
+patched into the MoE blocks, the same head and loss, torch.optim.AdamW. Both start from the same weights
+(ours are copied from the torch model) and see the same batch; the first losses are compared in the run.
+Steps are timed round-robin after a warm-up (a shared machine's load hits both alike), torch with as many
+threads as the cores JAX uses.
 
 FLOPs per image are counted analytically (matmuls only, fwd + bwd = 3 x fwd), the MaxText-style
   3 * (2 * N_tok * P_active + 4 * L * N_tok^2 * d) + head,
@@ -162,42 +162,45 @@ def _setup(args, moe_on: bool):
   import torch
   from flax import nnx
 
-  from m2dino_jax.models import convert
+  from m2dino_jax.models import convert, vit
   from m2dino_jax.tasks import registry
-  from m2dino_jax.train import multitask, multitask_steps, optim
+  from m2dino_jax.train import core, optim
+  from m2dino_jax.train.multitask import steps, trainer
 
   config = _config(args, moe_on)
   task = registry.get(args.task or DEFAULT_TASK[args.head])
-  model, encoder = multitask.build_model(config, [task], moe_on=moe_on, seed=args.seed)
-  vit_cfg = model.encoder_cfg
+  encoder, heads = trainer.build_modules(config, [task], moe_on=moe_on, seed=args.seed)
+  vit_cfg = vit.ViTConfig.from_config(config.model)
   moe_layers = [i for i, blk in enumerate(encoder.blocks) if blk.is_moe]
   ref, opt = _torch_model(args, config, task, vit_cfg, moe_layers)
 
   # our model gets the torch model's weights
   convert.assign(encoder, ref.jax_encoder_params(vit_cfg), "torch reference")
-  head = nnx.merge(model.head_gdefs[task.name], model.head_params[task.name])
-  convert.assign(head, ref.head.jax_params(), "torch reference head")
-  _, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
-  _, head_params = nnx.split(head, nnx.Param)
-  hp = multitask_steps.Hyper.from_config(config, total_steps=1000)
-  tx = hp.tx()
-  slc = {"step": jnp.int32(0), "encoder": enc_params, "head": head_params,
-         "opt_encoder": tx.init(enc_params), "opt_head": tx.init(head_params)}
-  scales = jax.tree.map(np.float32, optim.encoder_lr_scales(enc_params, config.optim, vit_cfg.depth))
+  convert.assign(heads[task.name], ref.head.jax_params(), "torch reference head")
+  enc_gdef, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
+  head_gdef, head_params = nnx.split(heads[task.name], nnx.Param)
+  o = config.optim
+  tx = optim.adam_tx(o)
+  settings = steps.Settings(
+      lr_schedule=optim.lr_schedule(o, 1000), tx=tx, head_lr_mult=float(o.head_lr_mult), clip_norm=float(o.clip_norm),
+      loss_cfg=config.loss, enc_scales=jax.tree.map(np.float32, optim.encoder_lr_scales(enc_params, o, vit_cfg.depth)))
+  state = core.TrainState(step=jnp.int32(0), params={"encoder": enc_params, "heads": {task.name: head_params}},
+                          opt_state={"encoder": tx.init(enc_params), "heads": {task.name: tx.init(head_params)}},
+                          rng=jnp.asarray(core.seed_data(args.seed)))
+  bound = steps.bound_inputs([task], {}, enc_rest)
   batch = _batch(args, task, np.random.default_rng(args.seed))
   jbatch = jax.tree.map(jnp.asarray, batch)
-  key, weight = jax.random.key(args.seed), np.float32(1.0)
+  program = steps.train_program(enc_gdef, {task.name: head_gdef}, [task], settings)
 
   t0 = time.perf_counter()
-  compiled = multitask_steps.train_step.lower(slc, enc_rest, jbatch, scales, key, weight, gdefs=model.gdefs(task.name),
-                                              task=task, hp=hp).compile()
+  compiled = jax.jit(program, donate_argnums=(0,)).lower(state, jbatch, bound).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state = {"slc": slc}
+  holder = {"state": state}
 
   def jax_step():
-    state["slc"], metrics = compiled(state["slc"], enc_rest, jbatch, scales, key, weight)
+    holder["state"], metrics = compiled(holder["state"], jbatch, bound)
     return float(jax.block_until_ready(metrics["loss"]))
 
   pixels = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
