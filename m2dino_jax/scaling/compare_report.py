@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -88,6 +89,8 @@ def plot_extrapolation(ex, path) -> Path:
   ends = [np.nanmin(meas), np.nanmax(meas)]
   a.plot(ends, ends, "k--", lw=1)
   a.set_xscale("log"), a.set_yscale("log"), a.legend(fontsize=7)
+  a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor log labels overlap
+  a.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   a.set_xlabel("measured held-out loss"), a.set_ylabel("predicted loss")
   a.set_title(f"law E={mode}: held-out r = {entry['held_out']['pooled_r']:.4f}")
   for m, e in ex["laws"].items():
