@@ -3,7 +3,10 @@
 Two comparisons, each at equal answers (the table reports the largest disagreement):
   allocate  P random allocation problems in one jitted vmapped call vs a loop of multi-start SLSQP;
   fit       R bootstrap resamples x n domains of power-law fits in one call vs a loop of least_squares(trf);
-  fit+transfer  R bootstrap resamples of the whole planted study (self laws, then tau rows) likewise.
+  fit+transfer  R bootstrap resamples of the whole planted study (self laws, then tau rows) likewise;
+  compare   the six-domain study: every bootstrap resample's fitted law allocated by the two allocator
+            strategies (transfer-aware, transfer-blind) at every budget, the three heuristics being closed form,
+            i.e. resamples x 2 x budgets problems in one call vs a loop of SLSQP (max_rel_diff on the objective).
 Compile time is reported separately from the steady-state time of the compiled call. max_rel_diff is,
 per task: the objective against SLSQP's; A and beta against least_squares' (E may sit on its bound 0);
 tau against the scipy loop's point estimate.
@@ -29,7 +32,10 @@ def add_args(p) -> None:
                  help="SLSQP starts per problem (multi-start, as in our REFERENCE recipe)")
   p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
   p.add_argument("--points", type=int, default=12, help="data sizes per domain in the fit")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--compare-resamples", type=int, default=200, help="bootstrap resamples in the compare task")
+  p.add_argument("--compare-budgets", type=int, default=8, help="budgets in the compare task (5e3 to 4e4)")
+  p.add_argument("--tasks", default="allocate,fit,transfer,compare", help="which comparisons to run")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats of each compiled call")
   p.add_argument("--seed", type=int, default=0)
 
 
@@ -137,6 +143,50 @@ def bench_transfer(args) -> dict:
           "max_rel_diff": float(rel.max()), "converged": fits.extra["bootstrap_converged"]}
 
 
+def bench_compare(args) -> dict:
+  from m2dino_jax.scaling import lawfile, study
+  planted = lawfile.read_law("example:six_domain")
+  budgets = np.geomspace(5e3, 4e4, args.compare_budgets)
+  rows = simulate.law_measurements(planted, seed=args.seed)
+  r = args.compare_resamples
+  t0 = time.perf_counter()
+  _, boot = study.fit_rows(rows, n_bootstrap=r, seed=args.seed, return_samples=True)
+  fit_s = time.perf_counter() - t0
+  laws = [Law(*(boot[k][s] for k in Law._fields)) for s in range(len(boot["E"]))]
+  laws += [law._replace(tau=np.zeros_like(law.tau)) for law in laws]  # transfer-blind
+  problems = []
+  for law in laws:
+    for b in budgets:
+      lo, hi = allocate.bounds(float(b), planted.available, planted.floor)
+      problems.append((law, float(b), lo, hi))
+  with jax.enable_x64(True):
+    stack = lambda xs: jnp.asarray(np.array(xs))
+    batch = allocate.Problem(Law(*(stack([np.asarray(p[0][f]) for p in problems]) for f in range(5))),
+                             stack([p[1] for p in problems]), stack([p[2] for p in problems]),
+                             stack([p[3] for p in problems]), jnp.ones((len(problems), 6)))
+    timing = _timed_jax(lambda: allocate.solve_batch(batch, allocate.DEFAULT_TOL), args.repeats)
+    sol = jax.tree.map(np.asarray, allocate.solve_batch(batch, allocate.DEFAULT_TOL))
+  t0 = time.perf_counter()
+  ref = [reference.allocate_slsqp(law, b, lo * b, hi * b, starts=1, seed=k)[1]
+         for k, (law, b, lo, hi) in enumerate(problems)]
+  loop_s = time.perf_counter() - t0
+  ours = np.array([np.sum(predict_loss(p[0], sol.fractions[k] * p[1], xp=np)) for k, p in enumerate(problems)])
+  # Measured (noise-free truth) mean-loss gain of transfer-aware over data-proportional, per resample.
+  m = len(budgets)
+  counts = sol.fractions[:len(laws) // 2 * m].reshape(-1, m, 6) * budgets[None, :, None]
+  prop = planted.available / planted.available.sum() * budgets[:, None]
+  ta = np.asarray(predict_loss(planted.law, counts, xp=np)).mean(-1)
+  dp = np.asarray(predict_loss(planted.law, prop, xp=np)).mean(-1)
+  gain = 1 - ta / dp[None]
+  return {"task": "compare", "count": len(problems), **timing, "reference_s": loop_s,
+          "speedup": loop_s / timing["jax_s"],
+          "speedup_with_compile": loop_s / (timing["jax_s"] + timing["compile_s"]),
+          "max_rel_diff": float(np.max(np.abs(ours - ref) / np.abs(ref))),
+          "jax_better_or_equal": float(np.mean(ours <= np.array(ref) * (1 + 1e-9))),
+          "converged": float(sol.converged.mean()), "bootstrap_fit_s": fit_s,
+          "gain_vs_dp_ci95": np.percentile(gain, [2.5, 97.5], axis=0).tolist()}
+
+
 def _huber_losses(d, loss, weights, params):
   e, a, b = params[..., 0:1], params[..., 1:2], params[..., 2:3]
   r = np.log(e + a * d[None] ** -b) - np.log(loss)[None]
@@ -146,7 +196,8 @@ def _huber_losses(d, loss, weights, params):
 
 
 def run(args) -> int:
-  rows = [bench_allocate(args), bench_fit(args), bench_transfer(args)]
+  tasks = {"allocate": bench_allocate, "fit": bench_fit, "transfer": bench_transfer, "compare": bench_compare}
+  rows = [tasks[t](args) for t in args.tasks.split(",") if t]
   common.print_table(rows, ["task", "count", "compile_s", "jax_s", "reference_s", "speedup",
                             "speedup_with_compile", "max_rel_diff", "converged"])
   for row in rows:

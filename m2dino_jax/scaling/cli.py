@@ -1,9 +1,10 @@
-"""`m2dino scaling fit|allocate|plot|simulate`: the scaling-law study from the command line.
+"""`m2dino scaling simulate|fit|allocate|plot|compare`: the scaling-law study from the command line.
 
-  m2dino scaling simulate --out measurements.jsonl            planted-truth rows (no pretraining needed)
-  m2dino scaling fit --measurements FILE --out fits.json      self laws + transfer, bootstrap intervals
-  m2dino scaling allocate --fits fits.json --budget B [--floor 0.05] --out allocation.json
+  m2dino scaling simulate [--law law.json|example:six_domain] --out measurements.jsonl   planted-truth rows
+  m2dino scaling fit --measurements FILE --out fits.json [--E free|none|fixed:V]   self laws + transfer
+  m2dino scaling allocate --fits fits.json --budget B [--floor 0.05] [--strategy S] --out allocation.json
   m2dino scaling plot --fits fits.json [--measurements FILE] --out DIR
+  m2dino scaling compare --law example:six_domain --budgets 5e3,...,4e4 --out DIR   strategies on measured loss
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -45,11 +48,43 @@ def _ordered(mapping: dict[str, float], domains, key: str, default: float) -> np
   return np.array([mapping.get(d, default) for d in domains], np.float64)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults only where there is one worth showing (not on required or empty options)."""
+
+  def _get_help_string(self, action):
+    if action.required or action.default in (None, "", False) or action.default is argparse.SUPPRESS:
+      return action.help
+    return super()._get_help_string(action)
+
+
+def _e_mode(text: str):
+  """--E: 'free', 'none' (E = 0) or 'fixed:V' / 'fixed:ct=V,...' (unnamed domains fitted)."""
+  if text in ("free", "none"):
+    return text
+  if text.startswith("fixed:"):
+    value = text.removeprefix("fixed:")
+    try:
+      return float(value)
+    except ValueError:
+      return _named_numbers(value, "E")
+  raise ConfigError("E", f"expected free, none, fixed:V or fixed:name=V,..., got {text!r}")
+
+
+def _e_for(mode, domains):
+  return _ordered(mode, domains, "E", np.nan) if isinstance(mode, dict) else mode
+
+
 def cmd_simulate(args) -> int:
-  from m2dino_jax.scaling import measurements, simulate
-  rows, _, _ = simulate.planted_measurements(noise=args.noise, seed=args.seed)
+  from m2dino_jax.scaling import lawfile, measurements, simulate
+  if args.law:
+    planted = lawfile.read_law(args.law)
+    noise = planted.noise if args.noise is None else args.noise
+    rows = simulate.law_measurements(planted, seed=args.seed, noise=noise)
+  else:
+    noise = simulate.PLANTED_NOISE if args.noise is None else args.noise
+    rows, _, _ = simulate.planted_measurements(noise=noise, seed=args.seed)
   measurements.write_measurements(args.out, rows)
-  print(f"wrote {len(rows)} planted rows (noise {args.noise}) to {args.out}")
+  print(f"wrote {len(rows)} planted rows (noise {noise}) to {args.out}")
   return 0
 
 
@@ -58,20 +93,46 @@ def cmd_fit(args) -> int:
   arrays = measurements.to_arrays(measurements.read_measurements(args.measurements))
   if args.available:
     given = _ordered(_named_numbers(args.available, "available"), arrays.domains, "available", np.inf)
+    over = [d for d, n, used in zip(arrays.domains, given, arrays.data.max(axis=0)) if used > n * (1 + 1e-9)]
+    if over:
+      raise ConfigError("available", f"runs in {args.measurements} trained on more data than stated for {over}")
     arrays = dataclasses.replace(arrays, available=np.where(np.isfinite(given), given, arrays.available))
   fits = transfer.fit_scaling(arrays, n_bootstrap=args.bootstrap, seed=args.seed, delta=args.huber_delta,
-                              source=args.source, fit_gamma=args.fit_gamma)
+                              source=args.source, fit_gamma=args.fit_gamma,
+                              e_mode=_e_for(_e_mode(args.E), arrays.domains))
   fits.extra["measurements"] = str(args.measurements)
   law.write_fits(args.out, fits)
+  corr = fits.extra.get("e_beta_correlation") or [None] * len(fits.domains)
   for i, d in enumerate(fits.domains):
-    print(f"{d:>12}: E={fits.law.E[i]:.4g} A={fits.law.A[i]:.4g} beta={fits.law.beta[i]:.4g}")
-  print(f"wrote {args.out}" + ("" if fits.extra["converged"] else " (WARNING: some fits did not converge)"))
+    c = "" if corr[i] is None else f" corr(E,beta)={corr[i]:+.2f}"
+    print(f"{d:>12}: E={fits.law.E[i]:.4g} A={fits.law.A[i]:.4g} beta={fits.law.beta[i]:.4g}{c}")
+  print("tau[target][source]:\n" + "\n".join(
+      f"{d:>12} <- " + " ".join(f"{t:7.3g}" for t in row) for d, row in zip(fits.domains, fits.law.tau)))
+  if args.bootstrap:
+    print(f"bootstrap: {fits.extra['bootstrap_dropped']} of {args.bootstrap} resamples dropped (not converged)")
+  print(f"wrote {args.out}")
+  if not fits.extra["converged"]:
+    print(f"m2dino scaling fit: error: fits did not converge for {fits.extra['domains_not_converged'] or 'tau'} "
+          f"(written to {args.out} with converged: false)", file=sys.stderr)
+    return 3
   return 0
 
 
 def cmd_allocate(args) -> int:
-  from m2dino_jax.scaling import allocate, allocation_io, law
+  from m2dino_jax.scaling import allocate, allocation_io, law, strategies
   fits = law.read_fits(args.fits)
+  if args.available:
+    given = _ordered(_named_numbers(args.available, "available"), fits.domains, "available", np.inf)
+    fits = fits._replace(available=np.where(np.isfinite(given), given, fits.available))
+  if args.strategy != "transfer_aware":
+    counts = strategies.strategy_counts(args.strategy, fits.law, [args.budget], fits.available, floor=args.floor,
+                                        temperature=args.temperature, names=fits.domains)[0]
+    record = strategies.allocation_file(fits.domains, args.strategy, args.budget, counts, floor=args.floor,
+                                        extra={"fits": str(args.fits), "temperature": args.temperature})
+    allocation_io.write_allocation(args.out, record)
+    print(json.dumps({"weights": record["weights"]}))
+    print(f"wrote {args.out}")
+    return 0
   importance = (_ordered(_named_numbers(args.weights, "weights"), fits.domains, "weights", 1.0)
                 if args.weights else None)
   result = allocate.allocate(fits.law, [args.budget], fits.available, floor=args.floor, weights=importance,
@@ -80,7 +141,8 @@ def cmd_allocate(args) -> int:
     raise SolverError(f"allocation did not reach the projected-gradient tolerance {args.tol} "
                       f"(reached {result['pg_norm'][0]:.3g})")
   record = allocation_io.allocation_record(fits.domains, result, 0, args.floor,
-                                           {"fits": str(args.fits), "relative": bool(args.relative)})
+                                           {"strategy": "transfer_aware", "fits": str(args.fits),
+                                            "relative": bool(args.relative)})
   allocation_io.write_allocation(args.out, record)
   print(json.dumps({"weights": record["weights"], "objective": record["objective"],
                     "proportional_objective": record["proportional"]["objective"]}))
@@ -101,45 +163,113 @@ def cmd_plot(args) -> int:
   return 0
 
 
+def cmd_compare(args) -> int:
+  from m2dino_jax import fileio
+  from m2dino_jax.scaling import compare_report, lawfile, strategies, study
+  planted = lawfile.read_law(args.law)
+  if args.no_transfer:
+    planted = lawfile.without_transfer(planted)
+  if args.noise is not None:
+    planted = dataclasses.replace(planted, noise=args.noise)
+  budgets = _budgets(args.budgets)
+  floors = [f / 100 for f in _budgets(args.floors)] if args.floors else []
+  e_mode = _e_for(_e_mode(args.E), planted.domains)
+  report, counts = study.run_compare(planted, budgets, seed=args.seed, n_bootstrap=args.bootstrap, e_mode=e_mode,
+                                     temperature=args.temperature, floors=floors)
+  ex = None
+  if args.b_max:
+    ex = study.run_extrapolation(planted, args.b_max, seed=args.seed, n_bootstrap=args.bootstrap)
+  out = Path(args.out)
+  for name, c in counts.items():
+    for b, x in zip(budgets, c):
+      fileio.write_json(out / "allocations" / f"{name}_{b:.0f}.json",
+                        strategies.allocation_file(planted.domains, name, b, x, floor=planted.floor))
+  fileio.write_json(out / "report.json", {"compare": report, "extrapolation": ex})
+  written = compare_report.write_all(report, out, ex)
+  g = report["vs"].get("data_proportional")
+  if g:
+    agg = np.asarray(g["aggregate"])
+    print(f"transfer_aware vs data_proportional: mean-loss gain {agg.min():.1%} to {agg.max():.1%}; "
+          f"headline {g['headline_max']:.1%} ({g['headline_domain']})")
+  print(f"hub {report['transfer']['hub']}, island {report['transfer']['island']}")
+  for path in written:
+    print(f"wrote {path}")
+  print(f"wrote {out / 'report.json'} and {len(counts) * len(budgets)} allocation files")
+  return 0
+
+
 def register(subparsers) -> None:
-  p = subparsers.add_parser("scaling", help="transfer-aware scaling laws: fit, allocate, plot",
+  p = subparsers.add_parser("scaling", help="transfer-aware scaling laws: fit, allocate, plot, compare",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
-  fmt = argparse.ArgumentDefaultsHelpFormatter
+  fmt = _Help
+  law_help = "law file (law.json) or example:six_domain; see m2dino_jax/scaling/lawfile.py"
+  e_help = ("the floor E of each self law: free (fitted), none (E = 0, the paper's pure power law), "
+            "fixed:V or fixed:name=V,...")
 
   s = sub.add_parser("simulate", help="write planted-truth measurements", formatter_class=fmt)
-  s.add_argument("--out", required=True)
-  s.add_argument("--noise", type=float, default=0.0015, help="relative loss noise")
-  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--out", required=True, help="measurements.jsonl to write")
+  s.add_argument("--law", default="", help=law_help + " (default: the built-in 3-domain law)")
+  s.add_argument("--noise", type=float, default=None,
+                 help="relative loss noise (default: the law file's, or 0.0015 for the built-in law)")
+  s.add_argument("--seed", type=int, default=0, help="random seed of the noise and mixtures")
   s.set_defaults(func=cmd_simulate)
 
   f = sub.add_parser("fit", help="fit self laws and transfer from measurements", formatter_class=fmt)
   f.add_argument("--measurements", required=True, help="measurements.jsonl")
   f.add_argument("--out", required=True, help="fits.json to write")
   f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals")
-  f.add_argument("--seed", type=int, default=0)
+  f.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap")
   f.add_argument("--huber-delta", type=float, default=0.05, help="Huber scale on log residuals")
   f.add_argument("--source", default="all", choices=("all", "single", "mixture"),
                  help="runs that estimate transfer")
   f.add_argument("--fit-gamma", action="store_true", help="also fit exponents gamma_ij on source data")
   f.add_argument("--available", default="", help="data available per domain, e.g. ct=1e6,mri=4e5")
+  f.add_argument("--E", default="free", help=e_help)
   f.set_defaults(func=cmd_fit)
 
   a = sub.add_parser("allocate", help="choose the data mixture for a budget", formatter_class=fmt)
-  a.add_argument("--fits", required=True)
+  a.add_argument("--fits", required=True, help="fits.json from `scaling fit`")
   a.add_argument("--budget", type=float, required=True, help="total examples")
   a.add_argument("--floor", type=float, default=0.05, help="minimum fraction of the budget per domain")
   a.add_argument("--weights", default="", help="importance per domain, e.g. ct=1,pet=2 (default equal)")
   a.add_argument("--relative", action="store_true",
                  help="weigh losses relative to the data-proportional mixture's")
+  a.add_argument("--available", default="",
+                 help="data available per domain, e.g. ct=1e6,mri=4e5 (overrides the fits file's)")
+  a.add_argument("--strategy", default="transfer_aware", choices=strategies_names(),
+                 help="allocation strategy (see m2dino_jax/scaling/strategies.py)")
+  a.add_argument("--temperature", type=float, default=3.0, help="T of the temperature strategy")
   a.add_argument("--tol", type=float, default=1e-9, help="projected-gradient norm tolerance")
-  a.add_argument("--out", default="allocation.json")
+  a.add_argument("--out", default="allocation.json", help="allocation.json to write")
   a.set_defaults(func=cmd_allocate)
 
   g = sub.add_parser("plot", help="fits, transfer, allocations, predicted vs measured", formatter_class=fmt)
-  g.add_argument("--fits", required=True)
+  g.add_argument("--fits", required=True, help="fits.json from `scaling fit`")
   g.add_argument("--measurements", default="", help="adds data points and predicted-vs-measured")
   g.add_argument("--budgets", default="", help="budgets for the allocation bars (default: 4 log-spaced)")
-  g.add_argument("--floor", type=float, default=0.05)
+  g.add_argument("--floor", type=float, default=0.05, help="minimum fraction of the budget per domain")
   g.add_argument("--out", required=True, help="folder for the PNGs")
   g.set_defaults(func=cmd_plot)
+
+  c = sub.add_parser("compare", help="strategies on measured loss: gains, slopes, floor sweep, extrapolation",
+                     formatter_class=fmt)
+  c.add_argument("--law", required=True, help=law_help)
+  c.add_argument("--budgets", default="5e3,7.5e3,1e4,1.5e4,2e4,2.5e4,3e4,4e4",
+                 help="total budgets to compare at (>= 4 for slopes)")
+  c.add_argument("--floors", default="2.5,5,7.5,10,12.5", help="floor sweep, percent of the budget ('' = none)")
+  c.add_argument("--temperature", type=float, default=3.0, help="T of the temperature strategy")
+  c.add_argument("--b-max", type=float, default=0.0,
+                 help="extrapolation: fit on runs up to this budget, predict at 2-10x (0 = skip)")
+  c.add_argument("--E", default="free", help=e_help)
+  c.add_argument("--bootstrap", type=int, default=64, help="bootstrap resamples of the fits")
+  c.add_argument("--noise", type=float, default=None, help="relative loss noise (default: the law file's)")
+  c.add_argument("--no-transfer", action="store_true", help="remove all transfer from the truth (a control)")
+  c.add_argument("--seed", type=int, default=0, help="random seed of simulation and measurement")
+  c.add_argument("--out", required=True, help="folder for report.md, report.json, PNGs and allocations/")
+  c.set_defaults(func=cmd_compare)
+
+
+def strategies_names():
+  from m2dino_jax.scaling.strategies import STRATEGIES
+  return STRATEGIES

@@ -7,8 +7,10 @@ Row fields (the 3D MAE sweep writes real rows in this format; `simulate.py` writ
   weights    {domain: mixture weight}  (>= 0, sums to 1; may be omitted for single-domain runs)
   budget     total examples of the run (> 0)
   step       training step of the evaluation (int >= 0)
-  loss       {domain: held-out loss}  (> 0; any subset of the domains)
-  available  optional {domain: examples available in that domain}
+  loss       {domain: held-out loss}  (> 0; any subset of the domains). A single-source run should leave out a
+             target it cannot inform (no own data and no transfer: the law's loss there is infinite); a
+             finite loss recorded there is read as a small transfer.
+  available  optional {domain: examples available in that domain}; 'data' may not exceed it
 
 `read_measurements` validates every row and raises `DataError` naming the file and line.
 """
@@ -99,6 +101,10 @@ def parse_row(obj, path, line) -> Measurement:
     extra = sorted(set(mapping) - set(data))
     if extra:
       raise DataError(path, f"'{key}' names domain(s) {extra} that 'data' does not", row=line)
+  over = sorted(d for d, n in available.items() if data.get(d, 0.0) > n * (1 + 1e-9))
+  if over:
+    raise DataError(path, f"'data' exceeds 'available' for domain(s) {over}: a run cannot train on more "
+                    "examples than exist", row=line)
   if weights and abs(sum(weights.values()) - 1.0) > 1e-3:
     raise DataError(path, f"'weights' must sum to 1, got {sum(weights.values()):.6g}", row=line)
   budget = _number(obj["budget"], path, line, "'budget'", minimum=0.0, strict=True)

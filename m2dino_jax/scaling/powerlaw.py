@@ -9,6 +9,10 @@ sizes: the parameters then have similar scales whatever the units of D. The mini
 (E, A, beta), so results compare directly with scipy's least_squares on the natural parameters. Each fit
 evaluates a grid of starts, runs Levenberg-Marquardt (numerics.lm_minimise) from the best few and keeps
 the best result.
+
+The floor E may be fixed per domain (`e_fixed`, NaN = fitted): 0 gives the paper's pure power law
+L = A D^-beta, another value a known floor. With few sizes per domain a free E trades off against beta (a
+lower E is compensated by a lower beta), which a fixed E removes; fixed-E fits need only 2 distinct sizes.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ BETA_BOUNDS = (1e-3, 5.0)
 DEFAULT_DELTA = 0.05
 
 
-def fit_domain(d, loss, w, *, delta, max_iter: int = 100):
+def fit_domain(d, loss, w, *, delta, max_iter: int = 100, e_fixed=jnp.nan):
   """Fits one domain's self law from points (d, loss) with weights w (all (k,)); returns a dict of scalars.
 
   Pure JAX, shapes static: call under jit/vmap. Points with w == 0 are ignored (d, loss may be anything
-  positive there).
+  positive there). e_fixed: a scalar; NaN fits E, a number holds E there.
   """
+  e_free = jnp.isnan(e_fixed)
   valid = w > 0
   logd = jnp.log(jnp.where(valid, d, 1.0))
   wsum = jnp.maximum(jnp.sum(w), 1e-300)  # an empty resample yields a (flagged) nonsense fit, not NaN
@@ -53,7 +58,7 @@ def fit_domain(d, loss, w, *, delta, max_iter: int = 100):
   upper = jnp.array([jnp.inf, jnp.inf, np.log(BETA_BOUNDS[1])])
 
   def start(e_frac, beta):
-    e0 = e_frac * loss_min
+    e0 = jnp.where(e_free, e_frac * loss_min, e_fixed)
     # Given E and beta, the best a in least squares is the weighted mean of log(L - E) + beta * u.
     a0 = jnp.sum(w * (jnp.log(jnp.maximum(jnp.where(valid, loss, 1.0) - e0, 1e-12 * loss_min)) + beta * u))
     return jnp.stack([e0, a0 / wsum, jnp.log(beta)])
@@ -65,7 +70,7 @@ def fit_domain(d, loss, w, *, delta, max_iter: int = 100):
   grid_loss = jnp.where(jnp.isfinite(grid_loss), grid_loss, jnp.inf)
   _, keep = jax.lax.top_k(-grid_loss, REFINED_STARTS)
   solve = functools.partial(lm_minimise, residual, weights=w, delta=delta, lower=lower, upper=upper,
-                            max_iter=max_iter)
+                            free=jnp.stack([e_free, jnp.asarray(True), jnp.asarray(True)]), max_iter=max_iter)
   results = jax.vmap(solve)(theta0[keep])
   best = jnp.argmin(jnp.where(jnp.isfinite(results.loss), results.loss, jnp.inf))
   theta = results.theta[best]
@@ -75,13 +80,27 @@ def fit_domain(d, loss, w, *, delta, max_iter: int = 100):
   first = jnp.argmax(same, axis=1) == jnp.arange(d.shape[0])  # k is the first valid point of its size
   distinct = jnp.sum(valid & first)
   return {"E": theta[0], "A": jnp.exp(theta[1] + beta * logd0), "beta": beta, "loss": results.loss[best],
-          "converged": results.converged[best] & (distinct >= 3), "iterations": jnp.max(results.iterations)}
+          "converged": results.converged[best] & (distinct >= jnp.where(e_free, 3, 2)),
+          "iterations": jnp.max(results.iterations)}
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def _fit_batch(d, loss, w, delta, max_iter):
-  per_domain = jax.vmap(lambda d_, l_, w_: fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter))
-  return jax.vmap(per_domain, in_axes=(None, None, 0))(d, loss, w)
+def _fit_batch(d, loss, w, e_fixed, delta, max_iter):
+  per_domain = jax.vmap(lambda d_, l_, w_, e_: fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter,
+                                                          e_fixed=e_))
+  return jax.vmap(per_domain, in_axes=(None, None, 0, None))(d, loss, w, e_fixed)
+
+
+def e_fixed_array(e_mode, n: int) -> np.ndarray:
+  """(n,) floors to hold (NaN = fit): e_mode None/'free', 'none' (E = 0), a number, or (n,) numbers/NaN."""
+  if e_mode is None or (isinstance(e_mode, str) and e_mode == "free"):
+    return np.full(n, np.nan)
+  if isinstance(e_mode, str) and e_mode == "none":
+    return np.zeros(n)
+  values = np.broadcast_to(np.asarray(e_mode, np.float64), (n,)).copy()
+  if (values[~np.isnan(values)] < 0).any():
+    raise SolverError(f"a fixed floor E must be >= 0, got {values}")
+  return values
 
 
 def check_points(d, loss, weights, *, min_points: int = 3) -> None:
@@ -97,8 +116,9 @@ def check_points(d, loss, weights, *, min_points: int = 3) -> None:
 
 
 @x64
-def fit_power_laws(d, loss, weights=None, *, delta: float = DEFAULT_DELTA, max_iter: int = 100) -> dict:
-  """Fits E, A, beta for each domain.
+def fit_power_laws(d, loss, weights=None, *, delta: float = DEFAULT_DELTA, max_iter: int = 100,
+                   e_mode=None) -> dict:
+  """Fits E, A, beta for each domain (E held where e_mode says; see e_fixed_array).
 
   d, loss: (domains, points); weights: None, (domains, points) or (resamples, domains, points).
   Returns numpy arrays of shape (domains,) or (resamples, domains) for E, A, beta, loss, converged.
@@ -108,7 +128,8 @@ def fit_power_laws(d, loss, weights=None, *, delta: float = DEFAULT_DELTA, max_i
   weights = np.ones_like(d) if weights is None else np.asarray(weights, np.float64)
   batched = weights.ndim == 3
   w = weights if batched else weights[None]
-  check_points(d, loss, w[0])
-  out = _fit_batch(jnp.asarray(d), jnp.asarray(loss), jnp.asarray(w), delta, max_iter)
+  e_fixed = e_fixed_array(e_mode, d.shape[0])
+  check_points(d, loss, w[0], min_points=2 if not np.isnan(e_fixed).any() else 3)
+  out = _fit_batch(jnp.asarray(d), jnp.asarray(loss), jnp.asarray(w), jnp.asarray(e_fixed), delta, max_iter)
   out = {k: np.asarray(v) for k, v in out.items()}
   return out if batched else {k: v[0] for k, v in out.items()}

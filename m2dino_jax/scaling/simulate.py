@@ -39,15 +39,19 @@ def random_law(n: int, rng: np.random.Generator) -> Law:
 
 
 def measure(law: Law, x, noise: float, rng: np.random.Generator) -> np.ndarray:
-  """Loss per domain of runs that trained on counts x (..., n), with relative noise."""
-  true = np.asarray(predict_loss(law, np.asarray(x, np.float64), xp=np), np.float64)
+  """Loss per domain of runs that trained on counts x (..., n), with relative noise (inf where D_eff = 0)."""
+  with np.errstate(divide="ignore"):
+    true = np.asarray(predict_loss(law, np.asarray(x, np.float64), xp=np), np.float64)
   return true * np.exp(noise * rng.standard_normal(true.shape))
 
 
 def _row(run_id, domains, x, loss, step, available) -> Measurement:
+  """One measurements row. A target the run cannot inform (infinite loss under the law: no own data and no
+  transfer into it) is left out of 'loss', which is what a real single-source run should record for a target
+  that gains nothing: the law has no finite value for it, and a fit then holds that tau at 0."""
   budget = float(np.sum(x))
   return Measurement(run_id=run_id, data={d: float(v) for d, v in zip(domains, x)}, budget=budget, step=step,
-                     loss={d: float(v) for d, v in zip(domains, loss)},
+                     loss={d: float(v) for d, v in zip(domains, loss) if np.isfinite(v)},
                      weights={d: float(v / budget) for d, v in zip(domains, x)},
                      available={d: float(v) for d, v in zip(domains, available)} if available is not None
                      else {})
@@ -92,3 +96,27 @@ def planted_measurements(*, noise: float = PLANTED_NOISE, seed: int = 0, sizes=N
   rows += mixture_runs(law, PLANTED_DOMAINS, mixture_budgets, per_budget=per_budget, noise=noise,
                        seed=seed + 1, available=available)
   return rows, law, available
+
+
+def law_measurements(planted, *, seed: int = 0, noise: float | None = None) -> list[Measurement]:
+  """The study a law file's design asks for (lawfile.PlantedLaw): per domain, a single-source sweep of
+  `design.sizes` log-spaced sizes from min_size to min(max_size, available), then `per_budget` Dirichlet
+  mixtures at each mixture budget (capped at availability). Every row states the availability."""
+  design, domains = planted.design, planted.domains
+  noise = planted.noise if noise is None else noise
+  rng = np.random.default_rng(seed)
+  n = len(domains)
+  rows = []
+  for j, src in enumerate(domains):
+    top = min(design.max_size, planted.available[j])
+    for size in np.geomspace(min(design.min_size, top / 10), top, design.sizes):
+      x = np.zeros(n)
+      x[j] = size
+      rows.append(_row(f"single-{src}-{size:.0f}", domains, x, measure(planted.law, x, noise, rng), 1000,
+                       planted.available))
+  for budget in design.mixture_budgets:
+    for k in range(design.per_budget):
+      x = np.minimum(rng.dirichlet(np.full(n, 2.0)) * budget, planted.available)
+      rows.append(_row(f"mix-{budget:.0f}-{k}", domains, x, measure(planted.law, x, noise, rng), 1000,
+                       planted.available))
+  return rows

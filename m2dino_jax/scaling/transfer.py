@@ -106,15 +106,15 @@ def gather_rows(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return idx, ok
 
 
-def _fit_one(data, loss, self_idx, self_ok, tau_idx, tau_ok, run_w, delta, fit_gamma, max_iter):
+def _fit_one(data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, run_w, delta, fit_gamma, max_iter):
   """Self laws then tau rows for one vector of run weights; everything (domains, ...)."""
   n = data.shape[1]
   col = jnp.arange(n)[:, None]
   d = jnp.where(self_ok, data[self_idx, col], 1.0)
   self_loss = jnp.where(self_ok, loss[self_idx, col], 1.0)
   self_w = jnp.where(self_ok, run_w[self_idx], 0.0)
-  laws = jax.vmap(lambda d_, l_, w_: powerlaw.fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter))(
-      d, self_loss, self_w)
+  laws = jax.vmap(lambda d_, l_, w_, e_: powerlaw.fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter,
+                                                             e_fixed=e_))(d, self_loss, self_w, e_fixed)
   tau_loss = jnp.where(tau_ok, loss[tau_idx, col], 1.0)
   tau_w = jnp.where(tau_ok, run_w[tau_idx], 0.0)
   rows = jax.vmap(lambda i, x_, l_, w_, e, a, b: fit_tau_row(i, x_, l_, w_, e, a, b, delta=delta,
@@ -126,8 +126,9 @@ def _fit_one(data, loss, self_idx, self_ok, tau_idx, tau_ok, run_w, delta, fit_g
 
 
 @functools.partial(jax.jit, static_argnames=("fit_gamma", "max_iter"))
-def _fit_resamples(data, loss, self_idx, self_ok, tau_idx, tau_ok, run_weights, delta, fit_gamma, max_iter):
-  fit = functools.partial(_fit_one, data, loss, self_idx, self_ok, tau_idx, tau_ok, delta=delta,
+def _fit_resamples(data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, run_weights, delta, fit_gamma,
+                   max_iter):
+  fit = functools.partial(_fit_one, data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, delta=delta,
                           fit_gamma=fit_gamma, max_iter=max_iter)
   return jax.vmap(fit)(run_weights)
 
@@ -135,15 +136,23 @@ def _fit_resamples(data, loss, self_idx, self_ok, tau_idx, tau_ok, run_weights, 
 @x64
 def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int = 0,
                 delta: float = powerlaw.DEFAULT_DELTA, source: str = "all", fit_gamma: bool = False,
-                ci: float = 0.95, max_iter: int = 100) -> Fits:
-  """Fits self laws and transfer from measurements; bootstrap percentile intervals over runs."""
+                ci: float = 0.95, max_iter: int = 100, e_mode=None, return_samples: bool = False):
+  """Fits self laws and transfer from measurements; bootstrap percentile intervals over runs.
+
+  e_mode: the floor E, fitted (None / 'free'), 'none' (E = 0, the paper's pure power law) or fixed numbers
+  (see powerlaw.e_fixed_array). Diagnostics in extra: converged, bootstrap_dropped (resamples left out because
+  a fit did not converge), e_beta_correlation (per domain, over resamples; None where E is fixed).
+  return_samples: also return the converged resamples' parameters {E, A, beta, tau, gamma: (R, ...)}.
+  """
   data, loss = arrays.data, arrays.loss
   self_mask, tau_mask = point_masks(data, loss, source)
+  e_fixed = powerlaw.e_fixed_array(e_mode, len(arrays.domains))
   for i, name in enumerate(arrays.domains):
     sizes = np.unique(data[self_mask[i], i])
-    if sizes.size < 3:
+    need = 3 if np.isnan(e_fixed[i]) else 2
+    if sizes.size < need:
       raise SolverError(f"domain {name!r}: {sizes.size} distinct data size(s) in runs on {name!r} alone; "
-                        "the self law needs at least 3")
+                        f"the self law needs at least {need}")
   if not tau_mask.any():
     raise SolverError(f"no runs with data from another domain (source={source!r}); cannot fit transfer")
   runs = data.shape[0]
@@ -152,12 +161,15 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
                             rng.multinomial(runs, np.full(runs, 1.0 / runs), size=n_bootstrap)]).astype(float)
   gathered = [jnp.asarray(a) for a in (*gather_rows(self_mask), *gather_rows(tau_mask))]
   out = _fit_resamples(jnp.asarray(data), jnp.asarray(np.where(np.isfinite(loss), loss, 1.0)), *gathered,
-                       jnp.asarray(weights), delta, fit_gamma, max_iter)
+                       jnp.asarray(e_fixed), jnp.asarray(weights), delta, fit_gamma, max_iter)
   out = {k: np.asarray(v) for k, v in out.items()}
   point = {k: v[0] for k, v in out.items()}
   law = Law(E=point["E"], A=point["A"], beta=point["beta"], tau=point["tau"], gamma=point["gamma"])
   extra = {"huber_delta": delta, "transfer_source": source, "fit_gamma": fit_gamma,
-           "converged": bool(point["converged"].all()), "n_bootstrap": n_bootstrap, "ci_level": ci}
+           "converged": bool(point["converged"].all()), "n_bootstrap": n_bootstrap, "ci_level": ci,
+           "E_mode": "free" if np.isnan(e_fixed).all() else [None if np.isnan(v) else float(v) for v in e_fixed],
+           "domains_not_converged": [d for d, c in zip(arrays.domains, point["converged"]) if not c]}
+  boot = None
   if n_bootstrap > 0:
     q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
     # Resamples whose fits did not converge (e.g. a domain left with too few sizes) are left out.
@@ -168,8 +180,18 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
     extra["ci"] = {k: np.moveaxis(np.percentile(boot[k], q, axis=0), 0, -1).tolist()
                    for k in ("E", "A", "beta", "tau") + (("gamma",) if fit_gamma else ())}
     extra["bootstrap_converged"] = float(ok.mean())
+    extra["bootstrap_dropped"] = int((~ok).sum())
+    extra["e_beta_correlation"] = [_correlation(boot["E"][:, i], boot["beta"][:, i]) for i in range(len(e_fixed))]
     extra["bands"] = self_law_bands(data, self_mask, boot, ci)
-  return Fits(list(arrays.domains), law, arrays.available, extra)
+  fits = Fits(list(arrays.domains), law, arrays.available, extra)
+  return (fits, boot) if return_samples else fits
+
+
+def _correlation(a, b):
+  """Pearson r of two samples, None when either is constant (e.g. a fixed E)."""
+  if a.size < 3 or np.ptp(a) <= 1e-12 * max(np.abs(a).max(), 1e-300) or np.ptp(b) == 0:
+    return None
+  return float(np.corrcoef(a, b)[0, 1])
 
 
 def self_law_bands(data, self_mask, boot: dict, ci: float, points: int = 40) -> dict:
