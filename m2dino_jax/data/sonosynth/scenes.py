@@ -42,12 +42,16 @@ from m2dino_jax.data.sonosynth.shapes import (
   smooth_noise,
 )
 
-LINEAR = Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=18.0)
+# Apertures: a convex array's ~64 active elements at 3.5 MHz span ~24 mm, a phased array's ~20 mm,
+# an endocavity array's ~12 mm; beyond depth = aperture * F# the beam widens with depth.
+CLUTTER_DB = -24.0  # clutter floor re tissue: anechoic fluid reads about -22 dB, hazier near the probe
+LINEAR = Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=18.0, clutter_db=CLUTTER_DB)
 CONVEX = Probe("sector", depth_mm=110.0, angle_deg=55.0, apex_mm=45.0, f0_mhz=3.5, f_number=2.5,
-               focus_mm=60.0)
+               focus_mm=60.0, aperture_mm=24.0, clutter_db=CLUTTER_DB)
 PHASED = Probe("sector", depth_mm=140.0, angle_deg=75.0, apex_mm=0.0, f0_mhz=2.5, f_number=2.5,
-               focus_mm=70.0)
-ENDOCAVITY = Probe("sector", depth_mm=60.0, angle_deg=80.0, apex_mm=6.0, f0_mhz=6.5, focus_mm=30.0)
+               focus_mm=70.0, aperture_mm=20.0, clutter_db=CLUTTER_DB)
+ENDOCAVITY = Probe("sector", depth_mm=60.0, angle_deg=80.0, apex_mm=6.0, f0_mhz=6.5, focus_mm=30.0,
+                   aperture_mm=12.0, clutter_db=CLUTTER_DB)
 
 
 @dataclasses.dataclass
