@@ -170,9 +170,9 @@ def nakagami_m(density: float, sigma_z: float, sigma_x: float) -> float:
   """Theoretical Nakagami m of the envelope for scatterer `density` and a Gaussian PSF (samples).
 
   For a sum of independent circular terms h_i s_i b_i / sqrt(p): E[I^2]/E[I]^2 = 2 + (k/p - 2) / C with
-  k = E|s|^4 and C = (sum h^2)^2 / sum h^4 = 4 pi sigma_z sigma_x the cell count; m = 1 / (E[I^2]/E[I]^2 - 1).
+  k = E|s|^4 and C = (sum h^2)^2 / sum h^4 = 2 pi sigma_z sigma_x the cell count; m = 1 / (E[I^2]/E[I]^2 - 1).
   """
-  cells = 4 * math.pi * sigma_z * sigma_x
+  cells = 2 * math.pi * sigma_z * sigma_x
   return 1.0 / (1.0 + (SCATTERER_KURTOSIS / density - 2.0) / cells)
 
 
@@ -196,9 +196,9 @@ def _reverberation(power: np.ndarray, mirror: np.ndarray, loss_excess_db: np.nda
   primary = np.where(band, power, 0.0)
   gain = ratio * np.power(10.0, -np.maximum(loss_excess_db[np.minimum(first, nz - 1), np.arange(nl)], 0) / 10)
   out = np.zeros_like(power)
-  d = first + 1  # depth of the mirror in samples
+  d = first + 0.5  # depth of the mirror in samples: its k-th echo comes back from depth k * d
   for k in range(2, 12):
-    src = rows - (k - 1) * d[None, :]
+    src = rows - np.round((k - 1) * d[None, :]).astype(np.int64)
     ok = (src >= 0) & has[None, :]
     if not ok.any():
       break
