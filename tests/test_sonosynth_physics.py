@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from m2dino_jax.data.sonosynth import physics
+from m2dino_jax.data.sonosynth import physics, scan
 
 QUIET = physics.Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=20.0, noise_db=None)
 RAYLEIGH_MEAN_OVER_STD = math.sqrt(math.pi / 2) / math.sqrt(2 - math.pi / 2)  # 1.913
@@ -99,23 +99,25 @@ def test_bilinear_sampler_matches_map_coordinates():
   rng = np.random.default_rng(0)
   src = rng.random((40, 50)).astype(np.float32)
   coords = np.stack([rng.uniform(-3, 43, (30, 35)), rng.uniform(-3, 53, (30, 35))]).astype(np.float32)
-  ours = physics.Bilinear(coords, src.shape)(src)
+  ours = scan.Bilinear(coords, src.shape)(src)
   ref = ndimage.map_coordinates(src, coords, order=1, mode="nearest")
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
 def test_sector_geometry_round_trip_and_fan():
+  """The beam grid is >= 2x finer than the display; a depth ramp scan-converts to the distance from the apex."""
   probe = physics.Probe("sector", depth_mm=80.0, angle_deg=60.0, apex_mm=20.0)
   geo = physics.geometry(probe, 128, 128)
-  ramp = np.tile(np.linspace(0, 1, 128, dtype=np.float32)[:, None], (1, 128))  # depth ramp on the beam grid
-  img = physics.scan_convert(ramp, probe)
-  assert np.all(img[~geo.fov] == 0)
-  # inside the fan the value is the normalised distance from the apex
-  yy, xx = np.mgrid[:128, :128]
+  nz, nl = geo.shape
   s = geo.spacing_mm[0]
+  assert geo.depth_step_mm <= s / 2 + 1e-9 and geo.line_step_mm.max() <= s / 2 + 1e-9
+  ramp = np.tile(((np.arange(nz) + 0.5) / nz).astype(np.float32)[:, None], (1, nl))  # depth / depth_mm
+  img = physics.scan_convert(ramp, probe, 128, 128)
+  assert np.all(img[~geo.fov] == 0)
+  yy, xx = np.mgrid[:128, :128]
   top = probe.apex_mm * math.cos(math.radians(30))
-  r = np.hypot((xx - 63.5) * s, top + (yy + 0.5) * s)
-  expected = ((r - probe.apex_mm) / probe.depth_mm * 128 - 0.5) / 127
+  r = np.hypot((xx + 0.5 - 64) * s, top + (yy + 0.5) * s)
+  expected = (r - probe.apex_mm) / probe.depth_mm
   inner = ndimage.binary_erosion(geo.fov, iterations=2)
   np.testing.assert_allclose(img[inner], expected[inner], atol=0.01)
 

@@ -18,8 +18,10 @@ from m2dino_jax.data.sonosynth.shapes import (
   Canvas,
   blob,
   ellipse,
+  ellipse_normal,
   segment_distance,
   smooth_noise,
+  specular_db,
 )
 
 BLOOD_DB = -32.0
@@ -76,7 +78,8 @@ def skull(cv: Canvas, rng, echo, atten, centre, a, b, angle):
     p = c + n + 0.2 * a * u
     plexus = ellipse(cv, p[0], p[1], 0.22 * a, 0.08 * b, angle) < 1
     echo[plexus] = 6.0
-  echo[ring] = BONE_DB
+  nx, ny = ellipse_normal(cv, cx, cy, a, b, angle)
+  echo[ring] = BONE_DB + specular_db(cv, nx, ny)[ring]  # bright where the beam meets it square on
   atten[ring] = 5.0
   return head
 
@@ -250,12 +253,14 @@ def lung_surface(cv: Canvas, rng, echo, atten):
   return pleura, ribs
 
 
-def a_lines(cv: Canvas, echo, pleura, ribs, level=8.0):
-  """Horizontal reverberations of the pleura at multiples of its depth (normal aerated lung)."""
-  between = (cv.xx > ribs[0]) & (cv.xx < ribs[1])
-  for k in (2, 3, 4):
-    line = (np.abs(cv.yy - k * pleura) < 1.5) & between
-    echo[line] = np.maximum(echo[line], level - 4.0 * (k - 2))
+def pleural_mirror(cv: Canvas, pleura, ribs, ratio_db):
+  """Per-bounce reverberation ratio map of the pleura between the ribs (air behind it: a near-perfect
+  mirror). The physics turns it into A-lines at multiples of the pleural depth; `ratio_db` (probe
+  face and pleura reflection losses per round trip) sets how many stay visible."""
+  mirror = np.zeros((cv.size, cv.size), np.float32)
+  line = (np.abs(cv.yy - pleura) < 1.5) & (cv.xx > ribs[0]) & (cv.xx < ribs[1])
+  mirror[line] = 10.0 ** (ratio_db / 10.0)
+  return mirror
 
 
 def b_lines(cv: Canvas, rng, echo, pleura, ribs, count, level=6.0):

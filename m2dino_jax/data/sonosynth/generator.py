@@ -72,7 +72,7 @@ def sample(task_name: str, index: int, *, seed: int, size: int = 256) -> Record:
   else:
     raise DataError(f"sonosynth:{task.name}#{index}",
                     f"no scene fitted the field of view in {_RETRIES} tries")
-  image = physics.simulate(scene.echo, probe, rng, scene.atten)
+  image = physics.simulate(scene.echo, probe, rng, scene.atten, density=cv.density, mirror=scene.mirror)
   mask = None if scene.mask is None else np.where(cv.fov, scene.mask, 0).astype(np.uint8)
   rec = Record(image=image, task=task.name, task_type=task.type, label=scene.label, mask=mask,
                box=scene.box, points=None if scene.points is None else np.asarray(scene.points, np.float32),

@@ -3,17 +3,18 @@
 A scene gives, on the output image grid, a backscatter (echogenicity) map in dB relative to
 soft tissue and an attenuation map in dB/cm/MHz. `simulate` turns it into an 8-bit B-mode image:
 
-1. the maps are resampled onto the beam grid (depth x scan line; polar for a sector probe);
-2. a complex Gaussian scatterer field (many random scatterers per resolution cell, so the echo is
-   fully developed speckle) is weighted by the backscatter amplitude and by the round-trip
-   attenuation integrated along each beam (fluid gives posterior enhancement, bone a shadow);
-3. the field is convolved, by FFT, with the baseband (IQ) point-spread function: a Gaussian pulse
-   envelope along depth set by the centre frequency and bandwidth, and a Gaussian beam across lines
-   whose width depends on depth (diffraction limit lambda * F# at the focus, the aperture's
-   geometric cone away from it). Both kernels are scaled to unit energy, so 0 dB tissue gives an
-   envelope with E[env^2] = 1 at every depth;
-4. time-gain compensation undoes the nominal tissue attenuation; electronic noise is added;
-5. envelope detection |IQ|, log compression to the dynamic range, and (sector) scan conversion.
+1. the maps are resampled onto the beam grid (depth x scan line; for a sector probe polar and at
+   least 2x finer than the display, see `scan`);
+2. the backscatter power gets clutter (a floor with near-field haze), the round-trip attenuation
+   integrated along each beam beyond what time-gain compensation undoes (fluid gives posterior
+   enhancement, bone a shadow) and the reverberations of specular plates (A-lines);
+3. a random scatterer field (dense: fully developed speckle; sparse where `density` < 1: K-distributed,
+   pre-Rayleigh texture) is weighted by the amplitude and convolved, by FFT, with the baseband (IQ)
+   point-spread function: a Gaussian pulse envelope along depth set by the centre frequency and
+   bandwidth, and a Gaussian beam across lines whose width depends on depth (transmit focus, dynamic
+   receive limited by the array aperture, see `psf_sigmas_px`). Both kernels have unit energy, so 0 dB
+   tissue gives an envelope with E[env^2] = 1 at every depth;
+4. electronic noise is added; envelope detection |IQ|; area-averaging scan conversion; log compression.
 
 Working in baseband is exactly equivalent to RF convolution followed by Hilbert envelope
 detection, and it needs no sampling of the carrier, so a 256 x 256 image costs a few FFTs.
@@ -28,10 +29,14 @@ import math
 import numpy as np
 import scipy.fft
 
+from m2dino_jax.data.sonosynth import scan
+
 SPEED_OF_SOUND_MM_US = 1.54
 # E[20 log10 R] for a Rayleigh amplitude R with E[R^2] = 1 is 10 log10(exp(-Euler gamma)).
 LOG_RAYLEIGH_MEAN_DB = -10.0 * 0.5772156649015329 / math.log(10.0)
-ANTI_ALIAS_SIGMA_PX = 0.5  # the scanner's decimation filter before display
+ANTI_ALIAS_SIGMA = 0.5  # PSF floor in display pixels: the scanner's decimation filter before display
+MAX_LATERAL_SIGMA_PX = 24.0  # cap, in lines: a phased array's apex would otherwise blur ~500 lines
+HAZE_DB, HAZE_DEPTH_MM = 10.0, 8.0  # near-field clutter: clutter_db + HAZE_DB at the skin, e-folding depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Probe:
   dynamic_range_db: float = 60.0
   tissue_grey: float = 0.45  # display level of 0 dB tissue (mean of log speckle), in [0, 1]
   noise_db: float | None = -50.0  # electronic noise re 0 dB tissue at the skin; None = off
+  aperture_mm: float | None = None  # the array's largest active aperture (None = as large as F# needs)
+  clutter_db: float | None = None  # clutter power re 0 dB tissue (sidelobes, multipath); None = off
 
   def __post_init__(self):
     if self.geometry not in ("linear", "sector"):
@@ -61,165 +68,188 @@ class Probe:
     return SPEED_OF_SOUND_MM_US / self.f0_mhz
 
 
-class Bilinear:
-  """Bilinear resampling at fixed fractional (row, col) coordinates, edges clamped: the same as
-  `ndimage.map_coordinates(src, coords, order=1, mode='nearest')`, with the indices and weights
-  computed once so each call is four gathers."""
-
-  def __init__(self, coords: np.ndarray, src_shape: tuple[int, int]):
-    h, w = src_shape
-    r = np.clip(coords[0].astype(np.float64), 0, h - 1)
-    c = np.clip(coords[1].astype(np.float64), 0, w - 1)
-    r0 = np.minimum(np.floor(r).astype(np.int64), h - 2)
-    c0 = np.minimum(np.floor(c).astype(np.int64), w - 2)
-    fr, fc = (r - r0).astype(np.float32), (c - c0).astype(np.float32)
-    base = (r0 * w + c0).ravel()
-    self.shape = coords.shape[1:]
-    self.index = np.stack([base, base + 1, base + w, base + w + 1]).astype(np.intp)
-    self.weight = np.stack([(1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc]).reshape(4, -1)
-
-  def __call__(self, src: np.ndarray) -> np.ndarray:
-    flat = np.asarray(src, np.float32).ravel()
-    out = flat[self.index[0]] * self.weight[0]
-    for k in (1, 2, 3):
-      out += flat[self.index[k]] * self.weight[k]
-    return out.reshape(self.shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Beam grid <-> image grid mapping for one probe and image size (cached)."""
-  spacing_mm: tuple[float, float]  # (x, y) image pixel size
-  depth_step_mm: float  # beam-grid sample spacing along depth
-  line_step_mm: np.ndarray  # [H] lateral spacing of beam-grid lines at each depth
-  depth_mm: np.ndarray  # [H] depth of each beam-grid row
-  to_beam: Bilinear | None  # samples image-grid maps at the beam samples (sector only)
-  to_image: Bilinear | None  # samples beam-grid data at the image pixels (sector only)
-  fov: np.ndarray  # [H, W] bool: image pixels inside the imaged field
-
-
-def geometry(probe: Probe, h: int, w: int) -> Geometry:
+def geometry(probe: Probe, h: int, w: int) -> scan.Geometry:
   """The beam/image grid mapping of `probe` at h x w pixels (cached on the geometric settings only)."""
-  return _geometry(probe.geometry, probe.depth_mm, probe.width_mm, probe.angle_deg, probe.apex_mm, h, w)
-
-
-@functools.lru_cache(maxsize=64)
-def _geometry(kind: str, depth_mm: float, width_mm: float, angle_deg: float, apex_mm: float,
-              h: int, w: int) -> Geometry:
-  probe = Probe(kind, depth_mm=depth_mm, width_mm=width_mm, angle_deg=angle_deg, apex_mm=apex_mm)
-  dz = probe.depth_mm / h
-  depth = (np.arange(h) + 0.5) * dz
-  if probe.geometry == "linear":
-    dx = probe.width_mm / w
-    return Geometry((dx, dz), dz, np.full(h, dx), depth, None, None, np.ones((h, w), bool))
-  half = math.radians(probe.angle_deg) / 2
-  r_max = probe.apex_mm + probe.depth_mm
-  top = probe.apex_mm * math.cos(half)  # shallowest point of the fan, from the apex
-  s = max(2 * r_max * math.sin(half) / w, (r_max - top) / h)  # square pixels, fan fits the box
-  radius = probe.apex_mm + depth
-  theta = -half + (np.arange(w) + 0.5) * (2 * half / w)
-  # beam sample -> image pixel (fractional row, col)
-  x = radius[:, None] * np.sin(theta)[None, :]
-  y = radius[:, None] * np.cos(theta)[None, :]
-  beam_to_image = np.stack([(y - top) / s - 0.5, x / s + (w - 1) / 2]).astype(np.float32)
-  # image pixel -> beam sample
-  yy = top + (np.arange(h)[:, None] + 0.5) * s
-  xx = (np.arange(w)[None, :] - (w - 1) / 2) * s
-  r = np.hypot(xx, yy)
-  th = np.arctan2(xx, yy)
-  row = (r - probe.apex_mm) / dz - 0.5
-  col = (th + half) / (2 * half / w) - 0.5
-  fov = (r >= probe.apex_mm) & (r <= r_max) & (np.abs(th) <= half)
-  image_to_beam = np.stack([row, col]).astype(np.float32)
-  return Geometry((s, s), dz, radius * (2 * half / w), depth, Bilinear(beam_to_image, (h, w)),
-                  Bilinear(image_to_beam, (h, w)), fov)
+  return scan.geometry(probe.geometry, probe.depth_mm, probe.width_mm, probe.angle_deg, probe.apex_mm, h, w)
 
 
 def psf_sigmas_px(probe: Probe, h: int, w: int) -> tuple[float, np.ndarray]:
-  """Gaussian PSF standard deviations on the beam grid: (axial scalar, lateral per depth row [H]).
+  """Gaussian PSF standard deviations on the beam grid: (axial scalar, lateral per depth row [nz]).
 
   Lateral: the two-way beam is the product of the transmit beam (fixed focus: diffraction limit
-  lambda * F# / 2.355 at the focus, the aperture's geometric cone away from it) and the receive
-  beam (dynamic focusing keeps it at the diffraction limit), so 1/s^2 = 1/s_tx^2 + 1/s_rx^2.
+  lambda * focus / aperture at the focus, the aperture's geometric cone away from it) and the receive
+  beam (dynamic focusing at F# = max(f_number, depth / aperture): diffraction-limited until the array's
+  full aperture is in use, then widening in proportion to depth), so 1/s^2 = 1/s_tx^2 + 1/s_rx^2.
+  Both get the display's anti-alias filter (ANTI_ALIAS_SIGMA display pixels, in quadrature); the
+  lateral one is capped at MAX_LATERAL_SIGMA_PX lines (a phased array's apex, where lines converge).
   """
   geo = geometry(probe, h, w)
   # Gaussian pulse with -6 dB bandwidth B*f0: sigma_t = sqrt(2 ln 2) / (pi B f0); depth = c t / 2.
   sigma_t_us = math.sqrt(2 * math.log(2)) / (math.pi * probe.bandwidth * probe.f0_mhz)
   sigma_z_mm = SPEED_OF_SOUND_MM_US * sigma_t_us / 2
   fwhm = 2 * math.sqrt(2 * math.log(2))
-  sigma_rx_mm = probe.wavelength_mm * probe.f_number / fwhm
-  aperture_mm = probe.focus_mm / probe.f_number
-  sigma_cone_mm = aperture_mm / fwhm * np.abs(geo.depth_mm - probe.focus_mm) / probe.focus_mm
-  sigma_tx_mm = np.sqrt(sigma_rx_mm ** 2 + sigma_cone_mm ** 2)
+  aperture = probe.aperture_mm or math.inf
+  rx_f_number = np.maximum(probe.f_number, geo.depth_mm / aperture)
+  sigma_rx_mm = probe.wavelength_mm * rx_f_number / fwhm
+  tx_aperture = min(probe.focus_mm / probe.f_number, aperture)
+  sigma_focus_mm = probe.wavelength_mm * probe.focus_mm / tx_aperture / fwhm
+  sigma_cone_mm = tx_aperture / fwhm * np.abs(geo.depth_mm - probe.focus_mm) / probe.focus_mm
+  sigma_tx_mm = np.sqrt(sigma_focus_mm ** 2 + sigma_cone_mm ** 2)
   sigma_x_mm = 1.0 / np.sqrt(1.0 / sigma_tx_mm ** 2 + 1.0 / sigma_rx_mm ** 2)
-  sigma_z = math.hypot(sigma_z_mm / geo.depth_step_mm, ANTI_ALIAS_SIGMA_PX)
-  sigma_x = np.hypot(sigma_x_mm / geo.line_step_mm, ANTI_ALIAS_SIGMA_PX)
+  floor = ANTI_ALIAS_SIGMA * geo.spacing_mm[1] / geo.depth_step_mm  # beam samples per display pixel
+  sigma_z = math.hypot(sigma_z_mm / geo.depth_step_mm, floor)
+  sigma_x = np.minimum(np.hypot(sigma_x_mm / geo.line_step_mm, floor), MAX_LATERAL_SIGMA_PX)
   return sigma_z, sigma_x
 
 
 def _unit_energy_gaussian_tf(sigma: np.ndarray, n: int) -> np.ndarray:
-  """DFT of Gaussian kernels (one per entry of `sigma`) scaled so each kernel has sum(h^2) = 1."""
+  """DFT of Gaussian kernels (one per entry of `sigma`) scaled so each kernel has sum(h^2) = 1.
+  Real (a centred Gaussian's transform), float32: half the memory and multiply of a complex one."""
   f = scipy.fft.fftfreq(n)
   tf = np.exp(-2 * np.pi ** 2 * np.asarray(sigma, np.float64).reshape(-1, 1) ** 2 * f ** 2)
   energy = np.mean(tf ** 2, axis=-1, keepdims=True)  # Parseval: sum h^2 = mean |H|^2
-  return (tf / np.sqrt(energy)).astype(np.complex64)
+  return (tf / np.sqrt(energy)).astype(np.float32)
 
 
 def _filters(probe: Probe, h: int, w: int):
   """Padding (tissue continues beyond the field) and the FFT transfer functions on the padded grid."""
   beam = dataclasses.replace(probe, dynamic_range_db=60.0, tissue_grey=0.45, noise_db=None, tgc=1.0,
-                             nominal_atten=0.5)  # cache key: only the settings that shape the PSF
+                             nominal_atten=0.5, clutter_db=None)  # cache key: only what shapes the PSF
   return _filters_cached(beam, h, w)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)
 def _filters_cached(probe: Probe, h: int, w: int):
   sigma_z, sigma_x = psf_sigmas_px(probe, h, w)
+  nz, nl = geometry(probe, h, w).shape
   pad_x = int(math.ceil(4 * sigma_x.max()))
   pad_z = int(math.ceil(4 * sigma_z))
-  nx = scipy.fft.next_fast_len(w + 2 * pad_x)
-  nz = scipy.fft.next_fast_len(h + 2 * pad_z)
+  nx = scipy.fft.next_fast_len(nl + 2 * pad_x)
+  nzp = scipy.fft.next_fast_len(nz + 2 * pad_z)
   sigma_x_padded = np.pad(sigma_x, pad_z, mode="edge")
   tf_x = _unit_energy_gaussian_tf(sigma_x_padded, nx)
-  tf_z = _unit_energy_gaussian_tf(np.array([sigma_z]), nz)[0][:, None]
+  tf_z = _unit_energy_gaussian_tf(np.array([sigma_z]), nzp)[0][:, None]
   return tf_x, tf_z, pad_x, pad_z
 
 
-def _to_beam(image_map: np.ndarray, geo: Geometry) -> np.ndarray:
+def _to_beam(image_map: np.ndarray, geo: scan.Geometry) -> np.ndarray:
   return image_map if geo.to_beam is None else geo.to_beam(image_map)
 
 
-def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=None) -> np.ndarray:
-  """Detected envelope on the beam grid [H, W] (before log compression); 0 dB tissue has E[env^2] = 1.
+def _scatterer_tables():
+  """256-entry amplitude table (Rayleigh quantiles, E|s|^2 = 1) and 256 phases: a byte each."""
+  q = (np.arange(256) + 0.5) / 256
+  amp = np.sqrt(-np.log1p(-q))
+  amp /= np.sqrt(np.mean(amp ** 2))
+  phase = np.exp(2j * np.pi * (np.arange(256) + 0.5) / 256)
+  return amp.astype(np.float32), phase.astype(np.complex64), float(np.mean(amp ** 4))
+
+
+_AMP, _PHASE, SCATTERER_KURTOSIS = _scatterer_tables()  # kurtosis E|s|^4 = 1.98 (complex Gaussian: 2)
+
+
+def scatterers(shape, rng: np.random.Generator, density=None) -> np.ndarray:
+  """Complex scatterer field with E|s|^2 = 1 per sample, from random bytes via two small tables.
+
+  Amplitudes are Rayleigh quantiles and phases uniform, so the field is (to 1%) circular complex
+  Gaussian, at a quarter of the cost of normal deviates. `density` (in (0, 1] per sample; None = 1)
+  keeps each scatterer with that probability and scales the survivors by 1/sqrt(density): the mean
+  power is unchanged but, with few scatterers per resolution cell, the envelope is K-distributed
+  (pre-Rayleigh, Nakagami m < 1, see `nakagami_m`) as in fat.
+  """
+  n = int(np.prod(shape))
+  b = np.frombuffer(rng.bytes(2 * n), np.uint8)
+  field = (_PHASE[b[n:]] * _AMP[b[:n]]).reshape(shape)
+  if density is not None:
+    keep = np.frombuffer(rng.bytes(n), np.uint8).reshape(shape) < np.round(density * 256)
+    field *= np.where(keep, 1.0 / np.sqrt(np.maximum(density, 1 / 256)), 0.0).astype(np.float32)
+  return field
+
+
+def nakagami_m(density: float, sigma_z: float, sigma_x: float) -> float:
+  """Theoretical Nakagami m of the envelope for scatterer `density` and a Gaussian PSF (samples).
+
+  For a sum of independent circular terms h_i s_i b_i / sqrt(p): E[I^2]/E[I]^2 = 2 + (k/p - 2) / C with
+  k = E|s|^4 and C = (sum h^2)^2 / sum h^4 = 2 pi sigma_z sigma_x the cell count; m = 1 / (E[I^2]/E[I]^2 - 1).
+  """
+  cells = 2 * math.pi * sigma_z * sigma_x
+  return 1.0 / (1.0 + (SCATTERER_KURTOSIS / density - 2.0) / cells)
+
+
+def _reverberation(power: np.ndarray, mirror: np.ndarray, loss_excess_db: np.ndarray) -> np.ndarray:
+  """Multiple reflections between the probe face and the shallowest mirror of each beam line.
+
+  `mirror` [nz, nl]: per-bounce power ratio (0..1) where a specular, plate-like reflector (the pleura)
+  lies, 0 elsewhere. The echo of a mirror at depth d comes back again at 2d, 3d, ... (the pulse
+  bounces probe -> mirror -> probe), the k-th time weaker by (ratio * excess loss)^(k - 1), where the
+  excess loss is what TGC does not undo on the way (a rib's shadow kills its own A-lines).
+  Returns the reverberation power to add; A-lines of a normal lung arise here rather than being drawn.
+  """
+  nz, nl = power.shape
+  has = mirror.max(axis=0) > 0.01
+  if not has.any():
+    return np.zeros_like(power)
+  first = np.argmax(mirror > 0.01, axis=0)  # shallowest mirror sample per line
+  ratio = mirror.max(axis=0)
+  rows = np.arange(nz)[:, None]
+  band = (rows >= first[None, :]) & (rows < first[None, :] + 4) & (mirror > 0.01)
+  primary = np.where(band, power, 0.0)
+  gain = ratio * np.power(10.0, -np.maximum(loss_excess_db[np.minimum(first, nz - 1), np.arange(nl)], 0) / 10)
+  out = np.zeros_like(power)
+  d = first + 0.5  # depth of the mirror in samples: its k-th echo comes back from depth k * d
+  for k in range(2, 12):
+    src = rows - np.round((k - 1) * d[None, :]).astype(np.int64)
+    ok = (src >= 0) & has[None, :]
+    if not ok.any():
+      break
+    out += np.where(ok, np.take_along_axis(primary, np.clip(src, 0, nz - 1), axis=0), 0.0) * gain ** (k - 1)
+  return out.astype(np.float32)
+
+
+def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=None, density=None,
+             mirror=None) -> np.ndarray:
+  """Detected envelope on the beam grid [nz, nl] (before log compression); 0 dB tissue has E[env^2] = 1.
 
   `echo_db`: backscatter level in dB re soft tissue on the image grid [H, W].
   `atten`: attenuation in dB/cm/MHz on the image grid, or None for the nominal value everywhere.
+  `density`: scatterers per beam sample in (0, 1] on the image grid (None = 1: fully developed speckle).
+  `mirror`: per-bounce reverberation power ratio (0..1) on the image grid where a specular plate lies.
+  Clutter (probe.clutter_db, sidelobes and multipath, speckled like tissue) is added to the backscatter
+  power, with near-field haze decaying over the first centimetres: a cyst reads about -22 dB, not black.
   """
   h, w = echo_db.shape
   geo = geometry(probe, h, w)
-  log_amp = _to_beam(np.asarray(echo_db, np.float32), geo) / 20.0  # log10 amplitude
+  nz, nl = geo.shape
+  power = np.power(np.float32(10.0), _to_beam(np.asarray(echo_db, np.float32), geo) / np.float32(10.0))
+  if probe.clutter_db is not None:
+    haze = probe.clutter_db + HAZE_DB * np.exp(-geo.depth_mm / HAZE_DEPTH_MM)
+    power = power + np.power(10.0, haze / 10.0).astype(np.float32)[:, None]
   # Round-trip attenuation integrated along each beam (to the middle of each sample) and TGC.
   two_way = 2 * probe.f0_mhz * geo.depth_step_mm / 10.0  # dB per (dB/cm/MHz) per sample
+  tgc_db = probe.tgc * probe.nominal_atten * two_way * (np.arange(nz) + 0.5)
   if atten is None:
-    loss_db = np.broadcast_to((np.arange(h) + 0.5)[:, None] * (probe.nominal_atten * two_way), (h, w))
+    loss_db = np.broadcast_to((np.arange(nz) + 0.5)[:, None] * (probe.nominal_atten * two_way), (nz, nl))
   else:
     a = _to_beam(np.asarray(atten, np.float32), geo) * two_way
     loss_db = np.cumsum(a, axis=0) - 0.5 * a
-  tgc_db = probe.tgc * probe.nominal_atten * two_way * (np.arange(h) + 0.5)
-  log_amp = log_amp + (tgc_db[:, None] - loss_db) / 20.0
-  amp = np.power(10.0, log_amp, dtype=np.float32)
+  excess_db = loss_db - tgc_db[:, None]
+  power = power * np.power(10.0, -excess_db / 10.0).astype(np.float32)
+  if mirror is not None:
+    power = power + _reverberation(power, _to_beam(np.asarray(mirror, np.float32), geo), excess_db)
+  amp = np.sqrt(power)
 
   tf_x, tf_z, pad_x, pad_z = _filters(probe, h, w)
-  amp = np.pad(amp * np.float32(math.sqrt(0.5)), ((pad_z, pad_z), (pad_x, pad_x)), mode="edge")
-  noise = rng.standard_normal((2,) + amp.shape, dtype=np.float32)
-  field = (noise[0] + 1j * noise[1]) * amp
+  pad = ((pad_z, pad_z), (pad_x, pad_x))  # tissue continues beyond the field
+  dens = None if density is None else np.pad(np.clip(_to_beam(np.asarray(density, np.float32), geo), 0, 1),
+                                             pad, mode="edge")
+  amp = np.pad(amp, pad, mode="edge")
+  field = scatterers(amp.shape, rng, dens) * amp
   field = scipy.fft.ifft(scipy.fft.fft(field, n=tf_x.shape[1], axis=1) * tf_x, axis=1)
-  field = scipy.fft.ifft(scipy.fft.fft(field[:, pad_x:pad_x + w], n=tf_z.shape[0], axis=0) * tf_z, axis=0)
-  field = field[pad_z:pad_z + h]
+  field = scipy.fft.ifft(scipy.fft.fft(field[:, pad_x:pad_x + nl], n=tf_z.shape[0], axis=0) * tf_z, axis=0)
+  field = field[pad_z:pad_z + nz]
   if probe.noise_db is not None:
-    e = rng.standard_normal((2, h, w), dtype=np.float32)
-    gain = np.power(10.0, (tgc_db + probe.noise_db) / 20.0).astype(np.float32) * np.float32(math.sqrt(0.5))
-    field = field + (e[0] + 1j * e[1]) * gain[:, None]
+    gain = np.power(10.0, (tgc_db + probe.noise_db) / 20.0).astype(np.float32)
+    field = field + scatterers((nz, nl), rng) * gain[:, None]
   return np.abs(field).astype(np.float32)
 
 
@@ -229,14 +259,21 @@ def log_compress(env: np.ndarray, probe: Probe) -> np.ndarray:
   return np.clip(db / probe.dynamic_range_db + probe.tissue_grey, 0.0, 1.0)
 
 
-def scan_convert(beam_img: np.ndarray, probe: Probe) -> np.ndarray:
-  """Beam grid -> image grid (identity for a linear probe); outside the fan is 0."""
-  h, w = beam_img.shape
-  geo = geometry(probe, h, w)
-  return beam_img if geo.to_image is None else np.where(geo.fov, geo.to_image(beam_img), 0.0)
+def scan_convert(beam_img: np.ndarray, probe: Probe, h: int, w: int) -> np.ndarray:
+  """Beam grid -> h x w image grid (identity for a linear probe, area average for a sector); outside the fan 0."""
+  return scan.to_image(beam_img, geometry(probe, h, w), h, w)
 
 
-def simulate(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=None) -> np.ndarray:
+def display_envelope(echo_db, probe: Probe, rng, atten=None, density=None, mirror=None) -> np.ndarray:
+  """The envelope as displayed (area-averaged onto the image grid), before log compression."""
+  h, w = echo_db.shape
+  return scan_convert(envelope(echo_db, probe, rng, atten, density, mirror), probe, h, w)
+
+
+def simulate(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=None, density=None,
+             mirror=None) -> np.ndarray:
   """Scene maps on the image grid -> uint8 B-mode image of the same size."""
-  display = scan_convert(log_compress(envelope(echo_db, probe, rng, atten), probe), probe)
+  h, w = echo_db.shape
+  env = display_envelope(echo_db, probe, rng, atten, density, mirror)
+  display = np.where(geometry(probe, h, w).fov, log_compress(env, probe), 0.0)
   return np.round(display * 255.0).astype(np.uint8)

@@ -42,12 +42,16 @@ from m2dino_jax.data.sonosynth.shapes import (
   smooth_noise,
 )
 
-LINEAR = Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=18.0)
+# Apertures: a convex array's ~64 active elements at 3.5 MHz span ~24 mm, a phased array's ~20 mm,
+# an endocavity array's ~12 mm; beyond depth = aperture * F# the beam widens with depth.
+CLUTTER_DB = -27.0  # clutter floor re tissue: anechoic fluid reads about -22 dB, hazier near the probe
+LINEAR = Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=18.0, clutter_db=CLUTTER_DB)
 CONVEX = Probe("sector", depth_mm=110.0, angle_deg=55.0, apex_mm=45.0, f0_mhz=3.5, f_number=2.5,
-               focus_mm=60.0)
+               focus_mm=60.0, aperture_mm=24.0, clutter_db=CLUTTER_DB)
 PHASED = Probe("sector", depth_mm=140.0, angle_deg=75.0, apex_mm=0.0, f0_mhz=2.5, f_number=2.5,
-               focus_mm=70.0)
-ENDOCAVITY = Probe("sector", depth_mm=60.0, angle_deg=80.0, apex_mm=6.0, f0_mhz=6.5, focus_mm=30.0)
+               focus_mm=70.0, aperture_mm=20.0, clutter_db=CLUTTER_DB)
+ENDOCAVITY = Probe("sector", depth_mm=60.0, angle_deg=80.0, apex_mm=6.0, f0_mhz=6.5, focus_mm=30.0,
+                   aperture_mm=12.0, clutter_db=CLUTTER_DB)
 
 
 @dataclasses.dataclass
@@ -59,6 +63,7 @@ class Scene:
   mask: np.ndarray | None = None
   box: np.ndarray | None = None
   points: np.ndarray | None = None
+  mirror: np.ndarray | None = None  # per-bounce reverberation ratio of specular plates (physics.envelope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,13 +190,13 @@ def liver_lesion_2cls(cv, rng, label):
 
 
 def lung_2cls(cv, rng, label):
-  echo, atten, _ = V.lung(cv, rng, label)
-  return Scene(echo, atten, label=label)
+  echo, atten, _, mirror = V.lung(cv, rng, label)
+  return Scene(echo, atten, label=label, mirror=mirror)
 
 
 def lung_disease_3cls(cv, rng, label):
-  echo, atten, _ = V.lung(cv, rng, label)
-  return Scene(echo, atten, label=label)
+  echo, atten, _, mirror = V.lung(cv, rng, label)
+  return Scene(echo, atten, label=label, mirror=mirror)
 
 
 def organ_cls(cv, rng, label):
@@ -376,8 +381,8 @@ def head_symphysis_multi(cv, rng, label):
 
 
 def lung_seg(cv, rng, label):
-  echo, atten, region = V.lung(cv, rng, 2)
-  return Scene(echo, atten, mask=region.astype(np.uint8))
+  echo, atten, region, mirror = V.lung(cv, rng, 2)
+  return Scene(echo, atten, mask=region.astype(np.uint8), mirror=mirror)
 
 
 def ovary_tumor(cv, rng, label):

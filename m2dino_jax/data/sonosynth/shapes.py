@@ -19,6 +19,8 @@ from m2dino_jax.data.sonosynth import physics
 FLUID_DB, FLUID_ATTEN = -45.0, 0.05
 BONE_DB, BONE_ATTEN = 16.0, 12.0
 FAT_DB = -7.0
+FAT_DENSITY = 0.4  # scatterers per beam sample in fat: few per resolution cell, Nakagami m ~ 0.6
+SPECULAR_FLOOR_DB = -18.0  # a specular surface seen edge-on still scatters this much (rough bone)
 WALL_DB = 10.0
 
 
@@ -31,7 +33,9 @@ class Canvas:
     geo = physics.geometry(probe, size, size)
     self.fov = geo.fov
     self.spacing_mm = geo.spacing_mm
+    self.beam_dir = geo.beam_dir  # [2, H, W] (x, y) direction of the beam through each pixel
     self.yy, self.xx = _grid(size)
+    self.density = None  # scatterer density map, set by `background` (None: dense everywhere)
 
   def px(self, fraction: float) -> float:
     """A length given as a fraction of the image size, in pixels."""
@@ -82,6 +86,26 @@ def blob(cv: Canvas, rng, cx, cy, a, b, angle=0.0, wobble=0.08, spikes=0.0) -> n
   return np.sqrt((u / np.float32(a)) ** 2 + (v / np.float32(b)) ** 2) / scale
 
 
+def ellipse_normal(cv: Canvas, cx, cy, a, b, angle=0.0) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) components of the gradient of an ellipse's rho (the outward normal direction, unnormalised)."""
+  u, v = _local(cv, cx, cy, angle)
+  gu, gv = u / np.float32(a * a), v / np.float32(b * b)
+  c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+  return c * gu - s * gv, s * gu + c * gv
+
+
+def specular_db(cv: Canvas, nx: np.ndarray, ny: np.ndarray, floor_db: float = SPECULAR_FLOOR_DB) -> np.ndarray:
+  """Gain (dB) of a specular surface with normal (nx, ny): amplitude cos^2 of the beam-to-normal angle.
+
+  A smooth interface (skull, bone cortex, a vessel wall) sends the echo back only when the beam meets
+  it near normal incidence; seen edge-on (a skull's side walls) it is dark, down to `floor_db`, what
+  its roughness still scatters. The beam direction comes from the probe (vertical for a linear array,
+  radial from the apex for a sector)."""
+  norm = np.maximum(np.hypot(nx, ny), 1e-9)
+  cos = np.abs(nx * cv.beam_dir[0] + ny * cv.beam_dir[1]) / norm
+  return np.maximum(40.0 * np.log10(np.maximum(cos, 1e-6)), floor_db).astype(np.float32)
+
+
 def segment_distance(cv: Canvas, p0, p1) -> np.ndarray:
   """Distance in pixels from every pixel to the segment p0-p1."""
   p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
@@ -118,7 +142,8 @@ def polar_dir(angle_deg: float) -> np.ndarray:
 
 def background(cv: Canvas, rng, layers: bool = True, texture_db: float = 2.0):
   """Soft-tissue backscatter map with mild heterogeneity; `layers` adds the superficial skin,
-  fat and fascia bands of a linear-probe image. Returns (echo_db, atten) maps."""
+  fat and fascia bands of a linear-probe image (and sets `cv.density`: fat has few scatterers per
+  resolution cell, so its speckle is pre-Rayleigh, not just darker). Returns (echo_db, atten) maps."""
   echo = texture_db * smooth_noise(cv, rng, int(rng.integers(5, 12)))
   atten = np.full_like(echo, cv.probe.nominal_atten)
   if layers:
@@ -129,6 +154,9 @@ def background(cv: Canvas, rng, layers: bool = True, texture_db: float = 2.0):
     echo = np.where(rows < skin, echo + 8.0, echo)
     echo = np.where((rows >= skin) & (rows < fat), echo + FAT_DB, echo)
     echo = np.where(np.abs(rows - fat) < 0.006, echo + WALL_DB, echo)  # fascia
+    cv.density = np.where((rows >= skin) & (rows < fat), FAT_DENSITY, 1.0).astype(np.float32)  # sparse fat
+  else:
+    cv.density = None
   return echo.astype(np.float32), atten.astype(np.float32)
 
 

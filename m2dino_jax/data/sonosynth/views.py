@@ -91,25 +91,27 @@ def thorax(cv, rng, echo, atten, c, r):
 
 
 def lung(cv, rng, kind):
-  """kind: 0 A-lines, 1 B-lines, 2 consolidation. Returns echo, atten, consolidation region or None."""
+  """kind: 0 A-lines, 1 B-lines, 2 consolidation. Returns echo, atten, consolidation region or None,
+  and the pleural mirror map (A-lines come from its reverberation in the physics, not drawn)."""
   echo, atten = background(cv, rng)
   pleura, ribs = A.lung_surface(cv, rng, echo, atten)
   region = None
+  mirror = A.pleural_mirror(cv, pleura, ribs, -60.0)
   # The signs overlap as in practice: a normal lung may show a faint isolated B-line, A-lines can
   # persist faintly between B-lines, and B-lines often flank a consolidation.
   if kind == 0:
-    A.a_lines(cv, echo, pleura, ribs, level=rng.uniform(0.0, 9.0))
+    mirror = A.pleural_mirror(cv, pleura, ribs, rng.uniform(-16.0, -7.0))
     if rng.random() < 0.35:
       A.b_lines(cv, rng, echo, pleura, ribs, 1, level=rng.uniform(-2.0, 3.0))
   elif kind == 1:
     if rng.random() < 0.3:
-      A.a_lines(cv, echo, pleura, ribs, level=rng.uniform(-4.0, 2.0))
+      mirror = A.pleural_mirror(cv, pleura, ribs, rng.uniform(-20.0, -14.0))
     A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(2, 6)), level=rng.uniform(2.0, 8.0))
   else:
     if rng.random() < 0.3:  # drawn first: the consolidation covers them
       A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(1, 3)), level=rng.uniform(0.0, 6.0))
     region = A.consolidation(cv, rng, echo, atten, pleura, ribs)
-  return echo, atten, region
+  return echo, atten, region, mirror
 
 
 def cervix(cv, rng):
