@@ -81,6 +81,7 @@ def read_itk(path) -> tuple[np.ndarray, tuple[float, float, float]]:
 def read_volume(path, domain: str, modalities: dict | None = None) -> VolumeRecord:
   """Reads a NIfTI (.nii, .nii.gz) or ITK (.mha, .mhd, .nrrd) volume into a record."""
   path = Path(path)
+  modality = modality_of(domain, modalities)
   name = path.name.lower()
   if name.endswith((".nii", ".nii.gz")):
     image, spacing = read_nifti(path)
@@ -90,7 +91,7 @@ def read_volume(path, domain: str, modalities: dict | None = None) -> VolumeReco
     raise DataError(path, "file not found")
   else:
     raise DataError(path, "unknown volume format; expected .nii, .nii.gz, .mha, .mhd or .nrrd")
-  return VolumeRecord(image, spacing, domain, modality_of(domain, modalities), str(path))
+  return VolumeRecord(image, spacing, domain, modality, str(path))
 
 
 def normalize(image: np.ndarray, modality: str, norm: dict | None = None) -> np.ndarray:
