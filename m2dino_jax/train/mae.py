@@ -17,6 +17,7 @@ that `m2dino scaling fit` reads (scaling/measurements.py):
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -202,7 +203,7 @@ class Program:
     split = int(np.prod([mesh_lib.axis_size(self.mesh, a) for a in mesh_lib.batch_axes(self.mesh)]))
     n = len(crops)
     pad = (-n) % split
-    x = np.concatenate([crops, crops[:pad]]) if pad else crops
+    x = crops[np.arange(n + pad) % n]
     x = mesh_lib.shard_batch(x, self.mesh, self.rules)
     with jax.set_mesh(self.mesh):
       per = np.asarray(jax.device_get(self._eval(params, x)))
@@ -246,7 +247,6 @@ def train_and_evaluate(config, workdir: str) -> str:
       row = measurement_row(run_id, step, data, weights, losses)
       prev = meas_path.read_text() if meas_path.is_file() else ""
       lines = [ln for ln in prev.splitlines() if ln.strip()]
-      import json
       lines = [ln for ln in lines if (json.loads(ln)["run_id"], json.loads(ln)["step"]) != (run_id, step)]
       fileio.write_text(meas_path, "".join(ln + "\n" for ln in lines) + json.dumps(row) + "\n")
     return losses
