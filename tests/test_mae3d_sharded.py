@@ -14,8 +14,8 @@ def test_sharded_step_equals_single_device_and_shards_params():
     from m2dino_jax import configlib, mesh as mesh_lib
     from m2dino_jax.train import mae
     def run(axes, preset, n):
-      c = configlib.load_config("configs/mae3d.py:smoke", ["optim.eps=1e-6", "optim.warmup_steps=0", "data.per_domain=3",
-                                "data.heldout=1", "sharding=" + preset])
+      c = configlib.load_config("configs/mae3d.py:smoke", ["optim.eps=1e-6", "optim.warmup_steps=0",
+                                "data.per_domain=3", "data.heldout=1", "sharding=" + preset])
       c.unlock()
       c.model.depth = 1
       mesh = mesh_lib.make_mesh(axes, jax.devices()[:n])
