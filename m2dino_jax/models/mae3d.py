@@ -255,13 +255,3 @@ class MAE3D(nnx.Module):
     loss, per_sample = masked_loss(pred, target, mask)
     return {"loss": loss, "per_sample": per_sample, "pred": pred, "target": target, "mask": mask}
 
-
-def encoder_param_names(params) -> dict[str, tuple]:
-  """{path: shape} of the encoder half of a MAE3D param state (what fine-tuning must find)."""
-  flat = nnx.to_flat_state(params) if hasattr(nnx, "to_flat_state") else params.flat_state()
-  out = {}
-  for path, var in flat:
-    name = "/".join(str(k) for k in path)
-    if not name.startswith(("decoder", "mask_token")):
-      out[name] = tuple(np.shape(var[...] if hasattr(var, "__getitem__") else var))
-  return out
