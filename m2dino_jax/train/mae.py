@@ -1,0 +1,279 @@
+"""3D MAE pretraining on a mixture of imaging domains, on the shared training core.
+
+Data: per domain, a list of training volumes (the first `data.budget[domain]` of them: the data budget the
+scaling sweep varies) and a disjoint held-out list. Each training example is a pure function of (seed, global
+example index): the domain is drawn from the mixture weights, then a volume and a random crop (+ flips), so a
+batch does not depend on the device count and a resumed run (Grain iterator state in the checkpoint) sees
+exactly the batches it would have seen.
+
+Eval: for each domain, fixed crops of its held-out volumes under one fixed mask give the held-out
+reconstruction loss. Every eval writes WORKDIR/eval/STEP.json and appends a row to the measurements file
+that `m2dino scaling fit` reads (scaling/measurements.py):
+  data    {domain: training volumes the run used}  (0 for domains out of the mixture)
+  weights the mixture weights, budget = sum(data), available {domain: volumes the domain has}
+  loss    {domain: held-out loss}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m2dino_jax import fileio
+from m2dino_jax import mesh as mesh_lib
+from m2dino_jax.data import mixture, phantoms, volumes
+from m2dino_jax.errors import ConfigError
+from m2dino_jax.models import mae3d
+from m2dino_jax.train import checkpointing, core, loop, optim
+
+EVAL_SEED = 1234
+
+
+def _domains(config) -> list[str]:
+  names = [d.strip() for d in str(config.data.domains).split(",") if d.strip()]
+  if not names:
+    raise ConfigError("data.domains", "no domains")
+  return names
+
+
+def _kv(spec: str, key: str, cast=str) -> dict:
+  out = {}
+  for item in filter(None, (s.strip() for s in str(spec or "").split(","))):
+    k, sep, v = item.partition("=")
+    if not sep:
+      raise ConfigError(key, f"bad entry '{item}'; use name=value,name=value")
+    try:
+      out[k.strip()] = cast(v.strip())
+    except ValueError:
+      raise ConfigError(key, f"bad value in '{item}'") from None
+  return out
+
+
+@dataclasses.dataclass
+class DomainData:
+  """Prepared (normalised) images of one domain: training (budgeted) and held-out."""
+  train: list[np.ndarray]
+  heldout: list[np.ndarray]
+  available: int
+
+
+def load_domains(config) -> dict[str, DomainData]:
+  """Phantoms (`data.source = 'phantoms'`) or volume files (`data.source = 'files'`, `data.files` =
+  'domain=GLOB,domain=GLOB'); the last `data.heldout` volumes of each domain are held out."""
+  d = config.data
+  names, budget = _domains(config), _kv(d.budget, "data.budget", int)
+  mods = _kv(d.modalities, "data.modalities")
+  spacing = tuple(d.target_spacing) if d.target_spacing else None
+  out = {}
+  for name in names:
+    if d.source == "phantoms":
+      recs = [phantoms.make_phantom(name, i, d.phantom_size, d.phantom_seed) for i in range(d.per_domain)]
+    elif d.source == "files":
+      globs = _kv(d.files, "data.files")
+      if name not in globs:
+        raise ConfigError("data.files", f"no file pattern for domain '{name}'")
+      paths = sorted(Path().glob(globs[name])) if not Path(globs[name]).is_absolute() else \
+          sorted(Path("/").glob(globs[name].lstrip("/")))
+      recs = [volumes.read_volume(p, name, mods) for p in paths]
+    else:
+      raise ConfigError("data.source", f"'{d.source}' is not 'phantoms' or 'files'")
+    if len(recs) <= d.heldout:
+      raise ConfigError("data.heldout", f"domain '{name}' has {len(recs)} volume(s), needs > {d.heldout}")
+    prepared = []
+    for r in recs:
+      img = volumes.prepare(r, spacing)
+      volumes.crop_origin(img.shape, d.crop, np.random.default_rng(0), r.path)  # too-small check, naming the file
+      prepared.append(img)
+    train, held = prepared[:len(prepared) - d.heldout], prepared[len(prepared) - d.heldout:]
+    n = min(budget.get(name, len(train)), len(train))
+    out[name] = DomainData(train[:n], held, len(train))
+  return out
+
+
+def mixture_weights(config, data: dict[str, DomainData]) -> dict[str, float]:
+  sizes = {n: len(v.train) for n, v in data.items()}
+  w = mixture.mixture_weights(config.data.mixture, sizes, temperature=config.data.temperature,
+                              weights_file=config.data.weights_file)
+  return {n: w.get(n, 0.0) for n in data}
+
+
+class _Batches:
+  """Local batch of global step `s` (a pure function of the seed and example indices)."""
+
+  def __init__(self, config, data, weights, process_index=0, process_count=1):
+    self.cfg, self.data = config.data, data
+    self.names = list(data)
+    self.p = np.asarray([weights[n] for n in self.names])
+    self.seed, self.pi = config.seed, process_index
+    self.local = config.data.batch_size // process_count
+
+  def __call__(self, step) -> dict:
+    imgs, doms = [], []
+    for k in range(self.local):
+      rng = np.random.default_rng([self.seed, int(step), self.pi * self.local + k])
+      di = int(rng.choice(len(self.names), p=self.p))
+      train = self.data[self.names[di]].train
+      img = train[int(rng.integers(len(train)))]
+      vol = volumes.crop(img, volumes.crop_origin(img.shape, self.cfg.crop, rng, fg=img > 0.05,
+                                                  foreground_bias=self.cfg.foreground_bias), self.cfg.crop)
+      imgs.append(volumes.augment(vol, rng, self.cfg.flip, self.cfg.intensity_aug))
+      doms.append(di)
+    return {"image": np.stack(imgs)[..., None], "domain": np.asarray(doms, np.int32)}
+
+
+def make_iterator(config, data, weights, total_steps: int, process_index=0, process_count=1):
+  ds = grain.MapDataset.range(total_steps + 1).map(_Batches(config, data, weights, process_index, process_count))
+  return iter(ds.to_iter_dataset())
+
+
+def heldout_crops(config, held: list[np.ndarray]) -> np.ndarray:
+  """Fixed eval crops [n, c, c, c, 1]: `data.eval_crops` per held-out volume (the first one centred)."""
+  c, out = config.data.crop, []
+  for i, img in enumerate(held):
+    rng = np.random.default_rng([EVAL_SEED, i])
+    for j in range(config.data.eval_crops):
+      o = tuple((s - c) // 2 for s in img.shape) if j == 0 else volumes.crop_origin(img.shape, c, rng)
+      out.append(volumes.crop(img, o, c))
+  return np.stack(out)[..., None]
+
+
+class Program:
+  """The model, its sharded TrainState and the compiled train / eval programs on one mesh."""
+
+  def __init__(self, config, mesh, rules, total_steps: int):
+    self.config, self.mesh, self.rules = config, mesh, rules
+    self.model_cfg = mae3d.MAE3DConfig.from_config(config.model)
+    if config.data.crop != self.model_cfg.crop:
+      raise ConfigError("data.crop", f"{config.data.crop} must equal model.crop {self.model_cfg.crop}")
+    tx, seed_key = optim.adam_tx(config.optim), core.seed_data(config.seed)
+    abstract = nnx.eval_shape(lambda: mae3d.MAE3D(self.model_cfg, rngs=nnx.Rngs(config.seed)))
+    self.gdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+      raise ValueError("MAE3D holds non-parameter state; bind it like the multitask trainer")
+
+    def init():
+      _, params = nnx.split(mae3d.MAE3D(self.model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+      return core.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             rng=jnp.asarray(seed_key))
+
+    shard = lambda abstract: core.replicate_unnamed(mesh_lib.state_shardings(abstract, mesh, rules), mesh)
+    with jax.set_mesh(mesh):
+      self.state = core.init_state(init, shard)
+    self.state_shardings = core.shardings_of(self.state)
+    schedule, clip = optim.lr_schedule(config.optim, total_steps), float(config.optim.clip_norm)
+    gdef = self.gdef
+
+    def train_step(state, batch):
+      key = state.key()
+
+      def loss_fn(params):
+        return nnx.merge(gdef, params)(batch["image"], key)["loss"]
+
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      grads, gnorm = optim.clip(grads, clip)
+      lr = schedule(state.step)
+      params, opt_state = optim.apply(tx, grads, state.opt_state, state.params, lr)
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), \
+          {"loss": loss, "grad_norm": gnorm, "lr": lr}
+
+    def eval_step(params, image):
+      return nnx.merge(gdef, params)(image, jax.random.key(EVAL_SEED))["per_sample"]
+
+    self._train_fn, self._eval_fn = train_step, eval_step
+    self._train, self._eval = None, jax.jit(eval_step)
+
+  def step(self, state, batch: dict):
+    """One sharded train step on a host batch (numpy) -> (state, metrics)."""
+    batch = mesh_lib.shard_batch(batch, self.mesh, self.rules)
+    with jax.set_mesh(self.mesh):
+      if self._train is None:
+        self._train = core.compile_step(self._train_fn, self.state_shardings, core.shardings_of(batch))
+      return self._train(state, batch)
+
+  def heldout_loss(self, params, crops: np.ndarray) -> float:
+    """Mean per-sample masked loss over fixed crops (padded to the mesh's batch split, pads dropped)."""
+    split = int(np.prod([mesh_lib.axis_size(self.mesh, a) for a in mesh_lib.batch_axes(self.mesh)]))
+    n = len(crops)
+    pad = (-n) % split
+    x = crops[np.arange(n + pad) % n]
+    x = mesh_lib.shard_batch(x, self.mesh, self.rules)
+    with jax.set_mesh(self.mesh):
+      per = np.asarray(jax.device_get(self._eval(params, x)))
+    return float(per[:n].mean())
+
+
+def measurement_row(run_id: str, step: int, data: dict[str, DomainData], weights, losses) -> dict:
+  used = {n: float(len(v.train)) if weights[n] > 0 else 0.0 for n, v in data.items()}
+  return {"run_id": run_id, "data": used, "weights": {n: float(w) for n, w in weights.items()},
+          "budget": float(sum(used.values())), "step": int(step), "loss": {n: float(v) for n, v in losses.items()},
+          "available": {n: float(v.available) for n, v in data.items()}}
+
+
+def train_and_evaluate(config, workdir: str) -> str:
+  """Pretrains (resuming from WORKDIR/ckpt if present), evaluates per-domain held-out loss at each eval and
+  at the end, appends measurement rows. Returns loop.COMPLETED or loop.PREEMPTED."""
+  root = Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  if (root / "done.json").is_file():
+    print(f"[mae] {root} already finished; skipping", file=sys.stderr)
+    return loop.COMPLETED
+  devices = jax.devices()[:config.mesh_devices] if config.mesh_devices > 0 else None
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
+  rules = mesh_lib.get_rules(config.sharding)
+  total = int(config.total_steps)
+  data = load_domains(config)
+  weights = mixture_weights(config, data)
+  prog = Program(config, mesh, rules, total)
+  crops = {n: heldout_crops(config, v.heldout) for n, v in data.items()}
+  run_id = config.run_id or root.name
+  meas_path = Path(config.measurements) if config.measurements else root / "measurements.jsonl"
+  if jax.process_index() == 0:
+    fileio.write_text(root / "config.json", config.to_json_best_effort(indent=2))
+  writer = loop.MetricWriter(root, tensorboard=config.tensorboard)
+
+  def evaluate(state, step: int) -> dict:
+    losses = {n: prog.heldout_loss(state.params, c) for n, c in crops.items()}
+    writer.write(step, {f"heldout/{n}": v for n, v in losses.items()}, prefix="eval/")
+    if jax.process_index() == 0:
+      fileio.write_json(root / "eval" / f"{step}.json", {"step": step, "heldout_loss": losses, "weights": weights})
+      row = measurement_row(run_id, step, data, weights, losses)
+      prev = meas_path.read_text() if meas_path.is_file() else ""
+      lines = [ln for ln in prev.splitlines() if ln.strip()]
+      lines = [ln for ln in lines if (json.loads(ln)["run_id"], json.loads(ln)["step"]) != (run_id, step)]
+      fileio.write_text(meas_path, "".join(ln + "\n" for ln in lines) + json.dumps(row) + "\n")
+    return losses
+
+  it = make_iterator(config, data, weights, total, jax.process_index(), jax.process_count())
+  ckpt = checkpointing.Checkpointer(root / "ckpt", keep=config.checkpoint.keep,
+                                    async_save=config.checkpoint.async_save, data_iter=it)
+  state, start = prog.state, 0
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    start = int(state.step)
+    print(f"[mae] resumed from step {start}", file=sys.stderr)
+  elif config.eval_at_start:
+    evaluate(state, 0)
+  state, step, status = loop.run(
+      state=state, batches=it, step_fn=prog.step, start_step=start, total_steps=total, writer=writer,
+      log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
+      checkpoint_every=config.checkpoint.every, checkpointer=ckpt, name="mae3d")
+  ckpt.save(step, state, force=True)
+  ckpt.close()
+  if status == loop.PREEMPTED:
+    print(f"[mae] preempted at step {step}: checkpoint written; rerun to resume", file=sys.stderr)
+    return status
+  losses = evaluate(state, step)
+  checkpointing.save_params(root / "final" / "params", state.params)
+  writer.close()
+  if jax.process_index() == 0:
+    fileio.write_json(root / "done.json", {"step": step, "heldout_loss": losses})
+  print("[mae] held-out loss: " + ", ".join(f"{n}={v:.4f}" for n, v in losses.items()))
+  return status
