@@ -71,7 +71,7 @@ def to_params(state: dict, cfg: vit.ViTConfig, source: str = "<state dict>") -> 
     qkv_w, qkv_b = take(b + "attn.qkv.weight"), sd.pop(b + "attn.qkv.bias", None)
     for j, name in enumerate("qkv"):
       out[f"{b}attn.{name}.kernel"] = qkv_w[j * d:(j + 1) * d].T
-      if qkv_b is not None:
+      if qkv_b is not None and getattr(cfg, {"q": "query", "k": "key", "v": "value"}[name] + "_bias"):
         out[f"{b}attn.{name}.bias"] = np.asarray(qkv_b[j * d:(j + 1) * d], np.float32)
     pairs = (("attn.proj", "attn.o"), ("mlp.fc1", "mlp.up"), ("mlp.fc2", "mlp.down"))
     for theirs, ours in pairs:
@@ -113,7 +113,7 @@ def from_params(params: dict[str, np.ndarray], cfg: vit.ViTConfig, prefix: str =
 def save_pth(model: vit.Encoder, path, prefix: str = "teacher.backbone.") -> Path:
   import torch
   params = {k: np.asarray(v[...]) for k, v in convert.flat_params(model).items()}
-  sd = {k: torch.from_numpy(v) for k, v in from_params(params, model.cfg, prefix).items()}
+  sd = {k: torch.from_numpy(v.copy()) for k, v in from_params(params, model.cfg, prefix).items()}
   path = Path(path)
   torch.save(sd, path)
   return path
