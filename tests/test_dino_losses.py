@@ -154,6 +154,7 @@ def test_block_masks_ratios_in_range():
 
 def test_multicrop_shapes_and_determinism():
   import ml_collections
+
   from configs import ultradino
   c = ultradino.get_config("smoke").data
   img = (RNG.random((80, 120)) * 255).astype(np.uint8)
