@@ -138,7 +138,8 @@ def eval_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task]):
     heads = tuple(params["heads"][n] for n in names)
     hw = batch["image"].shape[1:3]
     branches = [head_pred(i) for i in range(len(names))]
-    shapes = [jax.eval_shape(b, heads, enc_out, hw) for b in branches]
+    # enc_out closed over: its static entries (the patch grid) must stay Python ints under eval_shape
+    shapes = [jax.eval_shape(lambda h, b=b: b(h, enc_out, hw), heads) for b in branches]
     full = tuple(max(s.shape[d] for s in shapes) for d in range(len(shapes[0].shape)))
     padded = [lambda h, e, b=b: _pad_to(b(h, e, hw), full) for b in branches]
     pred = jax.lax.switch(_head_index(bound, batch), padded, heads, enc_out)
