@@ -147,20 +147,69 @@ def test_classification_edge_cases():
   assert math.isnan(got["auc"])
   for k, v in _sk_scores(y, p).items():
     assert got[k] == pytest.approx(v, abs=1e-12), k
-  # A multiclass task with one class absent: mean of one-vs-rest AUCs over the present classes.
+  # A multiclass task with one class absent: the pinned scikit-learn raises; n/a here, 0.0 officially.
   y = rng.integers(0, 3, 30)
   y[:3] = [0, 1, 2]
   y[y == 1] = 3
   p = _softmax(rng, 30, 4)
-  ref = np.mean([skm.roc_auc_score(y == c, p[:, c]) for c in (0, 2, 3)])
-  assert metrics.auc(y, p) == pytest.approx(ref, abs=1e-12)
+  assert math.isnan(metrics.auc(y, p)) and metrics.auc(y, p, "official") == 0.0
   # Constant predictions: MCC has a zero denominator; sklearn gives 0 too. Labels predicted but absent count.
   y = np.array([0, 1, 1, 0, 1])
   p = np.tile([0.1, 0.2, 0.7], (5, 1))
   got = metrics.classification_scores(y, p)
   for k, v in _sk_scores(y, p).items():
     assert got[k] == pytest.approx(v, abs=1e-12), k
-  assert metrics.binary_auc([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5]) == 0.5
+  assert metrics.auc([1, 1, 0, 0], np.full((4, 2), 0.5)) == 0.5
+
+
+def _official_auc(y, p, num_classes):
+  """The official evaluate.py's AUC under scikit-learn 1.2.2, from its documented behaviour: roc_auc_score
+  raises on one class (binary) or on a multiclass set whose classes differ from the score columns."""
+  if np.unique(y).size < 2 or (num_classes > 2 and np.unique(y).size != num_classes):
+    return 0.0
+  return (skm.roc_auc_score(y, p[:, 1]) if num_classes == 2
+          else skm.roc_auc_score(y, p, average="macro", multi_class="ovr"))
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 8])
+def test_official_auc_is_zero_where_the_pinned_sklearn_raises(num_classes):
+  rng = np.random.default_rng(10 + num_classes)
+  p = _softmax(rng, 24, num_classes)
+  single = np.full(24, 1)
+  missing = np.arange(24) % (num_classes - 1)  # class C-1 never appears (binary: single class 0)
+  full = np.arange(24) % num_classes
+  for y in (single, missing, full):
+    want = _official_auc(y, p, num_classes)
+    assert metrics.auc(y, p, "official") == want
+    got = metrics.classification_scores(y, p, convention="official")["auc"]
+    assert got == want
+    assert math.isnan(metrics.auc(y, p)) if want == 0.0 else metrics.auc(y, p) == want
+  assert metrics.auc(single, p, "official") == 0.0 and metrics.auc(missing, p, "official") == 0.0
+  assert 0.0 < metrics.auc(full, p, "official") < 1.0
+  with pytest.raises(ValueError, match="convention"):
+    metrics.auc(full, p, "sklearn-1.9")
+
+
+def test_official_box_areas_are_unclamped():
+  a, b = np.array([10.0, 10, 0, 5]), np.array([0.0, 0, 10, 10])  # malformed prediction: w = -10
+  assert metrics.box_iou(a, b) == 0.0
+  assert metrics.box_iou(a, b, clamp=False) == pytest.approx(0.0 / (-50 + 100))
+  c = np.array([4.0, 4, 2, 8])  # w = -2, h = 4; intersection 0; union -8 + 100
+  assert metrics.box_iou(c, b, clamp=False) == 0.0
+  ev = metrics.TaskEvaluator("thyroid_nodule_det", convention="official")
+  ev.add([0, 0, 5, 10], b)
+  ev.add([0, 0, 10, 10], b)
+  assert ev.result()["iou"] == pytest.approx(0.75)
+
+
+def test_hausdorff_matches_brute_force():
+  from scipy.spatial.distance import cdist
+  rng = np.random.default_rng(12)
+  for spacing in (None, (0.5, 1.5)):
+    a, b = _blobs(rng, (23, 31), 2) == 1, _blobs(rng, (23, 31), 2) == 1
+    s = np.ones(2) if spacing is None else np.asarray(spacing)
+    d = cdist(np.argwhere(a) * s, np.argwhere(b) * s)
+    assert metrics.hausdorff(a, b, spacing) == pytest.approx(max(d.min(1).max(), d.min(0).max()), rel=1e-6)
 
 
 def _loop_iou(a, b):

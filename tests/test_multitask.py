@@ -216,12 +216,21 @@ def test_report_and_predict_from_smoke_runs(au_run, tmp_path):
   pred_dir = tmp_path / "pred"
   assert cli.main(["predict", "--workdir", str(au_run), "--task", "fetal_head", "--input", str(img_dir),
                    "--out", str(pred_dir)]) == 0
-  mask = np.asarray(Image.open(pred_dir / "masks" / "case0.png"))
+  mask = np.asarray(Image.open(pred_dir / "masks" / "fetal_head" / "case0.png"))
   assert mask.shape == (80, 80) and set(np.unique(mask)) <= {0, 1} and mask.any()
-  assert cli.main(["predict", "--workdir", str(au_run), "--task", "fetal_femur", "--input", str(img_dir),
-                   "--out", str(pred_dir)]) == 0
-  pts = json.loads((pred_dir / "regression_predictions.json").read_text())["case1.png"]
+  for task in ("fetal_femur", "breast_2cls"):
+    assert cli.main(["predict", "--workdir", str(au_run), "--task", task, "--input", str(img_dir),
+                     "--out", str(pred_dir)]) == 0
+  # the official format: a list of records with image_path (as given) and task_id, flat point lists
+  reg = json.loads((pred_dir / "regression_predictions.json").read_text())
+  assert isinstance(reg, list) and len(reg) == 2
+  pts = next(e for e in reg if e["image_path"] == str(img_dir / "case1.png"))
+  assert pts["task_id"] == "fetal_femur" and len(pts["predicted_points_pixels"]) == 4
   assert np.allclose(np.array(pts["predicted_points_pixels"]) / 80, pts["predicted_points_normalized"])
+  cls = json.loads((pred_dir / "classification_predictions.json").read_text())
+  assert [e["task_id"] for e in cls] == ["breast_2cls"] * 2
+  assert all(e["predicted_class"] == int(np.argmax(e["predicted_probs"])) for e in cls)
+  assert all(abs(sum(e["predicted_probs"]) - 1) < 1e-5 for e in cls)
 
 
 def test_router_jitter_trains_deterministically():

@@ -5,24 +5,24 @@ the ORIGINAL image's pixel space.
 
 Segmentation (masks of class ids, [H, W]):
   For every image and every non-background class c, Dice and the full Hausdorff distance (HD, the
-  maximum of the two directed distances between the pixel sets `pred == c` and `target == c`, as
-  SimpleITK's HausdorffDistanceImageFilter computes it; not HD95) in pixels, or in physical units when a
+  maximum of the two directed distances between the pixel sets `pred == c` and `target == c`, computed by
+  SimpleITK's HausdorffDistanceImageFilter as the official script does; not HD95) in pixels, or in physical units when a
   spacing (row, col) is given. A task's `dice` / `hd` is the mean over images per class, then the mean
   over the non-background classes. Empty-mask conventions, per image and class:
     both empty        -> Dice 1, HD 0;
     exactly one empty -> Dice 0, HD = the image diagonal (sqrt(H^2 + W^2), spacing-scaled).
 Classification (probabilities [C], integer label):
-  predicted class = argmax of the probabilities; `accuracy`; `f1_macro` and `f1_weighted` over the
-  labels seen in targets or predictions (sklearn's default label set, zero_division=0); `mcc` (the
-  multiclass Matthews correlation, 0 when undefined); `auc`: binary tasks use the probability of class 1
-  (roc_auc_score(y, p[:, 1])), multiclass tasks the unweighted mean of one-vs-rest AUCs.
-  AUC conventions: ties count one half (the Mann-Whitney statistic, as sklearn). With one class only in
-  the labels the AUC is undefined and is NaN (the official script reports 0 there, a number that reads
-  as "worst" rather than "unknown"). For multiclass tasks the one-vs-rest mean is taken over the classes
-  present in the labels; sklearn refuses when a class is absent, the official script then reports 0.
-Detection (one box per image, xyxy pixels): `iou`, the mean over images of the box IoU. Widths and
-  heights are clamped at 0, so a malformed predicted box (x_max < x_min) scores 0 instead of the
-  official script's unclamped (possibly negative) area; a zero-area union scores 0 as there.
+  predicted class = argmax of the probabilities (or the class given with the example, as the official
+  script reads `predicted_class`); `accuracy`; `f1_macro`, `f1_weighted` and `mcc` from scikit-learn as
+  the official script calls them (sklearn's default label set, zero_division=0); `auc`: binary tasks use
+  the probability of class 1 (roc_auc_score(y, p[:, 1])), multiclass tasks the macro one-vs-rest AUC.
+  AUC conventions (`convention=`): the challenge pins scikit-learn 1.2.2, whose roc_auc_score raises when
+  the labels hold one class only or a multiclass task misses a class; the official script then reports
+  AUC 0.0. 'official' reproduces that 0.0; 'default' reports NaN there ("n/a": undefined, not "worst").
+  Elsewhere both equal scikit-learn.
+Detection (one box per image, xyxy pixels): `iou`, the mean over images of the box IoU. 'default' clamps
+  widths and heights at 0, so a malformed predicted box (x_max < x_min) scores 0; 'official' keeps the
+  official script's unclamped box areas. A zero-area union scores 0 in both.
 Regression (landmarks [K, 2] pixels): `mre`, the mean radial error: the Euclidean distance per point,
   averaged over points and then over images.
 """
@@ -32,9 +32,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage, stats
+import SimpleITK as sitk
+from sklearn import metrics as skm
 
 from m2dino_jax.tasks import registry
+
+# 'default': undefined metrics are NaN (the report prints "n/a"); 'official': the challenge's numbers.
+CONVENTIONS = ("default", "official")
+CONVENTION_NOTE = {
+    "default": "AUC n/a where undefined (one class in the labels, or a class missing); the official script "
+               "scores 0.0 there",
+    "official": "as the official evaluate.py: AUC 0.0 where undefined, unclamped box areas",
+}
 
 # Every metric and whether higher is better; the report uses this to sign its deltas.
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -83,11 +92,12 @@ def hausdorff(pred: np.ndarray, target: np.ndarray, spacing=None) -> float:
     return float(np.sqrt(np.sum((np.asarray(pred.shape) * spacing) ** 2)))
   # Both sets lie inside the bounding box of their union, so distances computed on that crop are exact.
   box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in _bounds(pred | target))
-  pred, target = pred[box], target[box]
-  # distance_transform_edt(~M) is, at each pixel, the distance to the nearest pixel of M.
-  to_target = ndimage.distance_transform_edt(~target, sampling=spacing)
-  to_pred = ndimage.distance_transform_edt(~pred, sampling=spacing)
-  return float(max(to_target[pred].max(), to_pred[target].max()))
+  a, b = (sitk.GetImageFromArray(m[box].astype(np.uint8)) for m in (pred, target))
+  for img in (a, b):
+    img.SetSpacing([float(x) for x in spacing[::-1]])  # SimpleITK spacing is (x, y) = (col, row)
+  f = sitk.HausdorffDistanceImageFilter()
+  f.Execute(a, b)
+  return float(f.GetHausdorffDistance())
 
 
 def _bounds(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -114,61 +124,55 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray, num_classes: int, 
 
 # ---------------------------------------------------------------------------------------- classification
 
-def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  """ROC AUC of scores for labels in {0, 1} by the rank-sum statistic (ties count half); NaN if one class."""
-  labels = np.asarray(labels).astype(bool)
-  n_pos = int(labels.sum())
-  n_neg = labels.size - n_pos
-  if n_pos == 0 or n_neg == 0:
-    return math.nan
-  ranks = stats.rankdata(np.asarray(scores, float))  # average ranks for ties
-  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def _check_convention(convention: str) -> None:
+  if convention not in CONVENTIONS:
+    raise ValueError(f"unknown metric convention '{convention}'; known: {', '.join(CONVENTIONS)}")
 
 
-def auc(labels: np.ndarray, probs: np.ndarray) -> float:
-  """Binary: AUC of probs[:, 1]; multiclass: mean one-vs-rest AUC over the classes present in labels."""
+def auc(labels: np.ndarray, probs: np.ndarray, convention: str = "default") -> float:
+  """Binary: roc_auc_score(y, probs[:, 1]); multiclass: macro one-vs-rest. Where the challenge's pinned
+  scikit-learn raises (one class in the labels, a multiclass task missing a class), NaN ('default') or
+  0.0 ('official')."""
+  _check_convention(convention)
   labels, probs = np.asarray(labels), np.asarray(probs, float)
-  if np.unique(labels).size < 2:
-    return math.nan
-  if probs.shape[1] == 2:
-    return binary_auc(labels == 1, probs[:, 1])
-  return float(np.mean([binary_auc(labels == c, probs[:, c]) for c in np.unique(labels)]))
+  undefined = 0.0 if convention == "official" else math.nan
+  present = np.unique(labels).size
+  if present < 2 or (probs.shape[1] > 2 and present != probs.shape[1]):
+    return undefined
+  try:
+    if probs.shape[1] == 2:
+      return float(skm.roc_auc_score(labels, probs[:, 1]))
+    return float(skm.roc_auc_score(labels, probs, average="macro", multi_class="ovr"))
+  except ValueError:  # what the official script catches
+    return undefined
 
 
-def classification_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-  """AUC, accuracy, macro / weighted F1 and MCC of a task's labels [N] and class probabilities [N, C]."""
+def classification_scores(labels: np.ndarray, probs: np.ndarray, preds=None,
+                          convention: str = "default") -> dict[str, float]:
+  """AUC, accuracy, macro / weighted F1 and MCC of labels [N] and class probabilities [N, C]; `preds`
+  (predicted classes) default to the argmax of the probabilities."""
   labels = np.asarray(labels, np.int64)
   probs = np.asarray(probs, float)
-  preds = probs.argmax(axis=1)
-  classes = np.union1d(labels, preds)
-  # Confusion matrix over the seen labels: rows = truth, columns = prediction.
-  index = np.searchsorted(classes, labels), np.searchsorted(classes, preds)
-  cm = np.zeros((classes.size, classes.size), np.int64)
-  np.add.at(cm, index, 1)
-  tp = np.diag(cm).astype(float)
-  support, predicted = cm.sum(axis=1).astype(float), cm.sum(axis=0).astype(float)
-  denom = support + predicted  # = 2tp + fp + fn, > 0 for every seen label
-  f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-  n = float(labels.size)
-  mcc_den = math.sqrt((n * n - predicted @ predicted) * (n * n - support @ support))
-  mcc = (tp.sum() * n - support @ predicted) / mcc_den if mcc_den > 0 else 0.0
+  preds = probs.argmax(axis=1) if preds is None else np.asarray(preds, np.int64)
   return {
-      "auc": auc(labels, probs),
-      "accuracy": float(tp.sum() / n),
-      "f1_macro": float(f1.mean()),
-      "f1_weighted": float(f1 @ support / support.sum()),
-      "mcc": float(mcc),
+      "auc": auc(labels, probs, convention),
+      "accuracy": float(np.mean(labels == preds)),
+      "f1_macro": float(skm.f1_score(labels, preds, average="macro", zero_division=0)),
+      "f1_weighted": float(skm.f1_score(labels, preds, average="weighted", zero_division=0)),
+      "mcc": float(skm.matthews_corrcoef(labels, preds)),
   }
 
 
 # ------------------------------------------------------------------------------ detection and regression
 
-def box_iou(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-  """IoU of xyxy boxes [..., 4] (element-wise); negative widths clamp to 0; a zero union gives 0."""
+def box_iou(pred: np.ndarray, target: np.ndarray, clamp: bool = True) -> np.ndarray:
+  """IoU of xyxy boxes [..., 4] (element-wise); a zero union gives 0. `clamp`: negative widths count 0
+  (the official script, clamp=False, multiplies them as they are)."""
   pred, target = np.asarray(pred, float), np.asarray(target, float)
 
   def area(b):
-    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    return np.clip(w, 0, None) * np.clip(h, 0, None) if clamp else w * h
 
   lo = np.maximum(pred[..., :2], target[..., :2])
   hi = np.minimum(pred[..., 2:], target[..., 2:])
@@ -184,47 +188,93 @@ def radial_errors(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- accumulator
 
+def _seg_add(ev, pred, target, spacing=None, predicted_class=None):
+  spacing = ev.spacing if spacing is None else spacing
+  ev._preds.append(segmentation_scores(pred, target, ev.task.num_classes, spacing))
+  ev._targets.append(None)
+
+
+def _shape_checked(shape_of):
+  def add(ev, pred, target, spacing=None, predicted_class=None):
+    t, want = ev.task, shape_of(ev.task)
+    pred = np.asarray(pred, float)
+    if pred.shape != want:
+      raise ValueError(f"task {t.name}: prediction shape {pred.shape}, expected {want}")
+    if np.shape(target) != want:
+      raise ValueError(f"task {t.name}: target shape {np.shape(target)}, expected {want}")
+    ev._preds.append(pred)
+    ev._targets.append(np.asarray(target, float))
+  return add
+
+
+def _cls_add(ev, pred, target, spacing=None, predicted_class=None):
+  t = ev.task
+  pred = np.asarray(pred, float)
+  if pred.shape != (t.num_classes,):
+    raise ValueError(f"task {t.name}: prediction shape {pred.shape}, expected {(t.num_classes,)}")
+  target = int(target)
+  if not 0 <= target < t.num_classes:
+    raise ValueError(f"task {t.name}: label {target} outside [0, {t.num_classes})")
+  ev._preds.append(pred)
+  ev._targets.append(target)
+  ev._classes.append(int(np.argmax(pred)) if predicted_class is None else int(predicted_class))
+
+
+def _seg_result(ev):
+  per_class = ev.per_class()
+  return {"dice": float(np.mean(per_class["dice"])), "hd": float(np.mean(per_class["hd"]))}
+
+
+def _cls_result(ev):
+  return classification_scores(np.array(ev._targets), np.stack(ev._preds), np.array(ev._classes),
+                               ev.convention)
+
+
+def _det_result(ev):
+  return {"iou": float(box_iou(np.stack(ev._preds), np.stack(ev._targets), ev.convention == "default").mean())}
+
+
+def _reg_result(ev):
+  return {"mre": float(radial_errors(np.stack(ev._preds), np.stack(ev._targets)).mean(axis=1).mean())}
+
+
+# task type -> (add one example, the task's metrics from the accumulated examples)
+_BY_TYPE = {
+    registry.SEGMENTATION: (_seg_add, _seg_result),
+    registry.CLASSIFICATION: (_cls_add, _cls_result),
+    registry.DETECTION: (_shape_checked(lambda t: (4,)), _det_result),
+    registry.REGRESSION: (_shape_checked(lambda t: (t.num_points, 2)), _reg_result),
+}
+
+
 class TaskEvaluator:
   """Accumulates one task's per-example predictions and targets; `result()` gives the task's metrics.
 
   `add(pred, target)` takes one example in original pixel space:
     segmentation:   int masks [H, W] (and optionally `spacing=(row, col)`);
-    classification: probabilities [C] and an int label;
+    classification: probabilities [C] and an int label (optionally `predicted_class`, else the argmax);
     detection:      boxes [4] xyxy pixels;
     regression:     points [K, 2] (x, y) pixels.
+  `convention` is 'default' or 'official' (see the module docstring).
   """
 
-  def __init__(self, task: registry.Task, spacing=None):
+  def __init__(self, task: registry.Task, spacing=None, convention: str = "default"):
     if isinstance(task, str):
       task = registry.get(task)
+    _check_convention(convention)
     self.task = task
     self.spacing = spacing
+    self.convention = convention
+    self._add, self._result = _BY_TYPE[task.type]
     self._preds: list = []
     self._targets: list = []
+    self._classes: list = []
 
   def __len__(self) -> int:
     return len(self._targets)
 
-  def add(self, pred, target, spacing=None) -> None:
-    t = self.task
-    if t.type == registry.SEGMENTATION:
-      spacing = self.spacing if spacing is None else spacing
-      self._preds.append(segmentation_scores(pred, target, t.num_classes, spacing))
-      self._targets.append(None)
-      return
-    pred = np.asarray(pred, float)
-    want = {registry.CLASSIFICATION: (t.num_classes,), registry.DETECTION: (4,),
-            registry.REGRESSION: (t.num_points, 2)}[t.type]
-    if pred.shape != want:
-      raise ValueError(f"task {t.name}: prediction shape {pred.shape}, expected {want}")
-    if t.type == registry.CLASSIFICATION:
-      target = int(target)
-      if not 0 <= target < t.num_classes:
-        raise ValueError(f"task {t.name}: label {target} outside [0, {t.num_classes})")
-    elif np.shape(target) != want:
-      raise ValueError(f"task {t.name}: target shape {np.shape(target)}, expected {want}")
-    self._preds.append(pred)
-    self._targets.append(np.asarray(target, float) if t.type != registry.CLASSIFICATION else target)
+  def add(self, pred, target, spacing=None, predicted_class=None) -> None:
+    self._add(self, pred, target, spacing, predicted_class)
 
   def add_batch(self, preds, targets) -> None:
     """Adds every example of a batch (leading axis)."""
@@ -241,18 +291,7 @@ class TaskEvaluator:
 
   def result(self) -> dict[str, float]:
     """The task's metrics (NaN when nothing was added) and `n`, the number of examples."""
-    t, n = self.task, len(self._targets)
-    out = {name: math.nan for name in METRICS_BY_TYPE[t.type]}
-    if n:
-      if t.type == registry.SEGMENTATION:
-        per_class = self.per_class()
-        out = {"dice": float(np.mean(per_class["dice"])), "hd": float(np.mean(per_class["hd"]))}
-      elif t.type == registry.CLASSIFICATION:
-        out = classification_scores(np.array(self._targets), np.stack(self._preds))
-      elif t.type == registry.DETECTION:
-        out = {"iou": float(box_iou(np.stack(self._preds), np.stack(self._targets)).mean())}
-      else:
-        errors = radial_errors(np.stack(self._preds), np.stack(self._targets))
-        out = {"mre": float(errors.mean(axis=1).mean())}
+    n = len(self._targets)
+    out = self._result(self) if n else {name: math.nan for name in METRICS_BY_TYPE[self.task.type]}
     out["n"] = n
     return out

@@ -25,7 +25,8 @@ CSV_TYPE_NAMES = {"segmentation": SEGMENTATION, "classification": CLASSIFICATION
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """One task: `num_classes` for seg (incl. background) / cls, `num_points` for regression."""
+  """One task: `num_classes` for seg (incl. background) / cls, 1 for detection (one box, as the official
+  table), `num_points` for regression."""
   index: int  # 1-based number in the challenge table
   name: str
   type: str
@@ -60,9 +61,9 @@ TASKS: tuple[Task, ...] = (
     _t(10, "lung_2cls", CLASSIFICATION, "lung", "lung", c=2),
     _t(11, "lung_disease_3cls", CLASSIFICATION, "lung", "lung", c=3),
     _t(12, "organ_cls", CLASSIFICATION, "abdomen", "other", c=6),
-    _t(13, "spinal_cord_injury_loc", DETECTION, "spine", "other"),
-    _t(14, "thyroid_nodule_det", DETECTION, "thyroid", "thyroid"),
-    _t(15, "uterine_fibroid_det", DETECTION, "uterus", "gynaecology"),
+    _t(13, "spinal_cord_injury_loc", DETECTION, "spine", "other", c=1),
+    _t(14, "thyroid_nodule_det", DETECTION, "thyroid", "thyroid", c=1),
+    _t(15, "uterine_fibroid_det", DETECTION, "uterus", "gynaecology", c=1),
     _t(16, "breast_lesion", SEGMENTATION, "breast", "breast", c=2),
     _t(17, "cardiac_multi", SEGMENTATION, "heart", "cardiovascular", c=4),
     _t(18, "carotid_artery", SEGMENTATION, "vessel", "cardiovascular", c=2),

@@ -3,15 +3,21 @@
 Layout: `<root>/data/{train,val}/csv_files/*.csv` (or `<root>/{train,val}/csv_files/*.csv`), one CSV
 per task with columns task_id, task_name (segmentation / classification / detection / Regression),
 image_path and mask_path (relative to csv_files/), mask (class label for classification),
-num_classes (point count for regression), point_{i}_xy (JSON "[x, y]" in pixels) and
-x_min, y_min, x_max, y_max (pixels). Masks are grey PNGs whose value is the class id.
-Records carry `source` = the CSV and `row` = its line number; the image path is in extra['image_path'].
+num_classes (as the official task table: classes, 1 for detection, point count for regression),
+point_{i}_xy (JSON "[x, y]" in pixels) and x_min, y_min, x_max, y_max (pixels). Masks are grey PNGs whose
+value is the class id. Records carry `source` = the CSV and `row` = its line number; the resolved image
+path is in extra['image_path'], the CSV's own strings (what the official prediction files and evaluator
+key on, e.g. `../Classification/...`) in extra['csv_image_path'] and extra['csv_mask_path'].
+
+`csv_folder(root)` also accepts the official `Model.predict(data_root, ...)` form, `<data_root>/csv_files/`,
+and `rows(folder)` lists a folder's rows without reading targets (test CSVs carry none).
 Binary masks saved as 0/255 (a common export) are read as 0/1; any other value outside the task's
 classes is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +34,15 @@ SPLITS = ("train", "val")
 REQUIRED_COLUMNS = ("task_id", "task_name", "image_path")
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 _POINT_COLUMN = re.compile(r"^point_(\d+)_xy$")
+
+
+def csv_folder(data_root) -> Path:
+  """`<data_root>/csv_files` (the official evaluator's data root) or `data_root` itself if it holds the CSVs."""
+  root = Path(data_root)
+  for cand in (root / "csv_files", root):
+    if cand.is_dir() and any(cand.glob("*.csv")):
+      return cand
+  raise DataError(root / "csv_files", "no FMC_UIA CSV files here (expected <data_root>/csv_files/*.csv)")
 
 
 def csv_dir(root, split: str) -> Path:
@@ -87,7 +102,7 @@ def _load_row(csv_path: Path, header: list[str], line: int, row: dict, split: st
   except DataError as e:
     raise DataError(csv_path, f"image {e}", row=line) from None
   rec = records.Record(image=image, task=task_id, task_type=task_type, source=str(csv_path), row=line,
-                       extra={"split": split, "image_path": str(resolve(rel))})
+                       extra={"split": split, "image_path": str(resolve(rel)), "csv_image_path": rel})
   expected = task.num_points if task.type == registry.REGRESSION else task.num_classes
   n = None if base.cell(row, "num_classes") is None else int(_number(row, "num_classes", csv_path, line))
   if n is not None and n != expected:
@@ -104,6 +119,7 @@ def _load_row(csv_path: Path, header: list[str], line: int, row: dict, split: st
       mask = (mask > 0).astype(np.uint8)
     rec.mask = mask
     rec.extra["mask_path"] = str(resolve(mrel))
+    rec.extra["csv_mask_path"] = mrel
   elif task_type == registry.CLASSIFICATION:
     rec.label = int(_number(row, "mask", csv_path, line))
   elif task_type == registry.DETECTION:
@@ -125,6 +141,50 @@ def _csv_items(csv_path: Path, split: str):
   for line, row in rows:
     yield base.Item(str(csv_path), line,
                     lambda line=line, row=row: _load_row(csv_path, header, line, row, split))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One CSV row as the official inference reads it: the task, the CSV's own paths and the resolved image."""
+  task: registry.Task
+  image_path: str        # verbatim from the CSV (the prediction files' key)
+  mask_path: str | None  # verbatim; segmentation masks are written at this path minus its '../'
+  image_file: Path
+  csv: Path
+  line: int
+
+
+def rows(folder) -> list[Row]:
+  """Every row of every CSV in a csv_files folder (sorted by file name, then row), without reading targets."""
+  folder = Path(folder)
+  out = []
+  for csv_path in sorted(folder.glob("*.csv")):
+    header, csv_rows = base.read_csv_rows(csv_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+      raise DataError(csv_path, f"missing column(s) {', '.join(missing)}")
+    for line, row in csv_rows:
+      task_id = base.cell(row, "task_id") or ""
+      task = registry.BY_NAME.get(task_id)
+      if task is None:
+        raise DataError(csv_path, f"unknown task id '{task_id}'", row=line)
+      rel = base.cell(row, "image_path")
+      if rel is None:
+        raise DataError(csv_path, "column 'image_path' is empty", row=line)
+      out.append(Row(task, rel, base.cell(row, "mask_path"), Path(os.path.normpath(folder / rel)), csv_path, line))
+  if not out:
+    raise DataError(folder, "no CSV rows to predict")
+  return out
+
+
+def read_folder(folder, *, skip_bad: bool = False, skipped_log=None):
+  """Yields the validated records of every CSV in one csv_files folder (split name 'eval')."""
+  folder = Path(folder)
+  csvs = sorted(folder.glob("*.csv"))
+  if not csvs:
+    raise DataError(folder, "no CSV files in csv_files folder")
+  its = (item for c in csvs for item in _csv_items(c, "eval"))
+  return base.read_items(its, skip_bad=skip_bad, skipped_log=skipped_log)
 
 
 def items(root, split: str = "train"):

@@ -11,7 +11,8 @@ simulated and real data alike:
 CSV paths are relative to csv_files/ (`../Classification/...`). Columns: task_id, task_name
 (segmentation / classification / detection / Regression), image_path, num_classes, then by type
 mask_path (PNG of class ids), mask (class label), x_min, y_min, x_max, y_max (pixels), or
-point_1_xy .. point_K_xy (JSON "[x, y]", pixels; num_classes = K for regression).
+point_1_xy .. point_K_xy (JSON "[x, y]", pixels). num_classes follows the official task table: classes for
+segmentation / classification, 1 for detection, K (points) for regression.
 
 Everything is written under a temporary folder beside OUT and renamed into place at the end, so an
 interrupted run leaves no OUT at all. Samples are seeded one by one, so the output is identical for

@@ -104,7 +104,7 @@ def build_modules(config, tasks: list[registry.Task], *, moe_on: bool, seed: int
   return encoder, heads
 
 
-def _split(encoder, heads):
+def split_model(encoder, heads):
   enc_gdef, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
   head_split = {n: nnx.split(m, nnx.Param) for n, m in heads.items()}
   return enc_gdef, enc_params, enc_rest, {n: g for n, (g, _) in head_split.items()}, \
@@ -158,7 +158,7 @@ class _Run:
 
     def init():
       encoder, heads = build_modules(config, self.tasks, moe_on=self.moe_on, seed=config.seed)
-      _, enc_params, enc_rest, _, head_params = _split(encoder, heads)
+      _, enc_params, enc_rest, _, head_params = split_model(encoder, heads)
       params = {"encoder": enc_params, "heads": head_params}
       opt = {"encoder": tx.init(enc_params), "heads": {n: tx.init(p) for n, p in head_params.items()}}
       return core.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt,
@@ -171,7 +171,7 @@ class _Run:
 
     abstract_enc, abstract_heads = nnx.eval_shape(
         lambda: build_modules(config, self.tasks, moe_on=self.moe_on, seed=config.seed))
-    enc_gdef, *_, head_gdefs, _ = _split(abstract_enc, abstract_heads)
+    enc_gdef, *_, head_gdefs, _ = split_model(abstract_enc, abstract_heads)
     self.model = ModelDef(enc_gdef, head_gdefs, vit.ViTConfig.from_config(config.model))
     self.moe_layers = [i for i, b in enumerate(abstract_enc.blocks) if b.is_moe]
     self.state, self.enc_rest = core.init_state(init, shardings)
@@ -198,14 +198,6 @@ class _Run:
       fn = multitask_steps.eval_program(self.model.enc_gdef, self.model.head_gdefs, self.by_type[task_type])
       self._eval_programs[task_type] = jax.jit(fn)
     return self._eval_programs[task_type]
-
-  def predict(self, params, batch: dict, task: registry.Task) -> np.ndarray:
-    """Canvas predictions of one task for a host batch (post-processed and cropped), with `params`."""
-    batch = mesh_lib.shard_batch(dict(batch, task_id=np.full(len(batch["image"]), task.task_id, np.int32)),
-                                 self.mesh, self.rules)
-    with jax.set_mesh(self.mesh):
-      pred, _ = self._eval_program(task.type)(params, batch, self.bound[task.type])
-    return np.stack([types.of(task).crop(task, p) for p in np.asarray(pred)])
 
   def prepare(self, batch: dict) -> dict:
     """A host batch from the pipeline -> a global batch on the mesh, with its task name (host side)."""
