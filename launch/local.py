@@ -30,7 +30,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--processes", type=int, default=2)
   p.add_argument("--devices-per-process", type=int, default=4, help="simulated CPU devices per process")
-  p.add_argument("--cpu", action="store_true", default=True, help="force the CPU platform (default)")
+  p.add_argument("--platform", default="cpu", choices=("cpu", "auto"),
+                 help="cpu: force the CPU platform with --devices-per-process simulated devices (default); "
+                      "auto: let JAX pick the accelerators (each process sees all local devices)")
   args = p.parse_args(argv[:split])
   train_args = argv[split + 1:]
   workdir = next((a.split("=", 1)[1] for a in train_args if a.startswith("--workdir=")), None)
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
   for i in range(args.processes):
     env = dict(os.environ, M2DINO_COORDINATOR=coordinator, M2DINO_NUM_PROCESSES=str(args.processes),
                M2DINO_PROCESS_ID=str(i))
-    if args.cpu:
+    if args.platform == "cpu":
       env["JAX_PLATFORMS"] = "cpu"
       env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
     log = open(logs / f"process_{i}.log", "w")

@@ -1,7 +1,6 @@
-"""The `features` trainer: runs the encoder over images and saves CLS / patch features.
-
-It is the simplest consumer of the encoder and the default demo until multi-task training
-lands: by default it reads real ultrasound DICOM frames bundled with pydicom.
+"""Frozen-encoder features (`trainer = "features"` in configs/features.py): runs the encoder over images
+and saves CLS / patch features (for probes, retrieval, or a quick check of imported weights). By default
+it reads the real ultrasound DICOM frames bundled with pydicom.
 """
 
 from __future__ import annotations

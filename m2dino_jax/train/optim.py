@@ -62,10 +62,7 @@ def adam_tx(cfg) -> optax.GradientTransformation:
 
 
 def _frozen_set(spec: str) -> set[str]:
-  try:
-    return {s.strip() for s in str(spec).split(",") if s.strip()}
-  except Exception as e:  # pragma: no cover
-    raise ConfigError("optim.frozen_blocks", str(e)) from None
+  return {s.strip() for s in str(spec).split(",") if s.strip()}
 
 
 def encoder_lr_scales(params, cfg, depth: int):
