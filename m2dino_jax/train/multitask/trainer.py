@@ -66,7 +66,7 @@ def moe_enabled(config) -> bool:
   return bool(config.moe.enabled) and config.paradigm != "ts"
 
 
-def parse_groups(spec) -> dict[str, list[str]] | None:
+def parse_groups(spec) -> dict[str, list[str] | str] | None:
   """CG groups from `config.groups`: '' (the registry's organ groups), 'name:task+task;name:task' or the path
   of a JSON file {name: [task, ...]}."""
   spec = str(spec or "").strip()
@@ -76,7 +76,7 @@ def parse_groups(spec) -> dict[str, list[str]] | None:
     obj = fileio.read_json(Path(spec), "groups file")
     if not isinstance(obj, dict) or not all(isinstance(v, list | str) for v in obj.values()):
       raise ConfigError("groups", f"{spec}: expected an object {{group: [task, ...]}}")
-    return {str(k): [v] if isinstance(v, str) else list(v) for k, v in obj.items()}
+    return {str(k): v if isinstance(v, str) else list(v) for k, v in obj.items()}
   groups = {}
   for item in filter(None, (g.strip() for g in spec.split(";"))):
     name, sep, members = item.partition(":")
