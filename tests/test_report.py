@@ -138,7 +138,7 @@ def test_eval_file_roundtrip_and_moe(tmp_path):
   raw = json.loads((ev / "7.json").read_text())
   assert raw == {"step": 7, "paradigm": "au",
                  "tasks": {"breast_2cls": {"auc": None, "accuracy": 0.5, "n": 4}}}
-  back = paradigm.read_eval_file(ev / "7.json")
+  back = results.read_eval_file(ev / "7.json")
   assert math.isnan(back["tasks"]["breast_2cls"]["auc"]) and back["tasks"]["breast_2cls"]["n"] == 4
   with pytest.raises(ValueError):
     results.write_moe_usage(ev, 7, 3, [1], ["a", "b"], [[1, 2, 3]])
