@@ -72,10 +72,15 @@ def sample(task_name: str, index: int, *, seed: int, size: int = 256) -> Record:
   else:
     raise DataError(f"sonosynth:{task.name}#{index}",
                     f"no scene fitted the field of view in {_RETRIES} tries")
-  image = physics.simulate(scene.echo, probe, rng, scene.atten, density=cv.density, mirror=scene.mirror)
+  image = physics.simulate(scene.echo, probe, rng, scene.atten, density=cv.density, mirror=scene.mirror,
+                           ringdown=scene.ringdown)
   mask = None if scene.mask is None else np.where(cv.fov, scene.mask, 0).astype(np.uint8)
+  # Scenes draw on pixel indices (pixel (i, j) centred on (j, i)); records use the FMC_UIA / transforms
+  # convention of continuous coordinates, pixel (i, j) covering [j, j + 1) x [i, i + 1): a point drawn at
+  # the centre of pixel (i, j) is (j + 0.5, i + 0.5). Boxes are already pixel edges [min, max + 1).
+  points = None if scene.points is None else np.asarray(scene.points, np.float32) + np.float32(0.5)
   rec = Record(image=image, task=task.name, task_type=task.type, label=scene.label, mask=mask,
-               box=scene.box, points=None if scene.points is None else np.asarray(scene.points, np.float32),
+               box=scene.box, points=points,
                spacing_mm=tuple(float(s) for s in cv.spacing_mm), source=f"sonosynth:{task.name}#{index}",
                extra={"seed": seed, "index": index, "simulated": True})
   return validate(rec)

@@ -22,6 +22,8 @@ FAT_DB = -7.0
 FAT_DENSITY = 0.4  # scatterers per beam sample in fat: few per resolution cell, Nakagami m ~ 0.6
 SPECULAR_FLOOR_DB = -18.0  # a specular surface seen edge-on still scatters this much (rough bone)
 WALL_DB = 10.0
+MUSCLE_DB = -3.0
+BLOOD_DB, BLOOD_ATTEN = -32.0, 0.18
 
 
 class Canvas:
@@ -35,11 +37,29 @@ class Canvas:
     self.spacing_mm = geo.spacing_mm
     self.beam_dir = geo.beam_dir  # [2, H, W] (x, y) direction of the beam through each pixel
     self.yy, self.xx = _grid(size)
+    self.depth_mm = geo.pixel_depth_mm  # [H, W] depth below the skin along the beam
     self.density = None  # scatterer density map, set by `background` (None: dense everywhere)
 
   def px(self, fraction: float) -> float:
     """A length given as a fraction of the image size, in pixels."""
     return fraction * self.size
+
+  def mm(self, length_mm: float) -> float:
+    """A length in mm, in pixels."""
+    return length_mm / self.spacing_mm[1]
+
+  def window(self, cx, cy, r):
+    """(rows, cols) slices of the square of half-side r (pixels) around (cx, cy), clipped to the image."""
+    r = int(math.ceil(r)) + 1
+    x, y = int(round(float(cx))), int(round(float(cy)))
+    return (slice(min(max(y - r, 0), self.size), min(max(y + r + 1, 0), self.size)),
+            slice(min(max(x - r, 0), self.size), min(max(x + r + 1, 0), self.size)))
+
+  def density_map(self) -> np.ndarray:
+    """The scatterer density map (created dense on first use), to paint sparse-scatterer tissue into."""
+    if self.density is None:
+      self.density = np.ones((self.size, self.size), np.float32)
+    return self.density
 
   def inside(self, points, margin: float = 2.0) -> bool:
     """Whether every (x, y) point lies in the imaged field, at least `margin` pixels from its edge."""
@@ -68,6 +88,16 @@ def ellipse(cv: Canvas, cx, cy, a, b, angle=0.0) -> np.ndarray:
   """rho of an ellipse with semi-axes a (along `angle`) and b."""
   u, v = _local(cv, cx, cy, angle)
   return np.sqrt((u / np.float32(a)) ** 2 + (v / np.float32(b)) ** 2)
+
+
+def ellipse_at(cv: Canvas, cx, cy, a, b, angle=0.0):
+  """A small ellipse computed only in its window: (window, rho there). `echo[w][rho < 1] = v` paints it."""
+  w = cv.window(cx, cy, max(a, b))
+  dx = cv.xx[w] - np.float32(cx)
+  dy = cv.yy[w] - np.float32(cy)
+  c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+  u, v = c * dx + s * dy, -s * dx + c * dy
+  return w, np.sqrt((u / np.float32(a)) ** 2 + (v / np.float32(b)) ** 2)
 
 
 def blob(cv: Canvas, rng, cx, cy, a, b, angle=0.0, wobble=0.08, spikes=0.0) -> np.ndarray:
