@@ -139,6 +139,19 @@ def _to_beam(image_map: np.ndarray, geo: scan.Geometry) -> np.ndarray:
   return image_map if geo.to_beam is None else geo.to_beam(image_map)
 
 
+def _density_to_beam(density: np.ndarray, geo: scan.Geometry) -> np.ndarray:
+  """The scatterer density on the beam grid, resampling only the beam rows that reach sparse tissue
+  (fat lies in shallow layers; the rest of the field is dense)."""
+  sparse_rows = np.flatnonzero((density < 1).any(axis=1))
+  if geo.to_beam is None or not sparse_rows.size:
+    return np.clip(_to_beam(density, geo), 0, 1)
+  out = np.ones(geo.shape, np.float32)
+  reach = int(np.searchsorted(geo.to_beam.min_src_row, sparse_rows[-1] + 2))  # deeper rows read dense pixels
+  if reach:
+    out[:reach] = np.clip(geo.to_beam(density, rows=reach), 0, 1)
+  return out
+
+
 def _scatterer_tables():
   """256-entry amplitude table (Rayleigh quantiles, E|s|^2 = 1) and 256 phases: a byte each."""
   q = (np.arange(256) + 0.5) / 256
@@ -163,9 +176,12 @@ def scatterers(shape, rng: np.random.Generator, density=None) -> np.ndarray:
   n = int(np.prod(shape))
   b = np.frombuffer(rng.bytes(2 * n), np.uint8)
   field = (_PHASE[b[n:]] * _AMP[b[:n]]).reshape(shape)
-  if density is not None:
-    keep = np.frombuffer(rng.bytes(n), np.uint8).reshape(shape) < np.round(density * 256)
-    field *= np.where(keep, 1.0 / np.sqrt(np.maximum(density, 1 / 256)), 0.0).astype(np.float32)
+  if density is not None:  # only the rows holding sparse tissue (fat lies in layers) pay for the thinning
+    rows = np.flatnonzero(np.min(density, axis=tuple(range(1, density.ndim))) < 1)
+    if rows.size:
+      d = density[rows[0]:rows[-1] + 1]
+      keep = np.frombuffer(rng.bytes(d.size), np.uint8).reshape(d.shape) < np.round(d * 256)
+      field[rows[0]:rows[-1] + 1] *= np.where(keep, 1.0 / np.sqrt(np.maximum(d, 1 / 256)), 0.0).astype(np.float32)
   return field
 
 
@@ -230,18 +246,20 @@ def _ringdown(power: np.ndarray, ring: np.ndarray, tgc_db: np.ndarray, step_mm: 
   1 gives the laser-like line that does not fade to the bottom of the image. Returns the power to add.
   """
   nz, nl = power.shape
-  has = ring.max(axis=0) > 0.01
-  if not has.any():
-    return np.zeros_like(power)
-  first = np.argmax(ring > 0.01, axis=0)
-  lines = np.arange(nl)
-  source = power[first, lines] * has
-  ratio_db = 10.0 * np.log10(np.maximum(ring.max(axis=0), 1e-6))
-  rows = np.arange(nz)[:, None]
-  steps = (rows - first[None, :]) * (step_mm / RINGDOWN_SPACING_MM)
-  db = steps * ratio_db[None, :] + tgc_db[:, None] - tgc_db[first][None, :]
-  tail = source[None, :] * np.power(10.0, np.minimum(db, 30.0) / 10.0)
-  return np.where(rows > first[None, :], tail, 0.0).astype(np.float32)
+  out = np.zeros_like(power)
+  lines = np.flatnonzero(ring.max(axis=0) > 0.01)  # only the lines through a resonator
+  if not lines.size:
+    return out
+  sub = ring[:, lines]
+  first = np.argmax(sub > 0.01, axis=0)
+  source = power[first, lines]
+  ratio_db = (10.0 * np.log10(np.maximum(sub.max(axis=0), 1e-6))).astype(np.float32)
+  rows = np.arange(nz, dtype=np.float32)[:, None]
+  steps = (rows - first[None, :]) * np.float32(step_mm / RINGDOWN_SPACING_MM)
+  db = steps * ratio_db[None, :] + (tgc_db[:, None] - tgc_db[first][None, :]).astype(np.float32)
+  tail = source[None, :] * np.power(np.float32(10.0), np.minimum(db, 30.0) / np.float32(10.0))
+  out[:, lines] = np.where(rows > first[None, :], tail, 0.0)
+  return out
 
 
 def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=None, density=None,
@@ -287,8 +305,7 @@ def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=
 
   tf_x, tf_z, pad_x, pad_z = _filters(probe, h, w)
   pad = ((pad_z, pad_z), (pad_x, pad_x))  # tissue continues beyond the field
-  dens = None if density is None else np.pad(np.clip(_to_beam(np.asarray(density, np.float32), geo), 0, 1),
-                                             pad, mode="edge")
+  dens = None if density is None else np.pad(_density_to_beam(np.asarray(density, np.float32), geo), pad, mode="edge")
   amp = np.pad(amp, pad, mode="edge")
   field = scatterers(amp.shape, rng, dens) * amp
   field = scipy.fft.ifft(scipy.fft.fft(field, n=tf_x.shape[1], axis=1) * tf_x, axis=1)

@@ -34,13 +34,18 @@ class Bilinear:
 
   def __init__(self, coords: np.ndarray, src_shape: tuple[int, int]):
     self.index, self.weight, self.shape = _bilinear_terms(coords, src_shape)
+    # per output row, the smallest source row it reads (to resample only the rows a shallow map reaches)
+    self.min_src_row = np.minimum.accumulate(
+        np.floor(np.clip(coords[0], 0, src_shape[0] - 1)).reshape(self.shape[0], -1).min(axis=1)[::-1])[::-1]
 
-  def __call__(self, src: np.ndarray) -> np.ndarray:
+  def __call__(self, src: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Resampled map [out rows, out cols]; with `rows`, only the first `rows` output rows."""
     flat = np.asarray(src, np.float32).ravel()
-    out = flat[self.index[0]] * self.weight[0]
+    n = self.index.shape[1] if rows is None else rows * self.shape[1]
+    out = flat[self.index[0, :n]] * self.weight[0, :n]
     for k in (1, 2, 3):
-      out += flat[self.index[k]] * self.weight[k]
-    return out.reshape(self.shape)
+      out += flat[self.index[k, :n]] * self.weight[k, :n]
+    return out.reshape(-1, self.shape[1])
 
 
 def _bilinear_terms(coords, src_shape):

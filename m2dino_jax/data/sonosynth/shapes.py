@@ -63,10 +63,23 @@ class Canvas:
 
   def inside(self, points, margin: float = 2.0) -> bool:
     """Whether every (x, y) point lies in the imaged field, at least `margin` pixels from its edge."""
-    fov = self.fov if margin <= 0 else ndimage.binary_erosion(self.fov, iterations=int(margin))
+    fov = self.fov if margin <= 0 else _eroded(self.probe, self.size, int(margin))
     p = np.round(np.asarray(points, np.float32).reshape(-1, 2)).astype(int)
     ok = (p[:, 0] >= 0) & (p[:, 0] < self.size) & (p[:, 1] >= 0) & (p[:, 1] < self.size)
     return bool(ok.all() and fov[p[:, 1], p[:, 0]].all())
+
+
+_ERODED: dict = {}
+
+
+def _eroded(probe: physics.Probe, size: int, margin: int) -> np.ndarray:
+  """The imaged field shrunk by `margin` pixels (cached per field geometry)."""
+  key = (probe.geometry, probe.depth_mm, probe.width_mm, probe.angle_deg, probe.apex_mm, size, margin)
+  if key not in _ERODED:
+    if len(_ERODED) > 64:
+      _ERODED.clear()
+    _ERODED[key] = ndimage.binary_erosion(physics.geometry(probe, size, size).fov, iterations=margin)
+  return _ERODED[key]
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,7 +160,18 @@ def segment_distance(cv: Canvas, p0, p1) -> np.ndarray:
 
 def smooth_noise(cv: Canvas, rng, cells: int = 8) -> np.ndarray:
   """Unit-variance random field varying over about size/cells pixels (tissue heterogeneity):
-  a coarse white grid blown up by a separable Gaussian interpolation."""
+  a coarse white grid blown up by a separable Gaussian interpolation. One field per scale and scene
+  (drawn on first use, then shared, read-only): structures textured at the same scale lie in different
+  regions, and each field costs a pair of matrix products."""
+  cache = cv.__dict__.setdefault("_noise", {})
+  if int(cells) not in cache:
+    field = _smooth_noise(cv, rng, int(cells))
+    field.setflags(write=False)
+    cache[int(cells)] = field
+  return cache[int(cells)]
+
+
+def _smooth_noise(cv: Canvas, rng, cells: int) -> np.ndarray:
   up = _upsampler(cv.size, int(cells))
   coarse = rng.standard_normal((up.shape[1], up.shape[1])).astype(np.float32)
   # einsum's own loop, not BLAS: a threaded BLAS stalls on such small products when cores are busy
