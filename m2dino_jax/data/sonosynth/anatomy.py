@@ -225,7 +225,7 @@ def consolidation(cv: Canvas, rng, echo, atten, pleura, ribs, mirror=None):
   beside = (cv.xx > ribs[0] + s * 0.09) & (cv.xx < ribs[1] - s * 0.09)  # not under the ribs
   below = cv.yy > pleura + 2
   region = (rho < 1) & below & beside
-  thick = cv.px(rng.uniform(0.022, 0.032)) / b * (1.0 + 0.3 * np.clip(smooth_noise(cv, rng, 30), -1.5, 1.5))
+  thick = cv.px(rng.uniform(0.028, 0.036)) / b * (1.0 + 0.2 * np.clip(smooth_noise(cv, rng, 30), -1.5, 1.5))
   shred = (rho >= 1) & (rho < 1 + thick) & below & beside & (cv.yy > pleura + 4)
   echo[shred] = 10.0 + 3.0 * smooth_noise(cv, rng, 40)[shred]
   echo[region] = -9.0 + 1.5 * smooth_noise(cv, rng, 20)[region]
