@@ -7,14 +7,17 @@ soft tissue and an attenuation map in dB/cm/MHz. `simulate` turns it into an 8-b
    least 2x finer than the display, see `scan`);
 2. the backscatter power gets clutter (a floor with near-field haze), the round-trip attenuation
    integrated along each beam beyond what time-gain compensation undoes (fluid gives posterior
-   enhancement, bone a shadow) and the reverberations of specular plates (A-lines);
+   enhancement, bone a shadow; `Probe.auto_tgc`: the operator's sliders take back most of the
+   enhancement below wide fluid), the reverberations of specular plates (A-lines) and the ring-down
+   tails of resonators at the pleura (B-lines);
 3. a random scatterer field (dense: fully developed speckle; sparse where `density` < 1: K-distributed,
    pre-Rayleigh texture) is weighted by the amplitude and convolved, by FFT, with the baseband (IQ)
    point-spread function: a Gaussian pulse envelope along depth set by the centre frequency and
    bandwidth, and a Gaussian beam across lines whose width depends on depth (transmit focus, dynamic
    receive limited by the array aperture, see `psf_sigmas_px`). Both kernels have unit energy, so 0 dB
    tissue gives an envelope with E[env^2] = 1 at every depth;
-4. electronic noise is added; envelope detection |IQ|; area-averaging scan conversion; log compression.
+4. electronic noise is added; envelope detection |IQ|; area-averaging scan conversion; the operator's
+   gain (optional, `simulate(gain_db=)`); log compression.
 
 Working in baseband is exactly equivalent to RF convolution followed by Hilbert envelope
 detection, and it needs no sampling of the carrier, so a 256 x 256 image costs a few FFTs.

@@ -9,11 +9,20 @@ Label conventions (ours; the simulator defines them, so they hold exactly):
 - liver_lesion_2cls: 0 benign (hyperechoic), 1 malignant (target lesion). lung_2cls: 0 A-lines,
   1 B-lines. lung_disease_3cls: 0 normal, 1 interstitial (B-lines), 2 consolidation.
 - organ_cls: 0 liver, 1 kidney, 2 spleen, 3 bladder, 4 gallbladder, 5 aorta.
-- cardiac_multi: 1 LV cavity, 2 myocardium, 3 left atrium. cervix_multi: 1 anterior lip, 2 posterior
-  lip. fetal_abdomen_multi: 1 aorta, 2 liver, 3 stomach, 4 umbilical vein. head_symphysis_multi:
-  1 pubic symphysis, 2 fetal head.
-- FUGC points: internal os, external os. IUGC: symphysis upper end, lower end, tangent point on the
-  fetal skull (the angle of progression). fetal_femur: the two shaft ends, left one first.
+- cardiac_multi (apical four-chamber): 1 LV cavity, 2 LV myocardium (the whole septum, to the RV blood),
+  3 left atrium (from the mitral annulus; the closed leaflets lie on its side). cervix: the whole cervix.
+  cervix_multi: 1 anterior lip, 2 posterior lip (the stroma either side of the canal's glandular zone,
+  which is background). fetal_abdomen_multi: 1 aorta, 2 liver, 3 stomach, 4 umbilical vein.
+  head_symphysis_multi: 1 pubic symphysis, 2 fetal head (to the outer skull edge).
+- FUGC points: internal os, external os (the ends of the canal, on the cervix's ends). IUGC: symphysis
+  upper end, lower end (the ends of its long axis), tangent point on the fetal skull (the angle of
+  progression). fetal_femur: the two ends of the ossified shaft, left one first.
+- Points are continuous pixel coordinates, pixel (i, j) covering [j, j + 1) x [i, i + 1) as in the
+  FMC_UIA reader and `data.transforms` (a landmark on the centre of pixel (i, j) is (j + 0.5, i + 0.5));
+  boxes are pixel edges [min, max + 1). Builders draw on pixel indices; `generator.sample` adds the 0.5.
+
+Every builder that images a fetus draws it in its obstetric field (`obstetric.obstetric_field`: maternal
+wall, placenta, amniotic fluid, other fetal parts); `measure.border_cnr` checks that labelled borders show.
 """
 
 from __future__ import annotations
