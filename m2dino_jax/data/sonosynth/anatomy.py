@@ -222,11 +222,14 @@ def consolidation(cv: Canvas, rng, echo, atten, pleura, ribs, mirror=None):
   a = rng.uniform(0.2, 0.3) * (ribs[1] - ribs[0]) * 1.6
   b = s * rng.uniform(0.14, 0.25)
   rho = blob(cv, rng, cx, pleura + b * 0.9, a, b, 0.0, wobble=0.25)
-  beside = (cv.xx > ribs[0] + s * 0.09) & (cv.xx < ribs[1] - s * 0.09)  # not under the ribs
+  clear = s * 0.115  # off the ribs' shadows (half-width 0.09 of the image, blurred by the beam)
+  beside = (cv.xx > ribs[0] + clear) & (cv.xx < ribs[1] - clear)
   below = cv.yy > pleura + 2
   region = (rho < 1) & below & beside
   thick = cv.px(rng.uniform(0.028, 0.036)) / b * (1.0 + 0.2 * np.clip(smooth_noise(cv, rng, 30), -1.5, 1.5))
-  shred = (rho >= 1) & (rho < 1 + thick) & below & beside & (cv.yy > pleura + 4)
+  edge = cv.px(0.03)  # the lateral edges (kept off the ribs' shadows) meet aerated lung as well
+  around = (cv.xx > ribs[0] + clear - edge) & (cv.xx < ribs[1] - clear + edge)
+  shred = (rho < 1 + thick) & ~((rho < 1) & beside) & below & around & (cv.yy > pleura + 4)
   echo[shred] = 10.0 + 3.0 * smooth_noise(cv, rng, 40)[shred]
   echo[region] = -9.0 + 1.5 * smooth_noise(cv, rng, 20)[region]
   dots = region & (smooth_noise(cv, rng, 40) > 1.8)
