@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
   except M2DinoError as e:
     print(f"m2dino {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # read-only or full disk, missing folders: one line naming the path
+    from m2dino_jax.configlib import os_error_line
+    print(f"m2dino {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
