@@ -12,12 +12,20 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-  """Yields a temporary path next to `path`; renames it to `path` on success."""
+  """Yields a temporary path next to `path`; renames it to `path` on success. The file gets the mode an
+  ordinary open() would give it (0666 less the umask), not mkstemp's 0600."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.fchmod(fd, 0o666 & ~_umask())
   os.close(fd)
   try:
     yield Path(tmp)

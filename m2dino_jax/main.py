@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     rest, overrides = split_overrides(argv)
-    p = argparse.ArgumentParser(prog="python -m m2dino_jax.main", description=__doc__.splitlines()[0])
+    from m2dino_jax.cli import Parser
+    p = Parser(prog="python -m m2dino_jax.main", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(rest)
     args.overrides = overrides

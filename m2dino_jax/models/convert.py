@@ -50,6 +50,11 @@ _BLOCK = {"norm1": "norm1", "norm2": "norm2", "attention.q_proj": "attn.q", "att
 def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
   """Our ViTConfig from a transformers DINOv3ViTConfig / Dinov2Config dict (config.json)."""
   mtype = hf.get("model_type", "dinov3_vit")
+  needed = ("hidden_size", "num_attention_heads", "num_hidden_layers") + (
+      ("intermediate_size",) if str(mtype).startswith("dinov3") else ())
+  missing = [k for k in needed if k not in hf]
+  if missing:
+    raise DataError("config.json", f"missing {', '.join(missing)} (not a DINOv3 / DINOv2 config?)")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   common = dict(dim=d, depth=hf["num_hidden_layers"], heads=heads, patch=_int(hf.get("patch_size", 16)),
                 num_registers=hf.get("num_register_tokens", 0), in_chans=hf.get("num_channels", 3),
@@ -173,11 +178,15 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<par
 def read_hf(path) -> tuple[dict, dict]:
   """(state dict, config dict) from a HF folder, or a .safetensors file with config.json beside it."""
   path = Path(path)
+  if not path.exists():
+    raise DataError(path, "no such file or folder")
   folder = path if path.is_dir() else path.parent
   cfg_file = folder / "config.json"
   if not cfg_file.is_file():
     raise DataError(cfg_file, "no config.json beside the weights")
-  hf_cfg = json.loads(cfg_file.read_text())
+  hf_cfg = fileio.read_json(cfg_file, "HF config")
+  if not isinstance(hf_cfg, dict):
+    raise DataError(cfg_file, "not a HF model config (a JSON object expected)")
   files = [path] if path.is_file() else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
   if not files:
     raise DataError(folder, "no *.safetensors (or *.bin) weights found")
@@ -193,10 +202,25 @@ def read_weights(path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
       from safetensors.numpy import load_file
       return load_file(str(path))
+    import pickle
+    import warnings
+
     import torch  # only for .bin / .pt, never executing pickle code
-    return {k: _np(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-  except (OSError, ValueError, RuntimeError) as e:
-    raise DataError(path, f"cannot read weights: {e}") from None
+    try:
+      with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line is enough
+        warnings.simplefilter("ignore")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+      raise DataError(path, "refused: loading it would run pickled code (only plain tensor files are read); "
+                      "convert it to .safetensors where it came from") from None
+    if not isinstance(state, dict):
+      raise DataError(path, f"not a state dict (a {type(state).__name__})")
+    return {k: _np(v) for k, v in state.items()}
+  except DataError:
+    raise
+  except Exception as e:  # any failure to parse a weights file (truncated, not a weights file) is bad input
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise DataError(path, f"cannot read weights ({first})") from None
 
 
 def encoder_from_hf(path_or_state, hf_config: dict | None = None, *, rngs: nnx.Rngs | None = None,

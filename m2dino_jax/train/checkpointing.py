@@ -96,9 +96,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     try:
-      self.manager = ocp.CheckpointManager(
-          self.directory, options=options, item_names=("state", "data"),
-          item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+      with _quiet_orbax():  # a damaged step's missing metadata is reported by `resume`, in one line
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
     except OSError as e:
       raise CheckpointError(self.directory, f"cannot use the checkpoint folder ({e.strerror or e})") from None
     self._pending: list[int] = []
@@ -218,7 +220,8 @@ class Checkpointer:
     naming the weight (the model config changed)."""
     data_iter = self.data_iter if data_iter is None else data_iter
     before = data_iter.get_state() if data_iter is not None else None
-    for step in self._candidates():
+    candidates = self._candidates()
+    for i, step in enumerate(candidates):
       step_dir = self._step_dir(step)
       problem = None
       with _quiet_orbax():
@@ -241,7 +244,7 @@ class Checkpointer:
           return state, step
       if data_iter is not None:
         data_iter.set_state(before)
-      self._set_aside(step, problem)
+      self._set_aside(step, problem, older=i + 1 < len(candidates))
     return state_like, None
 
   def _check_structure(self, step: int, state_like) -> str | None:
@@ -257,14 +260,14 @@ class Checkpointer:
                             "the model config changed since this checkpoint: use the run's config or a new --workdir")
     return None
 
-  def _set_aside(self, step: int, problem: str) -> None:
+  def _set_aside(self, step: int, problem: str, older: bool) -> None:
     dest = integrity.move_aside(self._step_dir(step)) if _primary() else None
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"m2dino_ckpt_aside_{step}")
     self.manager.reload()
     warn(f"checkpoint step {step} in {self.directory} is damaged ({problem}); moved to {dest}; "
-         "falling back to the previous step")
+         + ("falling back to the previous step" if older else "no older checkpoint: training starts from step 0"))
 
 
 def _problem_code(problem: str | None) -> str | None:
