@@ -137,6 +137,8 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
 def set_key(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
   """Sets config[dotted] from a string, coerced to the existing type; unknown keys raise."""
   parts = dotted.split(".")
+  if not all(parts):
+    raise ConfigError(dotted, "malformed key (empty part); use --config.group.key=value")
   node = config
   for i, part in enumerate(parts[:-1]):
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):

@@ -55,6 +55,10 @@ def read_json(path, what: str = "file"):
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+  except UnicodeDecodeError:
+    raise DataError(path, "not valid JSON (not UTF-8 text)") from None
+  except RecursionError:
+    raise DataError(path, "not valid JSON (nested too deeply)") from None
   except OSError as e:
     raise DataError(path, f"cannot read {what}: {e}") from None
 
