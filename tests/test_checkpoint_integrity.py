@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import grain
@@ -222,3 +223,36 @@ def test_manifest_records_every_file(two_steps):
   assert set(manifest) == files and len(files) > 5
   for rel, (size, _) in manifest.items():
     assert os.path.getsize(two_steps / "2" / rel) == size
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """A 3 MiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+  mnt = tmp_path / "tiny"
+  mnt.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mnt)], capture_output=True)
+  if proc.returncode != 0:
+    pytest.skip("cannot mount a small tmpfs here")
+  try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_is_one_error_line_and_keeps_the_last_good_checkpoint(tiny_disk, capfd):
+  it = _iterator()
+  capfd.readouterr()
+  with pytest.raises(CheckpointError) as e:
+    with checkpointing.Checkpointer(tiny_disk / "ckpt", keep=2, data_iter=it) as ck:
+      for step in range(1, 10):  # 12 MB states: the second one does not fit
+        next(it)
+        ck.save(step, _state(float(step), shape=(1024, 1024)))
+  assert str(e.value) == (f"{tiny_disk / 'ckpt'}: a checkpoint save failed (no space left on the device); "
+                          f"the last good checkpoint is step 1 in {tiny_disk / 'ckpt'}")
+  err = capfd.readouterr().err
+  assert "Traceback" not in err and "RESOURCE_EXHAUSTED" not in err, err[-2000:]
+  assert integrity.verify(tiny_disk / "ckpt" / "1") is None and integrity.has_manifest(tiny_disk / "ckpt" / "1")
+  with checkpointing.Checkpointer(tiny_disk / "ckpt", data_iter=_iterator()) as ck:  # and it resumes from 1
+    state, step = ck.resume(_state(0.0, shape=(1024, 1024)))
+  assert step == 1 and not list((tiny_disk / "ckpt").glob("*tmp*"))  # the half-written save is cleaned up
+  _assert_equal(state, _state(1.0, shape=(1024, 1024)))

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,9 +77,30 @@ def _quiet_orbax():
     logger.setLevel(old)
 
 
+class _DropOrbaxErrors(logging.Filter):
+  """Orbax logs every failure of its background save threads as several ERROR tracebacks (hundreds of lines for
+  a full disk) and then raises it to the caller, where Checkpointer turns it into one CheckpointError line. Set
+  M2DINO_ORBAX_LOGS=1 to see them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+if not os.environ.get("M2DINO_ORBAX_LOGS"):
+  logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+
+_KNOWN = (("RESOURCE_EXHAUSTED", "no space left on the device"), ("No space left", "no space left on the device"),
+          ("PERMISSION_DENIED", "permission denied"), ("Permission denied", "permission denied"),
+          ("Read-only file system", "read-only file system"))
+
+
 def _short(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+  text = str(e).strip()
+  for needle, meaning in _KNOWN:
+    if needle in text:
+      return meaning
+  lines = text.splitlines()
+  return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
 
 
 def warn(msg: str) -> None:
@@ -93,8 +116,7 @@ class Checkpointer:
       raise CheckpointError(directory, f"keep must be >= 1 (got {keep})")
     self.data_iter, self.keep = data_iter, int(keep)
     self.directory = Path(directory).resolve()
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save)
     try:
       with _quiet_orbax():  # a damaged step's missing metadata is reported by `resume`, in one line
         self.manager = ocp.CheckpointManager(
@@ -220,6 +242,7 @@ class Checkpointer:
     naming the weight (the model config changed)."""
     data_iter = self.data_iter if data_iter is None else data_iter
     before = data_iter.get_state() if data_iter is not None else None
+    self._remove_unfinished()
     candidates = self._candidates()
     for i, step in enumerate(candidates):
       step_dir = self._step_dir(step)
@@ -246,6 +269,17 @@ class Checkpointer:
         data_iter.set_state(before)
       self._set_aside(step, problem, older=i + 1 < len(candidates))
     return state_like, None
+
+  def _remove_unfinished(self) -> None:
+    """Deletes the temporary folders of saves that died half-way (never a finished step). Only the run that
+    owns the workdir resumes, so no save of another process is in flight here."""
+    if _primary() and self.directory.is_dir():
+      for p in self.directory.iterdir():
+        if p.is_dir() and ".orbax-checkpoint-tmp" in p.name:
+          shutil.rmtree(p, ignore_errors=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("m2dino_ckpt_cleanup")
 
   def _check_structure(self, step: int, state_like) -> str | None:
     try:
