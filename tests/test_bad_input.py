@@ -76,6 +76,23 @@ def test_garbage_hf_config_is_one_line(tmp_path, capfd, text, needle):
   assert code == 2 and len(err) == 1 and needle in err[0], err
 
 
+@pytest.mark.parametrize("cfg, needle", [
+    (dict(use_gated_mlp=True, hidden_act="gelu"), "hidden_act 'gelu' with a gated MLP is not implemented"),
+    (dict(use_gated_mlp=False, hidden_act="silu"), "hidden_act 'silu' with a plain MLP is not implemented"),
+    (dict(model_type="dinov2", hidden_act="silu"), "hidden_act 'silu' with a plain MLP is not implemented"),
+    (dict(hidden_act="relu"), "hidden_act 'relu' with a plain MLP is not implemented"),
+])
+def test_unsupported_ffn_activation_pairs_are_refused(cfg, needle):
+  """They used to convert into another function (a gated GELU checkpoint became SiLU-gated: 0.57 max diff)."""
+  from m2dino_jax.errors import DataError
+  from m2dino_jax.models import convert
+  base = {"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 128}
+  with pytest.raises(DataError, match=needle):
+    convert.config_from_hf({**base, **cfg})
+  ok = {**cfg, "hidden_act": "silu" if cfg.get("use_gated_mlp") else "gelu"}
+  assert convert.config_from_hf({**base, **ok}).ffn == ("swiglu" if cfg.get("use_gated_mlp") else "mlp")
+
+
 def test_convert_of_a_missing_folder_names_it(tmp_path, capfd):
   code, err = _cli(capfd, "convert", "--hf", str(tmp_path / "missing_dir"), "--out", str(tmp_path / "out"))
   assert code == 2 and err == [f"m2dino convert: error: {tmp_path / 'missing_dir'}: no such file or folder"]

@@ -47,6 +47,15 @@ _BLOCK = {"norm1": "norm1", "norm2": "norm2", "attention.q_proj": "attn.q", "att
           "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
 
 
+def _check_activation(hf: dict, gated: bool) -> None:
+  """Our FFNs are a GELU MLP or a SiLU-gated SwiGLU: any other pairing would load and silently compute another
+  function, so it is refused."""
+  act, want = hf.get("hidden_act", "gelu"), "silu" if gated else "gelu"
+  if act != want:
+    kind = "a gated MLP" if gated else "a plain MLP"
+    raise DataError("config.json", f"hidden_act {act!r} with {kind} is not implemented (only {want!r} is)")
+
+
 def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
   """Our ViTConfig from a transformers DINOv3ViTConfig / Dinov2Config dict (config.json)."""
   mtype = hf.get("model_type", "dinov3_vit")
@@ -65,11 +74,12 @@ def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
                key_bias=hf.get("key_bias", False), value_bias=hf.get("value_bias", True),
                proj_bias=hf.get("proj_bias", True), mlp_bias=hf.get("mlp_bias", True),
                norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 100.0))
-    if hf.get("hidden_act", "gelu") not in ("gelu", "silu"):
-      raise DataError("config.json", f"unsupported hidden_act {hf['hidden_act']!r}")
+    _check_activation(hf, gated=bool(hf.get("use_gated_mlp")))
   elif mtype.startswith("dinov2"):
     hidden = int(d * hf.get("mlp_ratio", 4))
     swiglu = bool(hf.get("use_swiglu_ffn", False))
+    if not swiglu:  # HF's DINOv2 SwiGLU FFN is SiLU whatever hidden_act says; its plain MLP follows hidden_act
+      _check_activation(hf, gated=False)
     if swiglu:
       hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
     qkv = hf.get("qkv_bias", True)
