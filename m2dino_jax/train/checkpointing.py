@@ -158,8 +158,9 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
-    except OSError as e:
-      raise CheckpointError(self.directory, f"cannot write checkpoint step {step} ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # read-only or full disk (TensorStore reports ValueError)
+      raise CheckpointError(self.directory, f"cannot write checkpoint step {step} ({_short(e)}); "
+                            f"{self.last_good_message(wait=False)}") from None
     if saved:
       self._pending.append(step)
     return saved
@@ -171,7 +172,7 @@ class Checkpointer:
     except Exception as e:  # an async write failed (disk full, permissions): the previous steps are intact
       self._pending.clear()
       raise CheckpointError(self.directory, f"a checkpoint save failed ({_short(e)}); "
-                            f"{self.last_good_message()}") from None
+                            f"{self.last_good_message(wait=False)}") from None
     if not self._pending:
       return
     if _primary():
@@ -204,11 +205,13 @@ class Checkpointer:
     finally:
       self.manager.close()
 
-  def last_good_message(self) -> str:
-    """'the last good checkpoint is step N in DIR' (after the save in flight has finished)."""
-    with contextlib.suppress(CheckpointError):
-      self._finish_pending()
-    step = self.manager.latest_step()
+  def last_good_message(self, wait: bool = True) -> str:
+    """'the last good checkpoint is step N in DIR' (after the save in flight has finished, if `wait`)."""
+    if wait:
+      with contextlib.suppress(CheckpointError):
+        self._finish_pending()
+    steps = [s for s in self.manager.all_steps() if self._step_dir(s).is_dir() and s not in self._pending]
+    step = max(steps, default=None)
     if step is None:
       return f"no checkpoint in {self.directory} yet"
     return f"the last good checkpoint is step {step} in {self.directory}"
