@@ -25,8 +25,30 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line (no usage block; `--help` still shows it), exit status 2.
+  Subcommand parsers inherit the class."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_at_least(low: int):
+  """argparse type: an integer >= low (one-line error naming the argument otherwise)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"{value} is out of range; expected an integer >= {low}")
+    return value
+  parse.__name__ = f"integer >= {low}"
+  return parse
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="m2dino", description=__doc__.splitlines()[0])
+  parser = Parser(prog="m2dino", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   wanted = argv[0] if argv and argv[0] in COMMANDS else None
   for name, module in COMMANDS.items():
@@ -64,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
   except M2DinoError as e:
     print(f"m2dino {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # read-only or full disk, missing folders: one line naming the path
+    from m2dino_jax.configlib import os_error_line
+    print(f"m2dino {args.command}: error: {os_error_line(e)}", file=sys.stderr)
     return 2
 
 

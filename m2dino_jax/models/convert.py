@@ -16,6 +16,7 @@ Our own encoder checkpoints (`save_encoder`) are an Orbax checkpoint of the Para
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -46,9 +47,23 @@ _BLOCK = {"norm1": "norm1", "norm2": "norm2", "attention.q_proj": "attn.q", "att
           "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
 
 
+def _check_activation(hf: dict, gated: bool) -> None:
+  """Our FFNs are a GELU MLP or a SiLU-gated SwiGLU: any other pairing would load and silently compute another
+  function, so it is refused."""
+  act, want = hf.get("hidden_act", "gelu"), "silu" if gated else "gelu"
+  if act != want:
+    kind = "a gated MLP" if gated else "a plain MLP"
+    raise DataError("config.json", f"hidden_act {act!r} with {kind} is not implemented (only {want!r} is)")
+
+
 def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
   """Our ViTConfig from a transformers DINOv3ViTConfig / Dinov2Config dict (config.json)."""
   mtype = hf.get("model_type", "dinov3_vit")
+  needed = ("hidden_size", "num_attention_heads", "num_hidden_layers") + (
+      ("intermediate_size",) if str(mtype).startswith("dinov3") else ())
+  missing = [k for k in needed if k not in hf]
+  if missing:
+    raise DataError("config.json", f"missing {', '.join(missing)} (not a DINOv3 / DINOv2 config?)")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   common = dict(dim=d, depth=hf["num_hidden_layers"], heads=heads, patch=_int(hf.get("patch_size", 16)),
                 num_registers=hf.get("num_register_tokens", 0), in_chans=hf.get("num_channels", 3),
@@ -59,11 +74,12 @@ def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
                key_bias=hf.get("key_bias", False), value_bias=hf.get("value_bias", True),
                proj_bias=hf.get("proj_bias", True), mlp_bias=hf.get("mlp_bias", True),
                norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 100.0))
-    if hf.get("hidden_act", "gelu") not in ("gelu", "silu"):
-      raise DataError("config.json", f"unsupported hidden_act {hf['hidden_act']!r}")
+    _check_activation(hf, gated=bool(hf.get("use_gated_mlp")))
   elif mtype.startswith("dinov2"):
     hidden = int(d * hf.get("mlp_ratio", 4))
     swiglu = bool(hf.get("use_swiglu_ffn", False))
+    if not swiglu:  # HF's DINOv2 SwiGLU FFN is SiLU whatever hidden_act says; its plain MLP follows hidden_act
+      _check_activation(hf, gated=False)
     if swiglu:
       hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
     qkv = hf.get("qkv_bias", True)
@@ -172,11 +188,15 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<par
 def read_hf(path) -> tuple[dict, dict]:
   """(state dict, config dict) from a HF folder, or a .safetensors file with config.json beside it."""
   path = Path(path)
+  if not path.exists():
+    raise DataError(path, "no such file or folder")
   folder = path if path.is_dir() else path.parent
   cfg_file = folder / "config.json"
   if not cfg_file.is_file():
     raise DataError(cfg_file, "no config.json beside the weights")
   hf_cfg = fileio.read_json(cfg_file, "HF config")
+  if not isinstance(hf_cfg, dict):
+    raise DataError(cfg_file, "not a HF model config (a JSON object expected)")
   files = [path] if path.is_file() else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
   if not files:
     raise DataError(folder, "no *.safetensors (or *.bin) weights found")
@@ -192,10 +212,25 @@ def read_weights(path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
       from safetensors.numpy import load_file
       return load_file(str(path))
+    import pickle
+    import warnings
+
     import torch  # only for .bin / .pt, never executing pickle code
-    return {k: _np(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-  except (OSError, ValueError, RuntimeError) as e:
-    raise DataError(path, f"cannot read weights: {e}") from None
+    try:
+      with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line is enough
+        warnings.simplefilter("ignore")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+      raise DataError(path, "refused: loading it would run pickled code (only plain tensor files are read); "
+                      "convert it to .safetensors where it came from") from None
+    if not isinstance(state, dict):
+      raise DataError(path, f"not a state dict (a {type(state).__name__})")
+    return {k: _np(v) for k, v in state.items()}
+  except DataError:
+    raise
+  except Exception as e:  # any failure to parse a weights file (truncated, not a weights file) is bad input
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise DataError(path, f"cannot read weights ({first})") from None
 
 
 def encoder_from_hf(path_or_state, hf_config: dict | None = None, *, rngs: nnx.Rngs | None = None,
@@ -238,7 +273,7 @@ def load_encoder_params(path) -> tuple[vit.ViTConfig | None, dict[str, np.ndarra
   ours = folder / "encoder.json"
   if ours.is_file():
     cfg = vit.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in fileio.read_json(ours, "encoder config").items()})
+                           for k, v in json.loads(ours.read_text()).items()})
     if (folder / "params").is_dir():
       import orbax.checkpoint as ocp
       with ocp.StandardCheckpointer() as ckptr:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2dino_jax.cli import int_at_least
 from m2dino_jax.errors import ConfigError, SolverError
 
 
@@ -218,7 +219,7 @@ def register(subparsers) -> None:
   f = sub.add_parser("fit", help="fit self laws and transfer from measurements", formatter_class=fmt)
   f.add_argument("--measurements", required=True, help="measurements.jsonl")
   f.add_argument("--out", required=True, help="fits.json to write")
-  f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals")
+  f.add_argument("--bootstrap", type=int_at_least(0), default=200, help="bootstrap resamples for intervals")
   f.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap")
   f.add_argument("--huber-delta", type=float, default=0.05, help="Huber scale on log residuals")
   f.add_argument("--source", default="all", choices=("all", "single", "mixture"),
@@ -262,7 +263,7 @@ def register(subparsers) -> None:
   c.add_argument("--b-max", type=float, default=0.0,
                  help="extrapolation: fit on runs up to this budget, predict at 2-10x (0 = skip)")
   c.add_argument("--E", default="free", help=e_help)
-  c.add_argument("--bootstrap", type=int, default=64, help="bootstrap resamples of the fits")
+  c.add_argument("--bootstrap", type=int_at_least(0), default=64, help="bootstrap resamples of the fits")
   c.add_argument("--noise", type=float, default=None, help="relative loss noise (default: the law file's)")
   c.add_argument("--no-transfer", action="store_true", help="remove all transfer from the truth (a control)")
   c.add_argument("--seed", type=int, default=0, help="random seed of simulation and measurement")

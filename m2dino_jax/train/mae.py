@@ -33,6 +33,7 @@ from m2dino_jax.data import mixture, phantoms, volumes
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import mae3d
 from m2dino_jax.train import checkpointing, core, loop, optim
+from m2dino_jax.train import workdir as workdir_lib
 
 EVAL_SEED = 1234
 
@@ -221,7 +222,6 @@ def train_and_evaluate(config, workdir: str) -> str:
   """Pretrains (resuming from WORKDIR/ckpt if present), evaluates per-domain held-out loss at each eval and
   at the end, appends measurement rows. Returns loop.COMPLETED or loop.PREEMPTED."""
   root = Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
   if (root / "done.json").is_file():
     print(f"[mae] {root} already finished; skipping", file=sys.stderr)
     return loop.COMPLETED
@@ -236,7 +236,7 @@ def train_and_evaluate(config, workdir: str) -> str:
   run_id = config.run_id or root.name
   meas_path = Path(config.measurements) if config.measurements else root / "measurements.jsonl"
   if jax.process_index() == 0:
-    fileio.write_text(root / "config.json", config.to_json_best_effort(indent=2))
+    workdir_lib.write_config(root, config)  # the config has built the model and its data
   writer = loop.MetricWriter(root, tensorboard=config.tensorboard)
 
   def evaluate(state, step: int) -> dict:
@@ -252,21 +252,19 @@ def train_and_evaluate(config, workdir: str) -> str:
     return losses
 
   it = make_iterator(config, data, weights, total, jax.process_index(), jax.process_count())
-  ckpt = checkpointing.Checkpointer(root / "ckpt", keep=config.checkpoint.keep,
-                                    async_save=config.checkpoint.async_save, data_iter=it)
-  state, start = prog.state, 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(state.step)
-    print(f"[mae] resumed from step {start}", file=sys.stderr)
-  elif config.eval_at_start:
-    evaluate(state, 0)
-  state, step, status = loop.run(
-      state=state, batches=it, step_fn=prog.step, start_step=start, total_steps=total, writer=writer,
-      log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
-      checkpoint_every=config.checkpoint.every, checkpointer=ckpt, name="mae3d")
-  ckpt.save(step, state, force=True)
-  ckpt.close()
+  with checkpointing.Checkpointer(root / "ckpt", keep=config.checkpoint.keep,
+                                  async_save=config.checkpoint.async_save, data_iter=it) as ckpt:
+    state, resumed = ckpt.resume(prog.state)
+    start = 0 if resumed is None else int(state.step)
+    if resumed is not None:
+      print(f"[mae] resumed from step {start}", file=sys.stderr)
+    elif config.eval_at_start:
+      evaluate(state, 0)
+    state, step, status = loop.run(
+        state=state, batches=it, step_fn=prog.step, start_step=start, total_steps=total, writer=writer,
+        log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
+        checkpoint_every=config.checkpoint.every, checkpointer=ckpt, name="mae3d")
+    ckpt.save(step, state, force=True)
   if status == loop.PREEMPTED:
     print(f"[mae] preempted at step {step}: checkpoint written; rerun to resume", file=sys.stderr)
     return status

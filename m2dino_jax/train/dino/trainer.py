@@ -21,6 +21,7 @@ from m2dino_jax import mesh as mesh_lib
 from m2dino_jax.errors import ConfigError, M2DinoError
 from m2dino_jax.models import convert, dino_head, vit
 from m2dino_jax.train import checkpointing, core, loop
+from m2dino_jax.train import workdir as workdir_lib
 from m2dino_jax.train.dino import data as dino_data
 from m2dino_jax.train.dino import losses
 from m2dino_jax.train.dino import step as dino_step
@@ -138,32 +139,27 @@ class Run:
     if done.is_file():
       print("[dino] already finished; skipping", file=sys.stderr)
       return loop.COMPLETED
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-      fileio.write_text(self.workdir / "config.json", cfg.to_json_best_effort(indent=2))
-      fileio.write_json(self.workdir / "encoder.json", dataclasses.asdict(self.vit_cfg))
     it = dino_data.make_iterator(cfg.data, patch=self.vit_cfg.patch, seed=cfg.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count())
     mon_it = dino_data.make_iterator(cfg.data, patch=self.vit_cfg.patch, seed=cfg.seed + 7919,
                                      process_index=jax.process_index(), process_count=jax.process_count())
     self.monitor_batch = next(mon_it)
-    ckpt = checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
-                                      async_save=cfg.checkpoint.async_save, data_iter=it)
-    start = 0
-    if ckpt.latest_step() is not None:
-      self.state = ckpt.restore(self.state)
-      start = int(self.state.step)
-      print(f"[dino] resumed from step {start}", file=sys.stderr)
-    self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
-    try:
+    if jax.process_index() == 0:  # the config has built the model and its data
+      workdir_lib.write_config(self.workdir, cfg)
+      fileio.write_json(self.workdir / "encoder.json", dataclasses.asdict(self.vit_cfg))
+    with checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
+                                    async_save=cfg.checkpoint.async_save, data_iter=it) as ckpt:
+      self.state, resumed = ckpt.resume(self.state)
+      start = 0 if resumed is None else int(self.state.step)
+      if resumed is not None:
+        print(f"[dino] resumed from step {start}", file=sys.stderr)
+      self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
       state, step, status = loop.run(
           state=self.state, batches=it, step_fn=self.step, start_step=start, total_steps=self.total,
           writer=self.writer, log_every=cfg.log_every, eval_every=cfg.monitor.every, evaluate=self.evaluate,
           checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name="dino")
       self.state = state
       ckpt.save(step, state, force=True)
-    finally:
-      ckpt.close()
     if status == loop.PREEMPTED:
       print(f"[dino] preempted at step {step}: checkpoint written; rerun the same command to resume",
             file=sys.stderr)
