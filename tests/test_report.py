@@ -111,7 +111,7 @@ def test_report_tables_equal_eval_json_and_deltas(tmp_path, capsys):
   assert "breast_2cls: evaluated on different numbers of examples: ts=30, cg=30, au=28" in md
 
   pngs = ["bars.png", "delta_heatmap.png", "moe_usage_au.png", "moe_usage_cg_fetal.png",
-          "moe_usage_cg_breast.png", "moe_usage_cg_thyroid.png"]
+          "moe_usage_cg_breast.png", "moe_usage_cg_thyroid.png", "fig2_absolute.png", "fig3_delta.png"]
   assert sorted(p.name for p in out.glob("*.png")) == sorted(pngs)
   for name in pngs:
     assert (out / name).read_bytes()[:8] == PNG_MAGIC
@@ -138,7 +138,7 @@ def test_eval_file_roundtrip_and_moe(tmp_path):
   raw = json.loads((ev / "7.json").read_text())
   assert raw == {"step": 7, "paradigm": "au",
                  "tasks": {"breast_2cls": {"auc": None, "accuracy": 0.5, "n": 4}}}
-  back = paradigm.read_eval_file(ev / "7.json")
+  back = results.read_eval_file(ev / "7.json")
   assert math.isnan(back["tasks"]["breast_2cls"]["auc"]) and back["tasks"]["breast_2cls"]["n"] == 4
   with pytest.raises(ValueError):
     results.write_moe_usage(ev, 7, 3, [1], ["a", "b"], [[1, 2, 3]])
