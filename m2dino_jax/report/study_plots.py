@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from m2dino_jax.report.plots import _save
@@ -60,7 +61,8 @@ def _n_label(p: Point) -> str:
 
 def fig2_absolute(pts: list[Point], labels: list[str], path) -> Path:
   """Fig. 2 analogue: absolute primary metric per task and run, by task type, grouped by clinical group."""
-  types = list(dict.fromkeys(p.type for p in pts))
+  rank = {t: i for i, t in enumerate(registry.TASK_TYPES)}
+  types = sorted(dict.fromkeys(p.type for p in pts), key=lambda t: rank.get(t, len(rank)))
   most = max(sum(p.type == t for p in pts) for t in types)
   fig = Figure(figsize=(max(7.0, 2.5 + 0.45 * most * max(2, len(labels))), 3.8 * len(types)))
   width = 0.8 / len(labels)
@@ -113,6 +115,13 @@ def fig3_delta(pts: list[Point], baseline: str, path) -> Path | None:
   return _save(fig, path)
 
 
+def _log_x(ax) -> None:
+  ax.set_xscale("log")
+  ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def trend(xs, ys) -> tuple[float, float] | None:
   """(a, b) of the least-squares line y = a + b log10(x), or None with < 2 distinct finite x."""
   xs, ys = np.asarray(xs, float), np.asarray(ys, float)
@@ -143,7 +152,7 @@ def delta_vs_size(points_by_label: dict[str, list[tuple[str, str, float, float]]
         grid = np.geomspace(min(xs), max(xs), 20)
         ax.plot(grid, line[0] + line[1] * np.log10(grid), color=colour, linewidth=1.2)
     ax.axhline(0, color="k", linewidth=0.8)
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel("training images per task (log scale)", fontsize=9)
     ax.set_ylabel(DELTA_LABEL.format(base=baseline), fontsize=9)
     ax.set_title(f"{lab} vs {baseline}: change against data size", fontsize=10)
@@ -166,7 +175,7 @@ def scale_curve(table: dict[str, dict[float, dict[str, float]]], baseline: str, 
       style = dict(color="k", linewidth=2.0) if key == "all" else dict(color=TYPE_COLOURS.get(key, "tab:gray"))
       ax.plot(fractions, ys, marker="o", label=key, **style)
     ax.axhline(0, color="k", linewidth=0.8, linestyle=":")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.set_xlabel("training fraction per task (log scale)", fontsize=9)
     ax.set_ylabel("mean " + DELTA_LABEL.format(base=baseline), fontsize=9)
