@@ -14,14 +14,13 @@ import math
 import numpy as np
 
 from m2dino_jax.report.paradigm import Row, _fmt
+from m2dino_jax.report.plots import METRIC_UNITS
 from m2dino_jax.tasks import registry
 from m2dino_jax.tasks.results import Run, specialisation
 
 OTHER = "other"
 # axis labels with units, per metric
-UNITS = {"dice": "Dice (0-1)", "hd": "HD (px, original image)", "auc": "AUC (0-1)", "accuracy": "accuracy (0-1)",
-         "f1_macro": "macro F1 (0-1)", "f1_weighted": "weighted F1 (0-1)", "mcc": "MCC (-1 to 1)",
-         "iou": "box IoU (0-1)", "mre": "MRE (px, original image)"}
+UNITS = METRIC_UNITS
 # the value a predictor without information scores, where one exists independent of the data
 CHANCE = {"auc": 0.5, "mcc": 0.0}
 
@@ -149,10 +148,11 @@ def to_markdown(pts: list[Point], runs: list[Run], baseline: str) -> str:
   type, and MoE specialisation."""
   labels = [r.label for r in runs]
   delta_labels = list(dict.fromkeys(lab for p in pts for lab in p.deltas))
+  delta_note = (f"Δ = % change vs `{baseline}`, positive = better (HD and MRE inverted); " if delta_labels
+                else "")
   lines = ["", "# Study view", "",
-           f"Primary metric per task by clinical group; Δ = % change vs `{baseline}`, positive = better (HD "
-           "and MRE inverted); n_train = training images (after the data scale), n = evaluated images; "
-           "n/a = undefined.", "",
+           f"Primary metric per task by clinical group; {delta_note}n_train = training images (after the data "
+           "scale), n = evaluated images; n/a = undefined.", "",
            "| group | task | metric | " + " | ".join(labels) + " | "
            + "".join(f"Δ {lab} | " for lab in delta_labels) + "n_train | n |",
            "|" + "---|" * (5 + len(labels) + len(delta_labels))]
