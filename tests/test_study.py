@@ -19,7 +19,7 @@ from m2dino_jax.models import moe as moe_lib
 from m2dino_jax.models import moe_reference as ref
 from m2dino_jax.tasks import registry
 from m2dino_jax.tasks.results import specialisation
-from m2dino_jax.train import multitask, optim
+from m2dino_jax.train import checkpointing, multitask, optim
 
 SMALL = ["data.image_size=32", "data.source.synthetic_count=16", "data.batch_size=4", "data.eval_batch_size=8",
          "tensorboard=False"]
@@ -155,9 +155,11 @@ def test_freeze_patterns_and_presets():
   assert all(_named(optim.frozen_mask(dense, c.optim, 4)).values())
 
 
-def test_frozen_backbone_trains_only_moe_and_heads():
+@pytest.mark.slow
+def test_frozen_backbone_trains_only_moe_and_heads(tmp_path):
   """freeze=backbone over 3 AU steps: every frozen leaf bit-identical, every MoE leaf and the active heads
-  changed; frozen leaves hold no optimiser state; the routing window (extras) records the loads."""
+  changed; frozen leaves hold no optimiser state; the routing window (extras) records the loads; the state
+  (masked optimiser state, window) survives a checkpoint round trip and the next step is the same."""
   c = _config("paradigm=au,smoke,tasks=fetal_head+breast_2cls",
               SMALL + ["optim.freeze=backbone", "moe.routing_loss=window", "moe.window=3"])
   r = multitask._Run(c, None, "all", registry.resolve(c.tasks))
@@ -187,6 +189,15 @@ def test_frozen_backbone_trains_only_moe_and_heads():
   window = np.asarray(state.extras[moe_lib.WINDOW_KEY])
   assert window.shape == (2, 2, 4) and np.allclose(window.sum(-1), 1.0)
   assert not np.allclose(window, 0.25)  # the last two batches' loads replaced the uniform start
+  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", keep=1, async_save=False)
+  ckpt.save(3, state, force=True)
+  restored = ckpt.restore(state)
+  ckpt.close()
+  batch = next(it)
+  a, _ = r.step(restored, batch)
+  b, _ = r.step(state, batch)
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+    np.testing.assert_array_equal(x, y)
 
 
 # ------------------------------------------------------------------------------------------ routing
@@ -293,6 +304,7 @@ def _train_router(routing_loss: str, seed: int, steps: int = 400, e: int = 8, to
   return sum(np.asarray(usage_of(params, *data(jax.random.key(999 + t), t)[::2])) for t in range(num_tasks))
 
 
+@pytest.mark.slow
 def test_task_aware_routing_specialises_more_than_per_batch_balance():
   """Seeds 0 and 1, 400 steps. Measured: balance 0.35 / 0.37, window 0.72 / 0.80, task 1.00 / 1.00: the
   DAMEX-style task loss puts each task on its own two experts, the window balance lets tasks specialise, and
