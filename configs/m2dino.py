@@ -62,6 +62,9 @@ def get_config(arg=None):
   c.data = default_data_config()
   c.data.channels = 1
   c.data.mixture = "uniform"
+  # simulator: sonosynth's long-tailed per-task sizes (15x between the smallest and largest task, as in the
+  # challenge); the smoke variant uses equal sizes
+  c.data.source.synthetic_count = 0
 
   # data-scale sweep: '0.1,0.3,1.0' trains every paradigm of `paradigms` at each fraction (train/multitask/sweep.py)
   c.sweep = ml_collections.ConfigDict(dict(fractions="0.1,0.3,1.0" if arg.scale else "", paradigms="ts,cg,au"))
