@@ -5,6 +5,8 @@ The CLI catches `M2DinoError`, prints its one-line message and exits with status
 
 from __future__ import annotations
 
+import functools
+
 
 class M2DinoError(Exception):
   """Base class for user-facing errors (bad config, bad data, bad arguments)."""
@@ -14,8 +16,24 @@ class ConfigError(M2DinoError):
   """A config key is unknown or has a bad value."""
 
   def __init__(self, key: str, message: str):
-    self.key = key
+    self.key, self.detail = key, message
     super().__init__(f"config key '{key}': {message}")
+
+
+def config_section(prefix: str):
+  """Decorator for functions that read one config section (e.g. 'data'): a ConfigError raised inside with
+  a key relative to the section ('mixture') is re-raised with the full key ('data.mixture')."""
+  def wrap(fn):
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+      try:
+        return fn(*args, **kwargs)
+      except ConfigError as e:
+        if e.key == prefix or e.key.startswith(prefix + "."):
+          raise
+        raise ConfigError(f"{prefix}.{e.key}", e.detail) from None
+    return inner
+  return wrap
 
 
 class DataError(M2DinoError):

@@ -119,7 +119,9 @@ def fit_spec(spec: P, shape, mesh: Mesh, what: str = "array", key: str = "shardi
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  """'blocks/3/mlp/kernel' from a pytree path (the Variable's own '.value' attribute left out)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path
+                  if not isinstance(k, jax.tree_util.GetAttrKey))
 
 
 def state_shardings(state, mesh: Mesh, rules: Rules):

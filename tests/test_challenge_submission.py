@@ -33,7 +33,7 @@ def au_run(tmp_path_factory):
   tasks = trainer.plan_models(config)[0][1]
   moe = trainer.moe_enabled(config)
   encoder, heads = trainer.build_modules(config, tasks, moe_on=moe, seed=config.seed)
-  _, enc_params, _, _, head_params = trainer._split(encoder, heads)
+  _, enc_params, _, _, head_params = trainer.split_model(encoder, heads)
   checkpointing.save_params(root / "all" / "best" / "params", {"encoder": enc_params, "heads": head_params})
   fileio.write_json(root / "all" / "tasks.json", {"model": "all", "tasks": [t.name for t in tasks], "moe": moe})
   return root

@@ -40,12 +40,17 @@ def test_every_task_yields_valid_records(task):
 
 
 def test_scene_targets_match_the_drawn_anatomy():
-  """Labels are where the image says they are: the fetal-head mask covers the bright skull ring's
-  interior, and femur end points lie on the brightest structure."""
+  """Labels are where the image says they are: the fetal-head mask's edge is the bright skull ring, brighter
+  than the hypoechoic brain inside it and than the fluid / tissue just outside it; femur end points lie on
+  the brightest structure."""
+  from scipy import ndimage
   for rec in sonosynth.generate("fetal_head", 4, seed=2, size=128):
     img = rec.image.astype(np.float32)
-    inside, outside = img[rec.mask == 1].mean(), img[(rec.mask == 0) & (img > 0)].mean()
-    assert inside < outside  # hypoechoic brain inside a bright ring
+    head = rec.mask == 1
+    ring = head & ~ndimage.binary_erosion(head, iterations=2)
+    brain = ndimage.binary_erosion(head, iterations=6)
+    beside = ndimage.binary_dilation(head, iterations=3) & ~head & (img > 0)
+    assert img[ring].mean() > img[brain].mean() + 20 and img[ring].mean() > img[beside].mean() + 20
   for rec in sonosynth.generate("fetal_femur", 4, seed=2, size=128):
     mid = rec.points.mean(axis=0).round().astype(int)
     patch = rec.image[mid[1] - 3:mid[1] + 4, mid[0] - 3:mid[0] + 4]
@@ -74,11 +79,13 @@ def test_orientation_classes_are_not_flip_invariant():
   so a flip changes the class; the registry must forbid flips for it."""
   assert not registry.get("fetal_head_pos_cls").flip_ok
   assert not registry.get("fetal_sacral_pos_cls").flip_ok
-  # the mean image of class 2 (3 o'clock) mirrored looks like class 6 (9 o'clock), not like class 2
+  # the mean image of class 2 (3 o'clock) mirrored looks like class 6 (9 o'clock), not like class 2. Compared on
+  # the left-right antisymmetric parts (mean - mirrored mean), which the symmetric obstetric context drops.
   recs = sonosynth.generate("fetal_head_pos_cls", 96, seed=3, size=64)
   mean = {k: np.mean([r.image for r in recs if r.label == k], axis=0) for k in (2, 6)}
-  flipped = mean[2][:, ::-1]
-  assert np.abs(flipped - mean[6]).mean() < np.abs(flipped - mean[2]).mean()
+  anti = {k: m - m[:, ::-1] for k, m in mean.items()}
+  flipped = -anti[2]  # the antisymmetric part of the mirrored class-2 mean
+  assert np.abs(flipped - anti[6]).mean() < 0.7 * np.abs(flipped - anti[2]).mean()
 
 
 def test_simple_classifier_beats_chance_but_task_is_not_trivial():

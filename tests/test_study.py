@@ -106,6 +106,8 @@ def test_group_presets_and_specs(tmp_path):
   path = tmp_path / "g.json"
   path.write_text(json.dumps({"x": ["lung"], "y": "FUGC"}))
   assert registry.parse_groups(str(path)) == {"x": ["lung"], "y": ["FUGC"]}
+  path.write_text(json.dumps({"x": "lung+lung_2cls"}))
+  assert registry.parse_groups(str(path)) == {"x": ["lung", "lung_2cls"]}
   with pytest.raises(ConfigError, match="unknown task 'lungs'"):
     registry.parse_groups("a:lungs")
   c = _config("paradigm=cg,smoke,tasks=fetal_head+breast_2cls+thyroid_nodule_det+fetal_femur", ["groups=type"])

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from m2dino_jax.bench import common
+from m2dino_jax.bench import common, compile_count
 
 DEFAULT_TASK = {"cls": "fetal_plane_cls", "seg": "cardiac_multi"}
 
@@ -50,6 +50,9 @@ def add_args(p) -> None:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--torch-threads", type=int, default=0, help="0 = the cores JAX uses (the fair default)")
+  p.add_argument("--compile", action="store_true",
+                 help="instead: count and time the compiled programs of a multi-task model (bench/compile_count.py)")
+  compile_count.add_args(p)
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -224,6 +227,8 @@ def _setup(args, moe_on: bool):
 
 
 def run(args) -> int:
+  if args.compile:
+    return compile_count.run(args)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   import jax
   import torch

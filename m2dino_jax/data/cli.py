@@ -22,6 +22,9 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                  help="simulation processes (the output is identical for any count)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+  p.add_argument("--nuisance", default=None,
+                 help="opt-in scanner artefacts, comma separated: gain, tgc, crop, text, calipers (leak the "
+                      "label, as in real data), jpeg, or all (default: none)")
 
 
 def _synth_run(args) -> int:
@@ -30,7 +33,7 @@ def _synth_run(args) -> int:
   tasks = [t for item in args.tasks for t in item.split(",") if t] if args.tasks else None
   manifest = writer.write_dataset(args.out, seed=args.seed, scale=args.scale, size=args.size, tasks=tasks,
                                   val_fraction=args.val_fraction, workers=args.workers,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, nuisance=args.nuisance)
   print(f"wrote {manifest['total_images']} simulated images for {len(manifest['tasks'])} tasks to "
         f"{args.out} in {manifest['seconds']:.1f} s")
   return 0

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from m2dino_jax.data import mixture, records, transforms
-from m2dino_jax.errors import ConfigError, DataError
+from m2dino_jax.errors import ConfigError, DataError, config_section
 from m2dino_jax.tasks import registry
 
 DEFAULT_TRAIN_TRANSFORMS = ("letterbox", "affine(scale=(0.8, 1.2), rotate=30, translate=0.1, p=0.5)",
@@ -156,6 +156,7 @@ def _load_sources_cached(source_json: str, tasks: tuple[str, ...], split: str):
   return SOURCE_KINDS[cfg.kind](cfg, list(tasks), split)
 
 
+@config_section("data")
 def load_sources(config, tasks, split: str) -> dict[str, Sequence]:
   """{task: random-access records} for the configured source (cached per source config and split)."""
   names = tuple(t.name for t in _resolve(tasks))
@@ -168,6 +169,7 @@ def _resolve(tasks) -> list[registry.Task]:
   return list(tasks)
 
 
+@config_section("data")
 def task_sizes(config, tasks, *, split: str | None = None, sources=None) -> dict[str, int]:
   """Number of examples per task (all processes together) in the train split by default."""
   sources = sources if sources is not None else load_sources(config, tasks, split or config.train_split)
@@ -332,6 +334,7 @@ def _task_seeds(seed: int, task: registry.Task, process_index: int) -> tuple[int
   return int(shuffle_seed), int(example_seed)
 
 
+@config_section("data")
 def make_train_iterator(config, tasks, *, seed: int | None = None, process_index: int = 0,
                         process_count: int = 1, sources=None, weights: Mapping[str, float] | None = None):
   """The infinite train iterator of this process: numpy batch dicts, leading dim = per-process batch.
@@ -429,6 +432,7 @@ class _EvalBatch(grain.transforms.Map):
     return out
 
 
+@config_section("data")
 def make_eval_batches(config, task, split: str | None = None, *, process_index: int = 0,
                       process_count: int = 1, sources=None) -> grain.MapDataset:
   """Finite eval batches of one task: every example exactly once over all processes, in order.

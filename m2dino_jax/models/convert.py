@@ -16,7 +16,6 @@ Our own encoder checkpoints (`save_encoder`) are an Orbax checkpoint of the Para
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -177,7 +176,7 @@ def read_hf(path) -> tuple[dict, dict]:
   cfg_file = folder / "config.json"
   if not cfg_file.is_file():
     raise DataError(cfg_file, "no config.json beside the weights")
-  hf_cfg = json.loads(cfg_file.read_text())
+  hf_cfg = fileio.read_json(cfg_file, "HF config")
   files = [path] if path.is_file() else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
   if not files:
     raise DataError(folder, "no *.safetensors (or *.bin) weights found")
@@ -239,7 +238,7 @@ def load_encoder_params(path) -> tuple[vit.ViTConfig | None, dict[str, np.ndarra
   ours = folder / "encoder.json"
   if ours.is_file():
     cfg = vit.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in json.loads(ours.read_text()).items()})
+                           for k, v in fileio.read_json(ours, "encoder config").items()})
     if (folder / "params").is_dir():
       import orbax.checkpoint as ocp
       with ocp.StandardCheckpointer() as ckptr:

@@ -161,7 +161,7 @@ def parse_groups(spec) -> dict[str, list[str]]:
     obj = fileio.read_json(Path(spec), "groups file")
     if not isinstance(obj, dict) or not all(isinstance(v, list | str) for v in obj.values()):
       raise ConfigError("groups", f"{spec}: expected an object {{group: [task, ...]}}")
-    groups = {str(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in obj.items()}
+    groups = {str(k): _split(v) if isinstance(v, str) else [str(x) for x in v] for k, v in obj.items()}
   else:
     groups = {}
     for item in filter(None, (g.strip() for g in spec.split(";"))):
@@ -169,12 +169,16 @@ def parse_groups(spec) -> dict[str, list[str]]:
       if not sep or not name.strip() or not members.strip():
         raise ConfigError("groups", f"bad group '{item}'; use a preset ({', '.join(GROUP_PRESETS)}), "
                           "name:task+task;name:task or a JSON file")
-      groups[name.strip()] = [m.strip() for m in members.replace(",", "+").split("+") if m.strip()]
+      groups[name.strip()] = _split(members)
   for members in groups.values():
     for m in members:
       if m not in BY_NAME:
         raise ConfigError("groups", f"unknown task '{m}' in the groups; known: {', '.join(BY_NAME)}")
   return groups
+
+
+def _split(members: str) -> list[str]:
+  return [m.strip() for m in members.replace(",", "+").split("+") if m.strip()]
 
 
 def group_of(groups: dict[str, list[str]]) -> dict[str, str]:

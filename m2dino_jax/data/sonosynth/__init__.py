@@ -4,8 +4,10 @@
     sonosynth.write_dataset("synth", seed=0, scale=0.1)          # FMC_UIA on-disk layout
     sonosynth.throughput(54, 256)                                # images/s on one thread
 
-physics: image formation (convolution model); scenes (27 task builders) on views, anatomy, shapes;
-generator: records; writer: the FMC_UIA layout.
+physics: image formation (convolution model); scenes (27 task builders) on views, anatomy, obstetric,
+shapes; generator: records (opt-in scanner nuisances: nuisance); writer: the FMC_UIA layout; measure:
+border contrast-to-noise of labelled images. `m2dino bench sonosynth` times every task and renders a
+contact sheet.
 """
 
 from m2dino_jax.data.sonosynth.generator import generate, sample, task_size, throughput

@@ -9,22 +9,23 @@ import math
 
 import numpy as np
 
+from m2dino_jax.data.sonosynth import physics
 from m2dino_jax.data.sonosynth.shapes import (
+  BLOOD_ATTEN,
+  BLOOD_DB,
   BONE_ATTEN,
   BONE_DB,
   FLUID_ATTEN,
   FLUID_DB,
+  MUSCLE_DB,
   WALL_DB,
   Canvas,
   blob,
   ellipse,
-  ellipse_normal,
+  ellipse_at,
   segment_distance,
   smooth_noise,
-  specular_db,
 )
-
-BLOOD_DB = -32.0
 
 
 def breast_mass(cv: Canvas, rng, echo, atten, malignant: bool, centre, radius):
@@ -60,128 +61,56 @@ def breast_tissue(cv: Canvas, rng, echo):
   echo[muscle & stripes] += 6.0
 
 
-def skull(cv: Canvas, rng, echo, atten, centre, a, b, angle):
-  """Fetal head: bright skull ring with mild bone attenuation, hypoechoic brain, midline echo along
-  the long axis, choroid plexus. Returns the filled head (outer skull edge)."""
-  cx, cy = centre
-  rho = ellipse(cv, cx, cy, a, b, angle)
-  thick = cv.px(0.012) / min(a, b) * 1.4
-  head = rho < 1
-  ring = head & (rho > 1 - thick)
-  echo[head] = -9.0 + 1.5 * smooth_noise(cv, rng, 12)[head]
-  u = np.array([math.cos(angle), math.sin(angle)], np.float32)
-  c = np.array([cx, cy], np.float32)
-  mid = segment_distance(cv, c - 0.8 * a * u, c + 0.8 * a * u)
-  echo[head & (mid < cv.px(0.004) + 0.5)] = 4.0
-  for side in (-1, 1):  # choroid plexus, either side of the midline
-    n = np.array([-u[1], u[0]]) * side * 0.3 * b
-    p = c + n + 0.2 * a * u
-    plexus = ellipse(cv, p[0], p[1], 0.22 * a, 0.08 * b, angle) < 1
-    echo[plexus] = 6.0
-  nx, ny = ellipse_normal(cv, cx, cy, a, b, angle)
-  echo[ring] = BONE_DB + specular_db(cv, nx, ny)[ring]  # bright where the beam meets it square on
-  atten[ring] = 5.0
-  return head
-
-
-def femur(cv: Canvas, rng, echo, atten, p0, p1):
-  """Bright ossified femur shaft between p0 and p1, with the acoustic shadow bone leaves behind it."""
-  width = cv.px(rng.uniform(0.01, 0.018))
-  bone = segment_distance(cv, p0, p1) < width
-  echo[bone] = BONE_DB + 2.0
-  atten[bone] = BONE_ATTEN
-  return bone
-
-
-def spine_dots(cv: Canvas, echo, atten, start, direction, length, n=6, size0=0.02, taper=0.5):
-  """A chain of bright vertebral ossification centres from `start` along `direction`."""
-  for i in range(n):
-    t = i / max(n - 1, 1)
-    c = np.asarray(start) + direction * length * t
-    r = cv.px(size0) * (1 - taper * t)
-    dot = ellipse(cv, c[0], c[1], r, r * 0.8) < 1
-    echo[dot] = BONE_DB
-    atten[dot] = BONE_ATTEN * 0.6
-
-
-def body_outline(cv: Canvas, rng, echo, centre, a, b, angle):
-  """A fetal trunk cross-section: echogenic skin ring around slightly hypoechoic contents."""
-  rho = ellipse(cv, centre[0], centre[1], a, b, angle)
-  inside = rho < 1
-  echo[inside] -= 2.0
-  echo[inside & (rho > 0.95)] += 8.0
-  return rho
-
-
-def fetal_abdomen(cv: Canvas, rng, echo, atten, centre, radius):
-  """Fetal abdomen (FASS-like): liver, stomach bubble, umbilical vein, aorta and spine.
-  Returns an integer map: 1 aorta, 2 liver, 3 stomach, 4 umbilical vein."""
-  angle = rng.uniform(0, 2 * math.pi)
-  rho = body_outline(cv, rng, echo, centre, radius, radius * rng.uniform(0.85, 1.0), angle)
-  back = np.array([math.cos(angle), math.sin(angle)], np.float32)  # direction of the spine
-  side = np.array([-back[1], back[0]], np.float32) * rng.choice([-1.0, 1.0])
-  c = np.asarray(centre, np.float32)
-  labels = np.zeros((cv.size, cv.size), np.uint8)
-  liver_c = c - back * 0.25 * radius + side * 0.2 * radius
-  liver = (ellipse(cv, *liver_c, 0.8 * radius, 0.55 * radius, angle + math.pi / 2) < 1) & (rho < 0.92)
-  echo[(rho < 0.95) & ~liver] -= 3.0
-  echo[liver] = 3.0 + 1.5 * smooth_noise(cv, rng, 20)[liver]
-  labels[liver] = 2
-  st_c = c - side * rng.uniform(0.35, 0.45) * radius
-  stomach = blob(cv, rng, *st_c, 0.22 * radius, 0.15 * radius, angle, wobble=0.1) < 1
-  labels[stomach] = 3
-  uv0 = c - back * 0.75 * radius + side * 0.1 * radius
-  uv = segment_distance(cv, uv0, c - back * 0.05 * radius + side * 0.25 * radius) < cv.px(0.012)
-  labels[uv & (rho < 0.95)] = 4
-  ao_c = c + back * 0.45 * radius - side * 0.1 * radius
-  aorta = ellipse(cv, *ao_c, 0.07 * radius, 0.07 * radius) < 1
-  labels[aorta] = 1
-  fluid = (labels == 1) | (labels == 3) | (labels == 4)
-  echo[fluid] = FLUID_DB
-  atten[fluid] = FLUID_ATTEN
-  spine_dots(cv, echo, atten, c + back * 0.7 * radius, side, 0.0, n=1, size0=0.035)
-  return labels
-
-
-def heart_4ch(cv: Canvas, rng, echo, centre, a, b, angle):
-  """Four-chamber heart: myocardium ellipse with four blood-filled chambers. Returns the heart."""
-  heart = ellipse(cv, centre[0], centre[1], a, b, angle) < 1
-  echo[heart] = 1.0
-  u = np.array([math.cos(angle), math.sin(angle)], np.float32)
-  v = np.array([-u[1], u[0]], np.float32)
-  for su in (-1, 1):
-    for sv in (-1, 1):
-      c = np.asarray(centre) + su * 0.45 * a * u + sv * 0.42 * b * v
-      size = rng.uniform(0.85, 1.1, 2)
-      ch = ellipse(cv, c[0], c[1], 0.4 * a * size[0], 0.38 * b * size[1], angle) < 1
-      echo[ch & heart] = BLOOD_DB
-  return heart
+def _axis_end(rho, c, u, limit, size):
+  """Distance from c along u to where the region rho < 1 ends (the last inside sample)."""
+  t = np.linspace(0.0, limit, 96, dtype=np.float32)
+  x = np.clip(np.round(c[0] + t * u[0]).astype(int), 0, size - 1)
+  y = np.clip(np.round(c[1] + t * u[1]).astype(int), 0, size - 1)
+  inside = rho[y, x] < 1
+  out = np.flatnonzero(~inside)
+  return float(t[out[0] - 1] if out.size and out[0] > 0 else t[-1])
 
 
 def cervix(cv: Canvas, rng, echo, atten, centre, length, thickness, angle):
-  """Uterine cervix with a bright mucosal canal along its axis; amniotic fluid beyond the internal os.
-  Returns (anterior lip, posterior lip, internal os, external os)."""
+  """Uterine cervix (transvaginal): echogenic stroma; along its axis the endocervical canal, a bright mucus
+  line inside a hypoechoic glandular zone; hypoechoic surroundings (fornices, parametrium); amniotic fluid
+  beyond the internal os with, often, the fetal skull behind it; the bladder in front.
+  Returns (cervix, anterior lip, posterior lip, internal os, external os): the lips are the stroma either
+  side of the glandular zone; the os points lie where the canal meets the ends of the cervix."""
   cx, cy = centre
+  c = np.array([cx, cy], np.float32)
   rho = blob(cv, rng, cx, cy, length, thickness, angle, wobble=0.04)
   tissue = rho < 1
-  echo[(rho >= 1) & (rho < 1.25)] -= 6.0  # hypoechoic surroundings outline the cervix
+  echo[(rho >= 1) & (rho < 1.25)] -= 8.0  # hypoechoic surroundings outline the cervix
   echo[tissue] = 6.0 + 1.5 * smooth_noise(cv, rng, 16)[tissue]
   u = np.array([math.cos(angle), math.sin(angle)], np.float32)
   v = np.array([-u[1], u[0]], np.float32)  # points down-ish for |angle| < 90 deg
-  sign = rng.choice([-1.0, 1.0])  # which end is the internal os
-  internal = np.array([cx, cy], np.float32) + sign * 0.85 * length * u
-  external = np.array([cx, cy], np.float32) - sign * 0.85 * length * u
+  sign = float(rng.choice([-1.0, 1.0]))  # which end is the internal os
+  internal = c + sign * (_axis_end(rho, c, sign * u, 1.5 * length, cv.size) - 0.5) * u
+  external = c - sign * (_axis_end(rho, c, -sign * u, 1.5 * length, cv.size) - 0.5) * u
+  along = (cv.xx - cx) * u[0] + (cv.yy - cy) * u[1]
+  side = (cv.xx - cx) * v[0] + (cv.yy - cy) * v[1]
+  glands = tissue & (np.abs(side) < cv.px(rng.uniform(0.012, 0.02)))
+  echo[glands] = -8.0 + smooth_noise(cv, rng, 24)[glands]
+  canal = segment_distance(cv, internal, external) < cv.px(0.003) + 0.5
+  echo[canal] = WALL_DB + 2.0
   fluid_c = internal + sign * 0.55 * length * u
-  fluid = (ellipse(cv, fluid_c[0], fluid_c[1], 0.5 * length, 1.6 * thickness, angle) < 1) & ~tissue
+  fluid = (ellipse(cv, fluid_c[0], fluid_c[1], 0.55 * length, 1.6 * thickness, angle) < 1) & ~tissue
   echo[fluid] = FLUID_DB
   atten[fluid] = FLUID_ATTEN
-  canal = segment_distance(cv, internal, external) < cv.px(0.004) + 0.5
-  echo[canal] = WALL_DB + 2.0
-  side = (cv.xx - cx) * v[0] + (cv.yy - cy) * v[1]
-  lips_sep = canal | (np.abs(side) < 1.0)
-  anterior = tissue & (side < 0) & ~lips_sep
-  posterior = tissue & (side >= 0) & ~lips_sep
-  return anterior, posterior, internal, external
+  if rng.random() < 0.6:  # the presenting fetal head beyond the fluid: the near side of its skull
+    hc = internal + sign * rng.uniform(1.3, 1.6) * length * u
+    hr = ellipse(cv, hc[0], hc[1], 0.8 * length, 0.8 * length)
+    echo[(hr < 1) & (hr > 0.93) & ~tissue] = BONE_DB
+    echo[(hr <= 0.93) & ~tissue] = -9.0
+  if rng.random() < 0.5:  # the bladder in front of the lower uterine segment
+    bc = c + sign * 0.6 * length * u - v * rng.uniform(2.4, 3.0) * thickness
+    bw, br = ellipse_at(cv, bc[0], bc[1], 0.7 * length, 0.9 * thickness, angle)
+    keep = (br < 1) & ~tissue[bw]
+    echo[bw][keep] = FLUID_DB
+    atten[bw][keep] = FLUID_ATTEN
+  lips = tissue & ~glands & ~canal & (np.abs(along) < 2 * length)
+  return tissue, lips & (side < 0), lips & (side >= 0), internal, external
 
 
 def thyroid(cv: Canvas, rng, echo, atten):
@@ -263,23 +192,114 @@ def pleural_mirror(cv: Canvas, pleura, ribs, ratio_db):
   return mirror
 
 
-def b_lines(cv: Canvas, rng, echo, pleura, ribs, count, level=6.0):
-  """Vertical comet-tail artefacts from the pleura to the bottom (interstitial syndrome)."""
+def b_lines(cv: Canvas, rng, pleura, ribs, count, fade_db_per_cm=(0.0, 3.0), ringdown=None, mirror=None):
+  """B-lines (interstitial syndrome): ring-down resonators at the pleura, fluid trapped among air bubbles;
+  the physics turns each into a vertical line from the pleura to the bottom of the image (`physics.envelope`).
+  The per-bounce ratio is set so the displayed line fades by `fade_db_per_cm` (drawn from the range): the
+  TGC's gain rise, which the ring-down echo gets without the tissue loss, is what keeps it bright. A B-line
+  erases the A-lines under it (the pleura is no longer a clean mirror there). Returns the ring-down map."""
+  ringdown = np.zeros((cv.size, cv.size), np.float32) if ringdown is None else ringdown
+  p = cv.probe
+  tgc_db_per_bounce = 2 * p.f0_mhz * p.nominal_atten * p.tgc / 10.0 * physics.RINGDOWN_SPACING_MM
   margin = 0.1 * (ribs[1] - ribs[0])
+  rows = np.abs(cv.yy[:, 0] - pleura) < 1.5
   for x in rng.uniform(ribs[0] + margin, ribs[1] - margin, count):
-    w = cv.px(rng.uniform(0.01, 0.02))
-    echo[(np.abs(cv.xx - x) < w) & (cv.yy > pleura)] = level + rng.uniform(-2, 2)
+    w = cv.px(rng.uniform(0.008, 0.016))
+    cols = np.abs(cv.xx[0] - x) < w
+    fade = rng.uniform(*fade_db_per_cm) / 10.0 * physics.RINGDOWN_SPACING_MM
+    ringdown[np.ix_(rows, cols)] = 10.0 ** (-(tgc_db_per_bounce + fade) / 10.0)
+    if mirror is not None:
+      mirror[:, np.abs(cv.xx[0] - x) < 2 * w] = 0.0
+  return ringdown
 
 
-def consolidation(cv: Canvas, rng, echo, atten, pleura, ribs):
-  """Hepatised lung under the pleura with air bronchograms and a shredded deep border."""
+def consolidation(cv: Canvas, rng, echo, atten, pleura, ribs, mirror=None):
+  """Consolidated lung under the pleura: hypoechoic, tissue-like (fluid-filled alveoli), with bright air
+  bronchograms and a bright, shredded deep border where it meets aerated lung; over it the pleura is no
+  longer an air interface, so it is fainter and no mirror (no A-lines under it)."""
   s = cv.size
   cx = rng.uniform(ribs[0] + 0.3 * (ribs[1] - ribs[0]), ribs[1] - 0.3 * (ribs[1] - ribs[0]))
   a = rng.uniform(0.2, 0.3) * (ribs[1] - ribs[0]) * 1.6
   b = s * rng.uniform(0.14, 0.25)
-  region = blob(cv, rng, cx, pleura + b * 0.9, a, b, 0.0, wobble=0.25) < 1
-  region &= (cv.yy > pleura + 2) & (cv.xx > ribs[0] + s * 0.09) & (cv.xx < ribs[1] - s * 0.09)  # not under ribs
-  echo[region] = 0.5 + 2.0 * smooth_noise(cv, rng, 20)[region]
+  rho = blob(cv, rng, cx, pleura + b * 0.9, a, b, 0.0, wobble=0.25)
+  clear = s * 0.115  # off the ribs' shadows (half-width 0.09 of the image, blurred by the beam)
+  beside = (cv.xx > ribs[0] + clear) & (cv.xx < ribs[1] - clear)
+  below = cv.yy > pleura + 2
+  region = (rho < 1) & below & beside
+  thick = cv.px(rng.uniform(0.028, 0.036)) / b * (1.0 + 0.2 * np.clip(smooth_noise(cv, rng, 30), -1.5, 1.5))
+  edge = cv.px(0.03)  # the lateral edges (kept off the ribs' shadows) meet aerated lung as well
+  around = (cv.xx > ribs[0] + clear - edge) & (cv.xx < ribs[1] - clear + edge)
+  shred = (rho < 1 + thick) & ~((rho < 1) & beside) & below & around & (cv.yy > pleura + 4)
+  echo[shred] = 10.0 + 3.0 * smooth_noise(cv, rng, 40)[shred]
+  echo[region] = -9.0 + 1.5 * smooth_noise(cv, rng, 20)[region]
   dots = region & (smooth_noise(cv, rng, 40) > 1.8)
   echo[dots] = 12.0
+  cols = region.any(axis=0)
+  over = (np.abs(cv.yy - pleura) < 1.5) & cols[None, :]
+  echo[over] = 8.0
+  if mirror is not None:
+    mirror[:, cols] = 0.0
   return region
+
+
+def apical_4ch(cv: Canvas, rng, echo, atten):
+  """Adult apical four-chamber view (phased array): the chest wall in the near field; the left ventricle on
+  the right of the image with its apex under the probe, the right ventricle beside it across the septum,
+  the atria below the atrioventricular plane with the closed mitral and tricuspid leaflets, atrial walls and
+  the interatrial septum; the bright pericardium around the heart and lung (air: dark, hazy) beyond it.
+  Returns labels: 1 LV cavity, 2 LV myocardium (the septum to the RV blood included), 3 left atrium."""
+  s = cv.size
+  chest = cv.depth_mm < rng.uniform(7.0, 12.0)
+  apex = np.array([s * rng.uniform(0.5, 0.55), s * rng.uniform(0.11, 0.15)], np.float32)
+  tilt = rng.uniform(0.03, 0.25)  # long axis from vertical; the base swings to the right
+  u = np.array([math.sin(tilt), math.cos(tilt)], np.float32)  # apex -> base
+  v = np.array([u[1], -u[0]], np.float32)  # towards the LV lateral wall (image right)
+  length, width = s * rng.uniform(0.36, 0.42), s * rng.uniform(0.09, 0.115)
+  wall = s * rng.uniform(0.035, 0.048)
+  peri = s * rng.uniform(0.018, 0.026)
+  al = (cv.xx - apex[0]) * u[0] + (cv.yy - apex[1]) * u[1]  # along the axis from the LV apex
+  ac = (cv.xx - apex[0]) * v[0] + (cv.yy - apex[1]) * v[1]  # across, + lateral
+
+  def rho(c_al, c_ac, h_al, h_ac):
+    return np.sqrt(((al - c_al) / np.float32(h_al)) ** 2 + ((ac - c_ac) / np.float32(h_ac)) ** 2)
+
+  above = al < length
+  lv_c, lv_h = 0.75 * length, 0.75 * length
+  lv = (rho(lv_c, 0.0, lv_h, width) < 1) & above
+  lv_out = (rho(lv_c, 0.0, lv_h + wall, width + wall) < 1) & above
+  rv_w, rv_len = width * rng.uniform(0.75, 0.95), length * rng.uniform(0.42, 0.5)
+  rv_c = -(width + wall + 0.7 * rv_w)
+  rv_wall = wall * 0.6
+  rv = (rho(length - rv_len, rv_c, rv_len, rv_w) < 1) & above & ~lv_out
+  rv_out = (rho(length - rv_len, rv_c, rv_len + rv_wall, rv_w + rv_wall) < 1) & above
+  la_len, la_w = length * rng.uniform(0.4, 0.5), width * rng.uniform(0.95, 1.15)
+  ra_len, ra_w = length * rng.uniform(0.36, 0.46), rv_w * rng.uniform(1.0, 1.2)
+  below = ~above
+  la_rho = rho(length, 0.1 * width, la_len, la_w)
+  ra_rho = rho(length, rv_c, ra_len, ra_w)
+  la = (la_rho < 1) & below
+  ra = (ra_rho < 1) & below & ~la
+  atria_out = ((rho(length, 0.1 * width, la_len + 0.5 * rv_wall, la_w + 0.5 * rv_wall) < 1)
+               | (rho(length, rv_c, ra_len + 0.5 * rv_wall, ra_w + 0.5 * rv_wall) < 1)) & below
+  heart = lv_out | rv_out | atria_out
+  pericardium = ((((rho(lv_c, 0.0, lv_h + wall + peri, width + wall + peri) < 1)
+                   | (rho(length - rv_len, rv_c, rv_len + rv_wall + peri, rv_w + rv_wall + peri) < 1)) & above)
+                 | (((rho(length, 0.1 * width, la_len + peri, la_w + peri) < 1)
+                     | (rho(length, rv_c, ra_len + peri, ra_w + peri) < 1)) & below)) & ~heart
+  echo[~heart & ~pericardium & ~chest] = -10.0 + echo[~heart & ~pericardium & ~chest]  # lung, mediastinum
+  echo[chest] += 3.0
+  echo[pericardium] = 12.0 + echo[pericardium]
+  echo[heart] = MUSCLE_DB + 0.5 * echo[heart]
+  blood = lv | rv | la | ra
+  echo[blood] = BLOOD_DB
+  atten[blood] = BLOOD_ATTEN
+  leaf = cv.px(rng.uniform(0.01, 0.014))
+  bow = cv.px(rng.uniform(0.0, 0.012))
+  for chamber, h_ac, c_ac in ((la, la_w, 0.1 * width), (ra, ra_w, rv_c)):  # closed mitral / tricuspid leaflets
+    curve = length + leaf + bow * np.maximum(0.0, 1.0 - ((ac - c_ac) / np.float32(h_ac)) ** 2)
+    echo[chamber & (al < curve)] = 10.0
+  labels = np.zeros((s, s), np.uint8)
+  labels[lv_out & ~lv] = 2
+  labels[lv] = 1
+  labels[la] = 3
+  return labels

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from m2dino_jax.data.records import Record, validate
+from m2dino_jax.data.sonosynth import nuisance as nuisances
 from m2dino_jax.data.sonosynth import physics
 from m2dino_jax.data.sonosynth.scenes import SPECS, Scene
 from m2dino_jax.data.sonosynth.shapes import Canvas
@@ -57,8 +58,13 @@ def _fits(scene: Scene, cv: Canvas) -> bool:
   return True
 
 
-def sample(task_name: str, index: int, *, seed: int, size: int = 256) -> Record:
-  """Sample `index` of a task: one simulated image and its label."""
+def sample(task_name: str, index: int, *, seed: int, size: int = 256, nuisance=None) -> Record:
+  """Sample `index` of a task: one simulated image and its label.
+
+  `nuisance`: opt-in scanner / operator artefacts, e.g. ('gain', 'tgc', 'text', 'jpeg') or 'all'
+  (see sonosynth.nuisance; default none). They draw from their own random stream: the scene and the
+  speckle stay those of the plain sample."""
+  names = nuisances.parse(nuisance)
   task = registry.get(task_name)
   spec = SPECS[task.name]
   rng = np.random.default_rng([seed, task.index, index])
@@ -72,18 +78,27 @@ def sample(task_name: str, index: int, *, seed: int, size: int = 256) -> Record:
   else:
     raise DataError(f"sonosynth:{task.name}#{index}",
                     f"no scene fitted the field of view in {_RETRIES} tries")
-  image = physics.simulate(scene.echo, probe, rng, scene.atten, density=cv.density, mirror=scene.mirror)
+  nrng = np.random.default_rng([seed, task.index, index, 7]) if names else None
+  gain = nuisances.gain_map(names, nrng, cv.depth_mm) if names else None
+  image = physics.simulate(scene.echo, probe, rng, scene.atten, density=cv.density, mirror=scene.mirror,
+                           ringdown=scene.ringdown, gain_db=gain)
   mask = None if scene.mask is None else np.where(cv.fov, scene.mask, 0).astype(np.uint8)
+  # Scenes draw on pixel indices (pixel (i, j) centred on (j, i)); records use the FMC_UIA / transforms
+  # convention of continuous coordinates, pixel (i, j) covering [j, j + 1) x [i, i + 1): a point drawn at
+  # the centre of pixel (i, j) is (j + 0.5, i + 0.5). Boxes are already pixel edges [min, max + 1).
+  points = None if scene.points is None else np.asarray(scene.points, np.float32) + np.float32(0.5)
   rec = Record(image=image, task=task.name, task_type=task.type, label=scene.label, mask=mask,
-               box=scene.box, points=None if scene.points is None else np.asarray(scene.points, np.float32),
+               box=scene.box, points=points,
                spacing_mm=tuple(float(s) for s in cv.spacing_mm), source=f"sonosynth:{task.name}#{index}",
                extra={"seed": seed, "index": index, "simulated": True})
+  if names:
+    rec = nuisances.apply(rec, names, nrng, cv.fov)
   return validate(rec)
 
 
-def generate(task_name: str, n: int, *, seed: int, size: int = 256, start: int = 0) -> list[Record]:
+def generate(task_name: str, n: int, *, seed: int, size: int = 256, start: int = 0, nuisance=None) -> list[Record]:
   """`n` simulated records of one task (samples start .. start + n - 1), validated."""
-  return [sample(task_name, i, seed=seed, size=size) for i in range(start, start + n)]
+  return [sample(task_name, i, seed=seed, size=size, nuisance=nuisance) for i in range(start, start + n)]
 
 
 def throughput(n: int = 54, size: int = 256, seed: int = 0, clock: str = "wall") -> float:

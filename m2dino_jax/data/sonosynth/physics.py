@@ -7,14 +7,17 @@ soft tissue and an attenuation map in dB/cm/MHz. `simulate` turns it into an 8-b
    least 2x finer than the display, see `scan`);
 2. the backscatter power gets clutter (a floor with near-field haze), the round-trip attenuation
    integrated along each beam beyond what time-gain compensation undoes (fluid gives posterior
-   enhancement, bone a shadow) and the reverberations of specular plates (A-lines);
+   enhancement, bone a shadow; `Probe.auto_tgc`: the operator's sliders take back most of the
+   enhancement below wide fluid), the reverberations of specular plates (A-lines) and the ring-down
+   tails of resonators at the pleura (B-lines);
 3. a random scatterer field (dense: fully developed speckle; sparse where `density` < 1: K-distributed,
    pre-Rayleigh texture) is weighted by the amplitude and convolved, by FFT, with the baseband (IQ)
    point-spread function: a Gaussian pulse envelope along depth set by the centre frequency and
    bandwidth, and a Gaussian beam across lines whose width depends on depth (transmit focus, dynamic
    receive limited by the array aperture, see `psf_sigmas_px`). Both kernels have unit energy, so 0 dB
    tissue gives an envelope with E[env^2] = 1 at every depth;
-4. electronic noise is added; envelope detection |IQ|; area-averaging scan conversion; log compression.
+4. electronic noise is added; envelope detection |IQ|; area-averaging scan conversion; the operator's
+   gain (optional, `simulate(gain_db=)`); log compression.
 
 Working in baseband is exactly equivalent to RF convolution followed by Hilbert envelope
 detection, and it needs no sampling of the carrier, so a 256 x 256 image costs a few FFTs.
@@ -28,6 +31,7 @@ import math
 
 import numpy as np
 import scipy.fft
+from scipy import ndimage
 
 from m2dino_jax.data.sonosynth import scan
 
@@ -37,6 +41,7 @@ LOG_RAYLEIGH_MEAN_DB = -10.0 * 0.5772156649015329 / math.log(10.0)
 ANTI_ALIAS_SIGMA = 0.5  # PSF floor in display pixels: the scanner's decimation filter before display
 MAX_LATERAL_SIGMA_PX = 24.0  # cap, in lines: a phased array's apex would otherwise blur ~500 lines
 HAZE_DB, HAZE_DEPTH_MM = 10.0, 8.0  # near-field clutter: clutter_db + HAZE_DB at the skin, e-folding depth
+RINGDOWN_SPACING_MM = 0.5  # bounce spacing of a ring-down resonator (fluid trapped between air bubbles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Probe:
   noise_db: float | None = -50.0  # electronic noise re 0 dB tissue at the skin; None = off
   aperture_mm: float | None = None  # the array's largest active aperture (None = as large as F# needs)
   clutter_db: float | None = None  # clutter power re 0 dB tissue (sidelobes, multipath); None = off
+  auto_tgc: float = 0.0  # fraction of the median (over scan lines) excess loss per depth the operator's TGC undoes
 
   def __post_init__(self):
     if self.geometry not in ("linear", "sector"):
@@ -114,7 +120,7 @@ def _unit_energy_gaussian_tf(sigma: np.ndarray, n: int) -> np.ndarray:
 def _filters(probe: Probe, h: int, w: int):
   """Padding (tissue continues beyond the field) and the FFT transfer functions on the padded grid."""
   beam = dataclasses.replace(probe, dynamic_range_db=60.0, tissue_grey=0.45, noise_db=None, tgc=1.0,
-                             nominal_atten=0.5, clutter_db=None)  # cache key: only what shapes the PSF
+                             nominal_atten=0.5, clutter_db=None, auto_tgc=0.0)  # cache key: what shapes the PSF
   return _filters_cached(beam, h, w)
 
 
@@ -134,6 +140,19 @@ def _filters_cached(probe: Probe, h: int, w: int):
 
 def _to_beam(image_map: np.ndarray, geo: scan.Geometry) -> np.ndarray:
   return image_map if geo.to_beam is None else geo.to_beam(image_map)
+
+
+def _density_to_beam(density: np.ndarray, geo: scan.Geometry) -> np.ndarray:
+  """The scatterer density on the beam grid, resampling only the beam rows that reach sparse tissue
+  (fat lies in shallow layers; the rest of the field is dense)."""
+  sparse_rows = np.flatnonzero((density < 1).any(axis=1))
+  if geo.to_beam is None or not sparse_rows.size:
+    return np.clip(_to_beam(density, geo), 0, 1)
+  out = np.ones(geo.shape, np.float32)
+  reach = int(np.searchsorted(geo.to_beam.min_src_row, sparse_rows[-1] + 2))  # deeper rows read dense pixels
+  if reach:
+    out[:reach] = np.clip(geo.to_beam(density, rows=reach), 0, 1)
+  return out
 
 
 def _scatterer_tables():
@@ -160,9 +179,12 @@ def scatterers(shape, rng: np.random.Generator, density=None) -> np.ndarray:
   n = int(np.prod(shape))
   b = np.frombuffer(rng.bytes(2 * n), np.uint8)
   field = (_PHASE[b[n:]] * _AMP[b[:n]]).reshape(shape)
-  if density is not None:
-    keep = np.frombuffer(rng.bytes(n), np.uint8).reshape(shape) < np.round(density * 256)
-    field *= np.where(keep, 1.0 / np.sqrt(np.maximum(density, 1 / 256)), 0.0).astype(np.float32)
+  if density is not None:  # only the rows holding sparse tissue (fat lies in layers) pay for the thinning
+    rows = np.flatnonzero(np.min(density, axis=tuple(range(1, density.ndim))) < 1)
+    if rows.size:
+      d = density[rows[0]:rows[-1] + 1]
+      keep = np.frombuffer(rng.bytes(d.size), np.uint8).reshape(d.shape) < np.round(d * 256)
+      field[rows[0]:rows[-1] + 1] *= np.where(keep, 1.0 / np.sqrt(np.maximum(d, 1 / 256)), 0.0).astype(np.float32)
   return field
 
 
@@ -206,14 +228,52 @@ def _reverberation(power: np.ndarray, mirror: np.ndarray, loss_excess_db: np.nda
   return out.astype(np.float32)
 
 
+def _slider_profile(excess_db: np.ndarray, step_mm: float) -> np.ndarray:
+  """The TGC sliders an operator (or a scanner's automatic optimisation) sets: per depth, the median over
+  scan lines of the enhancement the nominal TGC leaves (the negative part of the excess loss: below fluid,
+  which barely attenuates), smoothed over about 8 mm as a slider bank is. Shadows are left alone (no one
+  turns the gain up into a bone's shadow), a few enhanced lines do not move it, a wide fluid layer does."""
+  nl = excess_db.shape[1]
+  profile = np.median(np.minimum(excess_db[:, :: max(1, nl // 64)], 0.0), axis=1)
+  sigma = 8.0 / step_mm / 2.355
+  return ndimage.gaussian_filter1d(profile.astype(np.float64), sigma, mode="nearest").astype(np.float32)
+
+
+def _ringdown(power: np.ndarray, ring: np.ndarray, tgc_db: np.ndarray, step_mm: float) -> np.ndarray:
+  """Ring-down tails (B-lines) of resonators: fluid trapped among air bubbles at the pleura.
+
+  `ring` [nz, nl]: per-bounce power ratio (0..1) where a resonator lies, 0 elsewhere. The pulse trapped in
+  it re-emits every RINGDOWN_SPACING_MM of depth, each time weaker by the ratio, for as long as it rings,
+  so the echo continues below the resonator as a vertical line. Its energy travels no further than the
+  resonator (no tissue attenuation beyond it) while the TGC keeps raising the gain with time: a ratio near
+  1 gives the laser-like line that does not fade to the bottom of the image. Returns the power to add.
+  """
+  nz, nl = power.shape
+  out = np.zeros_like(power)
+  lines = np.flatnonzero(ring.max(axis=0) > 0.01)  # only the lines through a resonator
+  if not lines.size:
+    return out
+  sub = ring[:, lines]
+  first = np.argmax(sub > 0.01, axis=0)
+  source = power[first, lines]
+  ratio_db = (10.0 * np.log10(np.maximum(sub.max(axis=0), 1e-6))).astype(np.float32)
+  rows = np.arange(nz, dtype=np.float32)[:, None]
+  steps = (rows - first[None, :]) * np.float32(step_mm / RINGDOWN_SPACING_MM)
+  db = steps * ratio_db[None, :] + (tgc_db[:, None] - tgc_db[first][None, :]).astype(np.float32)
+  tail = source[None, :] * np.power(np.float32(10.0), np.minimum(db, 30.0) / np.float32(10.0))
+  out[:, lines] = np.where(rows > first[None, :], tail, 0.0)
+  return out
+
+
 def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=None, density=None,
-             mirror=None) -> np.ndarray:
+             mirror=None, ringdown=None) -> np.ndarray:
   """Detected envelope on the beam grid [nz, nl] (before log compression); 0 dB tissue has E[env^2] = 1.
 
   `echo_db`: backscatter level in dB re soft tissue on the image grid [H, W].
   `atten`: attenuation in dB/cm/MHz on the image grid, or None for the nominal value everywhere.
   `density`: scatterers per beam sample in (0, 1] on the image grid (None = 1: fully developed speckle).
   `mirror`: per-bounce reverberation power ratio (0..1) on the image grid where a specular plate lies.
+  `ringdown`: per-bounce power ratio (0..1) on the image grid where a ring-down resonator lies (B-lines).
   Clutter (probe.clutter_db, sidelobes and multipath, speckled like tissue) is added to the backscatter
   power, with near-field haze decaying over the first centimetres: a cyst reads about -22 dB, not black.
   """
@@ -233,15 +293,22 @@ def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=
     a = _to_beam(np.asarray(atten, np.float32), geo) * two_way
     loss_db = np.cumsum(a, axis=0) - 0.5 * a
   excess_db = loss_db - tgc_db[:, None]
+  if probe.auto_tgc and atten is not None:
+    excess_db = excess_db - probe.auto_tgc * _slider_profile(excess_db, geo.depth_step_mm)[:, None]
   power = power * np.power(10.0, -excess_db / 10.0).astype(np.float32)
+  reverb = None
   if mirror is not None:
-    power = power + _reverberation(power, _to_beam(np.asarray(mirror, np.float32), geo), excess_db)
+    reverb = _reverberation(power, _to_beam(np.asarray(mirror, np.float32), geo), excess_db)
+  if ringdown is not None:
+    ring = _ringdown(power, _to_beam(np.asarray(ringdown, np.float32), geo), tgc_db, geo.depth_step_mm)
+    reverb = ring if reverb is None else reverb + ring
+  if reverb is not None:
+    power = power + reverb
   amp = np.sqrt(power)
 
   tf_x, tf_z, pad_x, pad_z = _filters(probe, h, w)
   pad = ((pad_z, pad_z), (pad_x, pad_x))  # tissue continues beyond the field
-  dens = None if density is None else np.pad(np.clip(_to_beam(np.asarray(density, np.float32), geo), 0, 1),
-                                             pad, mode="edge")
+  dens = None if density is None else np.pad(_density_to_beam(np.asarray(density, np.float32), geo), pad, mode="edge")
   amp = np.pad(amp, pad, mode="edge")
   field = scatterers(amp.shape, rng, dens) * amp
   field = scipy.fft.ifft(scipy.fft.fft(field, n=tf_x.shape[1], axis=1) * tf_x, axis=1)
@@ -264,16 +331,22 @@ def scan_convert(beam_img: np.ndarray, probe: Probe, h: int, w: int) -> np.ndarr
   return scan.to_image(beam_img, geometry(probe, h, w), h, w)
 
 
-def display_envelope(echo_db, probe: Probe, rng, atten=None, density=None, mirror=None) -> np.ndarray:
+def display_envelope(echo_db, probe: Probe, rng, atten=None, density=None, mirror=None,
+                     ringdown=None) -> np.ndarray:
   """The envelope as displayed (area-averaged onto the image grid), before log compression."""
   h, w = echo_db.shape
-  return scan_convert(envelope(echo_db, probe, rng, atten, density, mirror), probe, h, w)
+  return scan_convert(envelope(echo_db, probe, rng, atten, density, mirror, ringdown), probe, h, w)
 
 
 def simulate(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=None, density=None,
-             mirror=None) -> np.ndarray:
-  """Scene maps on the image grid -> uint8 B-mode image of the same size."""
+             mirror=None, ringdown=None, gain_db=None) -> np.ndarray:
+  """Scene maps on the image grid -> uint8 B-mode image of the same size.
+
+  `gain_db` (scalar or [H, W]): the operator's overall gain and TGC sliders, added to the displayed echo
+  before log compression (None = the preset's gain: 0 dB tissue at `probe.tissue_grey`)."""
   h, w = echo_db.shape
-  env = display_envelope(echo_db, probe, rng, atten, density, mirror)
+  env = display_envelope(echo_db, probe, rng, atten, density, mirror, ringdown)
+  if gain_db is not None:
+    env = env * np.power(10.0, np.asarray(gain_db, np.float32) / 20.0).astype(np.float32)
   display = np.where(geometry(probe, h, w).fov, log_compress(env, probe), 0.0)
   return np.round(display * 255.0).astype(np.uint8)

@@ -34,13 +34,18 @@ class Bilinear:
 
   def __init__(self, coords: np.ndarray, src_shape: tuple[int, int]):
     self.index, self.weight, self.shape = _bilinear_terms(coords, src_shape)
+    # per output row, the smallest source row it reads (to resample only the rows a shallow map reaches)
+    self.min_src_row = np.minimum.accumulate(
+        np.floor(np.clip(coords[0], 0, src_shape[0] - 1)).reshape(self.shape[0], -1).min(axis=1)[::-1])[::-1]
 
-  def __call__(self, src: np.ndarray) -> np.ndarray:
+  def __call__(self, src: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Resampled map [out rows, out cols]; with `rows`, only the first `rows` output rows."""
     flat = np.asarray(src, np.float32).ravel()
-    out = flat[self.index[0]] * self.weight[0]
+    n = self.index.shape[1] if rows is None else rows * self.shape[1]
+    out = flat[self.index[0, :n]] * self.weight[0, :n]
     for k in (1, 2, 3):
-      out += flat[self.index[k]] * self.weight[k]
-    return out.reshape(self.shape)
+      out += flat[self.index[k, :n]] * self.weight[k, :n]
+    return out.reshape(-1, self.shape[1])
 
 
 def _bilinear_terms(coords, src_shape):
@@ -68,6 +73,7 @@ class Geometry:
   to_image: scipy.sparse.csr_matrix | None  # area-averages beam-grid data onto the pixels (sector only)
   fov: np.ndarray  # [H, W] bool: image pixels inside the imaged field
   beam_dir: np.ndarray  # [2, H, W] unit (x, y) direction the beam travels through each pixel
+  pixel_depth_mm: np.ndarray  # [H, W] depth of each pixel centre below the skin, along its beam
 
 
 def geometry(kind: str, depth_mm: float, width_mm: float, angle_deg: float, apex_mm: float,
@@ -82,7 +88,9 @@ def _geometry(kind, depth_mm, width_mm, angle_deg, apex_mm, h, w) -> Geometry:
     depth = (np.arange(h) + 0.5) * dz
     down = np.zeros((2, h, w), np.float32)
     down[1] = 1.0
-    return Geometry((dx, dz), (h, w), dz, np.full(h, dx), depth, None, None, np.ones((h, w), bool), down)
+    pixel_depth = np.broadcast_to(depth.astype(np.float32)[:, None], (h, w))
+    return Geometry((dx, dz), (h, w), dz, np.full(h, dx), depth, None, None, np.ones((h, w), bool), down,
+                    pixel_depth)
   half = math.radians(angle_deg) / 2
   r_max = apex_mm + depth_mm
   top = apex_mm * math.cos(half)  # shallowest point of the fan, from the apex
@@ -123,7 +131,7 @@ def _geometry(kind, depth_mm, width_mm, angle_deg, apex_mm, h, w) -> Geometry:
       shape=(h * w, nz * nl), dtype=np.float32)
   beam_dir = np.stack([np.sin(th), np.cos(th)]).astype(np.float32)
   return Geometry((s, s), (nz, nl), dz, radius * dtheta, depth, Bilinear(beam_coords, (h, w)), to_image, fov,
-                  beam_dir)
+                  beam_dir, (r - apex_mm).astype(np.float32))
 
 
 def to_image(beam_img: np.ndarray, geo: Geometry, h: int, w: int) -> np.ndarray:

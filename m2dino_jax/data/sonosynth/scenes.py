@@ -9,11 +9,20 @@ Label conventions (ours; the simulator defines them, so they hold exactly):
 - liver_lesion_2cls: 0 benign (hyperechoic), 1 malignant (target lesion). lung_2cls: 0 A-lines,
   1 B-lines. lung_disease_3cls: 0 normal, 1 interstitial (B-lines), 2 consolidation.
 - organ_cls: 0 liver, 1 kidney, 2 spleen, 3 bladder, 4 gallbladder, 5 aorta.
-- cardiac_multi: 1 LV cavity, 2 myocardium, 3 left atrium. cervix_multi: 1 anterior lip, 2 posterior
-  lip. fetal_abdomen_multi: 1 aorta, 2 liver, 3 stomach, 4 umbilical vein. head_symphysis_multi:
-  1 pubic symphysis, 2 fetal head.
-- FUGC points: internal os, external os. IUGC: symphysis upper end, lower end, tangent point on the
-  fetal skull (the angle of progression). fetal_femur: the two shaft ends, left one first.
+- cardiac_multi (apical four-chamber): 1 LV cavity, 2 LV myocardium (the whole septum, to the RV blood),
+  3 left atrium (from the mitral annulus; the closed leaflets lie on its side). cervix: the whole cervix.
+  cervix_multi: 1 anterior lip, 2 posterior lip (the stroma either side of the canal's glandular zone,
+  which is background). fetal_abdomen_multi: 1 aorta, 2 liver, 3 stomach, 4 umbilical vein.
+  head_symphysis_multi: 1 pubic symphysis, 2 fetal head (to the outer skull edge).
+- FUGC points: internal os, external os (the ends of the canal, on the cervix's ends). IUGC: symphysis
+  upper end, lower end (the ends of its long axis), tangent point on the fetal skull (the angle of
+  progression). fetal_femur: the two ends of the ossified shaft, left one first.
+- Points are continuous pixel coordinates, pixel (i, j) covering [j, j + 1) x [i, i + 1) as in the
+  FMC_UIA reader and `data.transforms` (a landmark on the centre of pixel (i, j) is (j + 0.5, i + 0.5));
+  boxes are pixel edges [min, max + 1). Builders draw on pixel indices; `generator.sample` adds the 0.5.
+
+Every builder that images a fetus draws it in its obstetric field (`obstetric.obstetric_field`: maternal
+wall, placenta, amniotic fluid, other fetal parts); `measure.border_cnr` checks that labelled borders show.
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ from collections.abc import Callable
 import numpy as np
 
 from m2dino_jax.data.sonosynth import anatomy as A
+from m2dino_jax.data.sonosynth import obstetric as O
 from m2dino_jax.data.sonosynth import views as V
 from m2dino_jax.data.sonosynth.physics import Probe
 from m2dino_jax.data.sonosynth.shapes import (
+  BLOOD_DB,
   BONE_ATTEN,
   BONE_DB,
   FLUID_ATTEN,
@@ -37,6 +48,7 @@ from m2dino_jax.data.sonosynth.shapes import (
   background,
   blob,
   ellipse,
+  ellipse_at,
   polar_dir,
   segment_distance,
   smooth_noise,
@@ -44,14 +56,17 @@ from m2dino_jax.data.sonosynth.shapes import (
 
 # Apertures: a convex array's ~64 active elements at 3.5 MHz span ~24 mm, a phased array's ~20 mm,
 # an endocavity array's ~12 mm; beyond depth = aperture * F# the beam widens with depth.
+# The operator's TGC sliders undo most of the depth-wise enhancement below wide fluid (AUTO_TGC).
 CLUTTER_DB = -27.0  # clutter floor re tissue: anechoic fluid reads about -22 dB, hazier near the probe
-LINEAR = Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=18.0, clutter_db=CLUTTER_DB)
+AUTO_TGC = 0.8
+LINEAR = Probe("linear", depth_mm=40.0, width_mm=40.0, f0_mhz=7.5, focus_mm=18.0, clutter_db=CLUTTER_DB,
+               auto_tgc=AUTO_TGC)
 CONVEX = Probe("sector", depth_mm=110.0, angle_deg=55.0, apex_mm=45.0, f0_mhz=3.5, f_number=2.5,
-               focus_mm=60.0, aperture_mm=24.0, clutter_db=CLUTTER_DB)
+               focus_mm=60.0, aperture_mm=24.0, clutter_db=CLUTTER_DB, auto_tgc=AUTO_TGC)
 PHASED = Probe("sector", depth_mm=140.0, angle_deg=75.0, apex_mm=0.0, f0_mhz=2.5, f_number=2.5,
-               focus_mm=70.0, aperture_mm=20.0, clutter_db=CLUTTER_DB)
+               focus_mm=70.0, aperture_mm=20.0, clutter_db=CLUTTER_DB, auto_tgc=AUTO_TGC)
 ENDOCAVITY = Probe("sector", depth_mm=60.0, angle_deg=80.0, apex_mm=6.0, f0_mhz=6.5, focus_mm=30.0,
-                   aperture_mm=12.0, clutter_db=CLUTTER_DB)
+                   aperture_mm=12.0, clutter_db=CLUTTER_DB, auto_tgc=AUTO_TGC)
 
 
 @dataclasses.dataclass
@@ -64,6 +79,7 @@ class Scene:
   box: np.ndarray | None = None
   points: np.ndarray | None = None
   mirror: np.ndarray | None = None  # per-bounce reverberation ratio of specular plates (physics.envelope)
+  ringdown: np.ndarray | None = None  # per-bounce ratio of ring-down resonators, B-lines (physics.envelope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +92,7 @@ class Spec:
 # ---- regression -------------------------------------------------------------------------------
 
 def fugc(cv, rng, label):
-  echo, atten = background(cv, rng, layers=False)
-  _, _, internal, external = A.cervix(cv, rng, echo, atten, V.centre(cv, rng, y=0.42, jitter=0.05),
-                                      cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)),
-                                      rng.uniform(-0.4, 0.4))
+  echo, atten, _, _, _, internal, external = V.cervix(cv, rng)
   return Scene(echo, atten, points=np.stack([internal, external]))
 
 
@@ -94,8 +107,8 @@ def fetal_femur(cv, rng, label):
   half = cv.px(rng.uniform(0.14, 0.24))
   ang = rng.uniform(-0.45, 0.45)
   d = np.array([math.cos(ang), math.sin(ang)], np.float32) * half
-  A.body_outline(cv, rng, echo, c, half * 1.4, half * 0.7, ang)
-  A.femur(cv, rng, echo, atten, c - d, c + d)
+  O.obstetric_field(cv, rng, echo, atten, c, half, top=half * (abs(math.sin(ang)) + 0.45))
+  O.thigh(cv, rng, echo, atten, c - d, c + d)  # the landmarks sit on the ends of the ossified shaft
   return Scene(echo, atten, points=np.stack([c - d, c + d]))
 
 
@@ -117,7 +130,8 @@ def fetal_head_pos_cls(cv, rng, label):
   direction = label * 45.0 + rng.uniform(-10, 10)
   d = polar_dir(direction)
   a, b = cv.px(rng.uniform(0.17, 0.22)), cv.px(rng.uniform(0.14, 0.16))
-  A.skull(cv, rng, echo, atten, c, a, b, math.atan2(d[1], d[0]))
+  O.obstetric_field(cv, rng, echo, atten, c, a)
+  O.skull(cv, rng, echo, atten, c, a, b, math.atan2(d[1], d[0]), front=1.0)
   n = np.array([-d[1], d[0]], np.float32)
   for side in (-1, 1):  # the orbits mark where the face is
     o = c + 0.62 * a * d + side * 0.3 * b * n
@@ -132,8 +146,9 @@ def fetal_sacral_pos_cls(cv, rng, label):
   c = np.array(V.centre(cv, rng, y=0.42, jitter=0.04), np.float32)
   d = polar_dir(label * 45.0 + rng.uniform(-10, 10))
   r = cv.px(rng.uniform(0.2, 0.25))
-  A.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.8, 0.95), rng.uniform(0, math.pi))
-  A.spine_dots(cv, echo, atten, c - 0.2 * r * d, d, 0.85 * r, n=7, size0=0.022, taper=0.6)
+  O.obstetric_field(cv, rng, echo, atten, c, r)
+  O.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.8, 0.95), rng.uniform(0, math.pi))
+  O.spine_dots(cv, echo, atten, c - 0.2 * r * d, d, 0.85 * r, n=7, size0=0.022, taper=0.6)
   n = np.array([-d[1], d[0]], np.float32)
   for side in (-1, 1):  # iliac wings flanking the sacrum
     p0 = c + 0.35 * r * d + side * 0.25 * r * n
@@ -142,31 +157,53 @@ def fetal_sacral_pos_cls(cv, rng, label):
   return Scene(echo, atten, label=label)
 
 
+def _fetal_other(cv, rng, echo, atten, c, r):
+  """fetal_plane_cls 'other': a plane none of the five standard ones, in the same obstetric field: the
+  spine in a sagittal section, a face profile, or a forearm with its two bones."""
+  kind = rng.integers(3)
+  ang = rng.uniform(-0.4, 0.4)
+  u = np.array([math.cos(ang), math.sin(ang)], np.float32)
+  n = np.array([-u[1], u[0]], np.float32)
+  if kind == 0:  # spine, sagittal: skin line over two rows of ossification centres converging to the sacrum
+    O.body_outline(cv, rng, echo, c + 0.6 * r * n, 1.4 * r, 0.8 * r, ang)
+    for side, gap in ((-1, 0.12), (1, 0.12)):
+      O.spine_dots(cv, echo, atten, c - 1.1 * r * u + side * gap * r * n, u, 2.0 * r, n=10, size0=0.014, taper=0.3)
+  elif kind == 1:  # face profile: forehead, nose and lips as a bright skin line, the mandible below
+    O.body_outline(cv, rng, echo, c + 0.9 * r * n, 1.1 * r, 0.95 * r, ang)
+    for t, bump in ((-0.2, 0.16), (0.25, 0.08), (0.45, 0.07)):
+      p = c - 0.05 * r * n + t * r * u - bump * r * n
+      w, rho = ellipse_at(cv, p[0], p[1], 0.1 * r, bump * r, ang)
+      echo[w][rho < 1] = 2.0
+    jaw = segment_distance(cv, c + 0.5 * r * u + 0.25 * r * n, c + 0.9 * r * u + 0.6 * r * n) < cv.px(0.007)
+    echo[jaw] = BONE_DB
+    atten[jaw] = BONE_ATTEN
+  else:  # forearm: soft tissue around two parallel bones
+    O.thigh(cv, rng, echo, atten, c - 0.8 * r * u - 0.08 * r * n, c + 0.8 * r * u - 0.08 * r * n)
+    bone = segment_distance(cv, c - 0.7 * r * u + 0.1 * r * n, c + 0.75 * r * u + 0.1 * r * n) < cv.px(0.007)
+    echo[bone] = BONE_DB
+    atten[bone] = BONE_ATTEN
+
+
 def fetal_plane_cls(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
   c = np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32)
   r = cv.px(rng.uniform(0.18, 0.24))
+  if label != 4:  # the maternal cervix is a transvaginal view; the others sit in the obstetric field
+    O.obstetric_field(cv, rng, echo, atten, c, r * 1.1)
   if label == 0:
-    A.fetal_abdomen(cv, rng, echo, atten, c, r)
+    O.abdomen(cv, rng, echo, atten, c, r)
   elif label == 1:
-    A.skull(cv, rng, echo, atten, c, r * 1.1, r * 0.9, rng.uniform(-0.6, 0.6))
+    O.skull(cv, rng, echo, atten, c, r * 1.1, r * 0.9, rng.uniform(-0.6, 0.6))
   elif label == 2:
     ang = rng.uniform(-0.4, 0.4)
     d = np.array([math.cos(ang), math.sin(ang)], np.float32) * r
-    A.femur(cv, rng, echo, atten, c - d, c + d)
+    O.thigh(cv, rng, echo, atten, c - d, c + d)
   elif label == 3:
-    V.thorax(cv, rng, echo, atten, c, r)
+    O.thorax(cv, rng, echo, atten, c, r)
   elif label == 4:
     A.cervix(cv, rng, echo, atten, c, r * 1.1, r * 0.45, rng.uniform(-0.4, 0.4))
-  else:  # other: placenta and fluid pockets
-    top = cv.px(rng.uniform(0.1, 0.25))
-    placenta = (cv.yy > top) & (cv.yy < top + cv.px(0.15) + 8 * smooth_noise(cv, rng, 6))
-    echo[placenta] += 5.0
-    for _ in range(rng.integers(1, 4)):
-      p = V.centre(cv, rng, y=0.55, jitter=0.15)
-      pocket = blob(cv, rng, *p, cv.px(rng.uniform(0.05, 0.12)), cv.px(0.05), rng.uniform(0, 3), 0.2) < 1
-      echo[pocket] = FLUID_DB
-      atten[pocket] = FLUID_ATTEN
+  else:
+    _fetal_other(cv, rng, echo, atten, c, r)
   return Scene(echo, atten, label=label)
 
 
@@ -176,7 +213,7 @@ def liver_lesion_2cls(cv, rng, label):
     p0 = V.centre(cv, rng, y=0.45, jitter=0.3)
     p1 = V.centre(cv, rng, y=0.45, jitter=0.3)
     vessel = segment_distance(cv, p0, p1) < cv.px(rng.uniform(0.008, 0.02))
-    echo[vessel] = A.BLOOD_DB
+    echo[vessel] = BLOOD_DB
   c = V.centre(cv, rng, y=0.45, jitter=0.1)
   r = cv.px(rng.uniform(0.05, 0.11))
   rho = blob(cv, rng, *c, r, r * rng.uniform(0.8, 1.0), rng.uniform(0, 3), wobble=0.06)
@@ -190,13 +227,13 @@ def liver_lesion_2cls(cv, rng, label):
 
 
 def lung_2cls(cv, rng, label):
-  echo, atten, _, mirror = V.lung(cv, rng, label)
-  return Scene(echo, atten, label=label, mirror=mirror)
+  echo, atten, _, mirror, ringdown = V.lung(cv, rng, label)
+  return Scene(echo, atten, label=label, mirror=mirror, ringdown=ringdown)
 
 
 def lung_disease_3cls(cv, rng, label):
-  echo, atten, _, mirror = V.lung(cv, rng, label)
-  return Scene(echo, atten, label=label, mirror=mirror)
+  echo, atten, _, mirror, ringdown = V.lung(cv, rng, label)
+  return Scene(echo, atten, label=label, mirror=mirror, ringdown=ringdown)
 
 
 def organ_cls(cv, rng, label):
@@ -209,7 +246,7 @@ def organ_cls(cv, rng, label):
     echo[diaphragm] = WALL_DB + 4
     for _ in range(3):
       p0, p1 = V.centre(cv, rng, y=0.4, jitter=0.25), V.centre(cv, rng, y=0.4, jitter=0.25)
-      echo[segment_distance(cv, p0, p1) < cv.px(0.012)] = A.BLOOD_DB
+      echo[segment_distance(cv, p0, p1) < cv.px(0.012)] = BLOOD_DB
   elif label == 1:  # kidney: dark cortex, bright central sinus, capsule
     rho = ellipse(cv, *c, s * rng.uniform(0.2, 0.26), s * rng.uniform(0.1, 0.13), ang)
     echo[rho < 1] = -6.0
@@ -238,7 +275,7 @@ def organ_cls(cv, rng, label):
   else:  # transverse aorta in front of a vertebral body
     r = s * rng.uniform(0.05, 0.08)
     rho = ellipse(cv, *c, r, r)
-    echo[rho < 1] = A.BLOOD_DB - 8
+    echo[rho < 1] = BLOOD_DB - 8
     echo[(rho >= 1) & (rho < 1.15)] = WALL_DB
     vb = (np.abs(ellipse(cv, c[0], c[1] + r * 3.5, r * 2.2, r * 1.5) - 1) < 0.1) & (cv.yy < c[1] + r * 3.5)
     echo[vb] = BONE_DB
@@ -298,29 +335,7 @@ def breast_lesion(cv, rng, label):
 
 def cardiac_multi(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  s = cv.size
-  cx, top = s * rng.uniform(0.53, 0.6), s * rng.uniform(0.12, 0.18)
-  length, width = s * rng.uniform(0.3, 0.38), s * rng.uniform(0.1, 0.13)
-  tilt = rng.uniform(-0.15, 0.15)
-  base_y = top + length
-  lv_c = (cx, top + length * 0.55)
-  wall = s * rng.uniform(0.025, 0.04)
-  outer = ellipse(cv, *lv_c, length * 0.55 + wall, width + wall, math.pi / 2 + tilt)
-  lv = ellipse(cv, *lv_c, length * 0.55, width, math.pi / 2 + tilt)
-  below_base = cv.yy > base_y
-  labels = np.zeros((s, s), np.uint8)
-  labels[(outer < 1) & ~below_base] = 2
-  labels[(lv < 1) & ~below_base] = 1
-  la = ellipse(cv, cx, base_y + s * 0.1, width * 1.05, s * 0.1) < 1
-  labels[la & below_base & (labels == 0)] = 3
-  rv_c = (cx - width * 2.3, lv_c[1] + length * 0.1)
-  rv = (ellipse(cv, *rv_c, width * 0.9, length * 0.45, tilt) < 1) & ~below_base
-  ra = ellipse(cv, cx - width * 2.2, base_y + s * 0.09, width, s * 0.09) < 1
-  blood = (labels == 1) | (labels == 3) | ((rv | ra) & (labels == 0))
-  rv_wall = (ellipse(cv, *rv_c, width * 0.9 + wall, length * 0.45 + wall, tilt) < 1) & ~blood
-  echo[(labels == 2) | rv_wall] = 2.0
-  echo[blood] = A.BLOOD_DB
-  return Scene(echo, atten, mask=labels)
+  return Scene(echo, atten, mask=A.apical_4ch(cv, rng, echo, atten))
 
 
 def carotid_artery(cv, rng, label):
@@ -345,34 +360,35 @@ def carotid_artery(cv, rng, label):
 
 
 def cervix_seg(cv, rng, label):
-  echo, atten, ant, post = V.cervix(cv, rng)
-  return Scene(echo, atten, mask=(ant | post).astype(np.uint8))
+  echo, atten, tissue, _, _, _, _ = V.cervix(cv, rng)
+  return Scene(echo, atten, mask=tissue.astype(np.uint8))
 
 
 def cervix_multi(cv, rng, label):
-  echo, atten, ant, post = V.cervix(cv, rng)
+  echo, atten, _, ant, post, _, _ = V.cervix(cv, rng)
   return Scene(echo, atten, mask=ant.astype(np.uint8) + 2 * post.astype(np.uint8))
 
 
 def fetal_abdomen_multi(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  labels = A.fetal_abdomen(cv, rng, echo, atten, V.centre(cv, rng, y=0.42, jitter=0.05),
-                           cv.px(rng.uniform(0.2, 0.26)))
-  return Scene(echo, atten, mask=labels)
+  c, r = V.centre(cv, rng, y=0.42, jitter=0.05), cv.px(rng.uniform(0.2, 0.26))
+  O.obstetric_field(cv, rng, echo, atten, c, r)
+  return Scene(echo, atten, mask=O.abdomen(cv, rng, echo, atten, c, r))
 
 
 def fetal_head(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  head = A.skull(cv, rng, echo, atten, V.centre(cv, rng, y=0.42, jitter=0.05), cv.px(rng.uniform(0.18, 0.25)),
-                 cv.px(rng.uniform(0.14, 0.18)), rng.uniform(-0.6, 0.6))
+  c, a, b = V.centre(cv, rng, y=0.42, jitter=0.05), cv.px(rng.uniform(0.18, 0.25)), cv.px(rng.uniform(0.14, 0.18))
+  O.obstetric_field(cv, rng, echo, atten, c, a, trunk=rng.random() < 0.7)
+  head = O.skull(cv, rng, echo, atten, c, a, b, rng.uniform(-0.6, 0.6))
   return Scene(echo, atten, mask=head.astype(np.uint8))
 
 
 def fetal_heart(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
-  heart = V.thorax(cv, rng, echo, atten, np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32),
-                  cv.px(rng.uniform(0.2, 0.26)))
-  return Scene(echo, atten, mask=heart.astype(np.uint8))
+  c, r = np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32), cv.px(rng.uniform(0.2, 0.26))
+  O.obstetric_field(cv, rng, echo, atten, c, r)
+  return Scene(echo, atten, mask=O.thorax(cv, rng, echo, atten, c, r).astype(np.uint8))
 
 
 def head_symphysis_multi(cv, rng, label):
@@ -381,8 +397,8 @@ def head_symphysis_multi(cv, rng, label):
 
 
 def lung_seg(cv, rng, label):
-  echo, atten, region, mirror = V.lung(cv, rng, 2)
-  return Scene(echo, atten, mask=region.astype(np.uint8), mirror=mirror)
+  echo, atten, region, mirror, ringdown = V.lung(cv, rng, 2)
+  return Scene(echo, atten, mask=region.astype(np.uint8), mirror=mirror, ringdown=ringdown)
 
 
 def ovary_tumor(cv, rng, label):

@@ -22,6 +22,8 @@ FAT_DB = -7.0
 FAT_DENSITY = 0.4  # scatterers per beam sample in fat: few per resolution cell, Nakagami m ~ 0.6
 SPECULAR_FLOOR_DB = -18.0  # a specular surface seen edge-on still scatters this much (rough bone)
 WALL_DB = 10.0
+MUSCLE_DB = -3.0
+BLOOD_DB, BLOOD_ATTEN = -32.0, 0.18
 
 
 class Canvas:
@@ -35,18 +37,49 @@ class Canvas:
     self.spacing_mm = geo.spacing_mm
     self.beam_dir = geo.beam_dir  # [2, H, W] (x, y) direction of the beam through each pixel
     self.yy, self.xx = _grid(size)
+    self.depth_mm = geo.pixel_depth_mm  # [H, W] depth below the skin along the beam
     self.density = None  # scatterer density map, set by `background` (None: dense everywhere)
 
   def px(self, fraction: float) -> float:
     """A length given as a fraction of the image size, in pixels."""
     return fraction * self.size
 
+  def mm(self, length_mm: float) -> float:
+    """A length in mm, in pixels."""
+    return length_mm / self.spacing_mm[1]
+
+  def window(self, cx, cy, r):
+    """(rows, cols) slices of the square of half-side r (pixels) around (cx, cy), clipped to the image."""
+    r = int(math.ceil(r)) + 1
+    x, y = int(round(float(cx))), int(round(float(cy)))
+    return (slice(min(max(y - r, 0), self.size), min(max(y + r + 1, 0), self.size)),
+            slice(min(max(x - r, 0), self.size), min(max(x + r + 1, 0), self.size)))
+
+  def density_map(self) -> np.ndarray:
+    """The scatterer density map (created dense on first use), to paint sparse-scatterer tissue into."""
+    if self.density is None:
+      self.density = np.ones((self.size, self.size), np.float32)
+    return self.density
+
   def inside(self, points, margin: float = 2.0) -> bool:
     """Whether every (x, y) point lies in the imaged field, at least `margin` pixels from its edge."""
-    fov = self.fov if margin <= 0 else ndimage.binary_erosion(self.fov, iterations=int(margin))
+    fov = self.fov if margin <= 0 else _eroded(self.probe, self.size, int(margin))
     p = np.round(np.asarray(points, np.float32).reshape(-1, 2)).astype(int)
     ok = (p[:, 0] >= 0) & (p[:, 0] < self.size) & (p[:, 1] >= 0) & (p[:, 1] < self.size)
     return bool(ok.all() and fov[p[:, 1], p[:, 0]].all())
+
+
+_ERODED: dict = {}
+
+
+def _eroded(probe: physics.Probe, size: int, margin: int) -> np.ndarray:
+  """The imaged field shrunk by `margin` pixels (cached per field geometry)."""
+  key = (probe.geometry, probe.depth_mm, probe.width_mm, probe.angle_deg, probe.apex_mm, size, margin)
+  if key not in _ERODED:
+    if len(_ERODED) > 64:
+      _ERODED.clear()
+    _ERODED[key] = ndimage.binary_erosion(physics.geometry(probe, size, size).fov, iterations=margin)
+  return _ERODED[key]
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,6 +101,16 @@ def ellipse(cv: Canvas, cx, cy, a, b, angle=0.0) -> np.ndarray:
   """rho of an ellipse with semi-axes a (along `angle`) and b."""
   u, v = _local(cv, cx, cy, angle)
   return np.sqrt((u / np.float32(a)) ** 2 + (v / np.float32(b)) ** 2)
+
+
+def ellipse_at(cv: Canvas, cx, cy, a, b, angle=0.0):
+  """A small ellipse computed only in its window: (window, rho there). `echo[w][rho < 1] = v` paints it."""
+  w = cv.window(cx, cy, max(a, b))
+  dx = cv.xx[w] - np.float32(cx)
+  dy = cv.yy[w] - np.float32(cy)
+  c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+  u, v = c * dx + s * dy, -s * dx + c * dy
+  return w, np.sqrt((u / np.float32(a)) ** 2 + (v / np.float32(b)) ** 2)
 
 
 def blob(cv: Canvas, rng, cx, cy, a, b, angle=0.0, wobble=0.08, spikes=0.0) -> np.ndarray:
@@ -117,7 +160,18 @@ def segment_distance(cv: Canvas, p0, p1) -> np.ndarray:
 
 def smooth_noise(cv: Canvas, rng, cells: int = 8) -> np.ndarray:
   """Unit-variance random field varying over about size/cells pixels (tissue heterogeneity):
-  a coarse white grid blown up by a separable Gaussian interpolation."""
+  a coarse white grid blown up by a separable Gaussian interpolation. One field per scale and scene
+  (drawn on first use, then shared, read-only): structures textured at the same scale lie in different
+  regions, and each field costs a pair of matrix products."""
+  cache = cv.__dict__.setdefault("_noise", {})
+  if int(cells) not in cache:
+    field = _smooth_noise(cv, rng, int(cells))
+    field.setflags(write=False)
+    cache[int(cells)] = field
+  return cache[int(cells)]
+
+
+def _smooth_noise(cv: Canvas, rng, cells: int) -> np.ndarray:
   up = _upsampler(cv.size, int(cells))
   coarse = rng.standard_normal((up.shape[1], up.shape[1])).astype(np.float32)
   # einsum's own loop, not BLAS: a threaded BLAS stalls on such small products when cores are busy

@@ -10,14 +10,12 @@ import math
 import numpy as np
 
 from m2dino_jax.data.sonosynth import anatomy as A
+from m2dino_jax.data.sonosynth import obstetric as O
 from m2dino_jax.data.sonosynth.shapes import (
-  BONE_ATTEN,
-  BONE_DB,
   FLUID_DB,
   Canvas,
   background,
   ellipse,
-  segment_distance,
   smooth_noise,
 )
 
@@ -39,13 +37,13 @@ def symphysis_and_head(cv, rng):
   ang = rng.uniform(0.3, 0.8)
   u = np.array([math.cos(ang), math.sin(ang)], np.float32)
   upper, lower = ps_c - half * u, ps_c + half * u
-  ps = ellipse(cv, *ps_c, half * 1.1, cv.px(0.03), ang) < 1
+  ps = ellipse(cv, *ps_c, half, cv.px(0.03), ang) < 1  # the landmarks are its two ends
   echo[ps] = 8.0 + 2.0 * smooth_noise(cv, rng, 24)[ps]
   atten[ps] = 2.0
   hc = (lower[0] + cv.px(rng.uniform(0.15, 0.22)), lower[1] + cv.px(rng.uniform(0.18, 0.26)))
   a, b = cv.px(rng.uniform(0.17, 0.22)), cv.px(rng.uniform(0.14, 0.17))
   h_ang = rng.uniform(-0.5, 0.5)
-  head = A.skull(cv, rng, echo, atten, hc, a, b, h_ang)
+  head = O.skull(cv, rng, echo, atten, hc, a, b, h_ang)
   head &= ~ps
   # tangent from the symphysis' lower end to the skull: the boundary point seen at the widest angle
   t = np.linspace(0, 2 * math.pi, 720, endpoint=False)
@@ -74,52 +72,39 @@ def breast(cv, rng, kind):
   return echo, atten, mask
 
 
-def thorax(cv, rng, echo, atten, c, r):
-  """Fetal thorax: skin, lungs, ribs with shadows, spine and a four-chamber heart. Returns the heart."""
-  angle = rng.uniform(0, 2 * math.pi)
-  rho = A.body_outline(cv, rng, echo, c, r, r * rng.uniform(0.9, 1.0), angle)
-  echo[rho < 0.95] += 4.0  # lungs
-  back = np.array([math.cos(angle), math.sin(angle)], np.float32)
-  for k in (-1, 1):
-    rib_dir = np.array([math.cos(angle + k * 1.1), math.sin(angle + k * 1.1)], np.float32)
-    rib = segment_distance(cv, c + 0.8 * r * rib_dir, c + 0.95 * r * rib_dir) < cv.px(0.008)
-    echo[rib] = BONE_DB
-    atten[rib] = BONE_ATTEN
-  A.spine_dots(cv, echo, atten, c + 0.75 * r * back, back, 0.0, n=1, size0=0.03)
-  hc = c - 0.2 * r * back + 0.15 * r * np.array([-back[1], back[0]])
-  return A.heart_4ch(cv, rng, echo, hc, 0.42 * r, 0.36 * r, angle + rng.uniform(-0.5, 0.5))
-
-
 def lung(cv, rng, kind):
-  """kind: 0 A-lines, 1 B-lines, 2 consolidation. Returns echo, atten, consolidation region or None,
-  and the pleural mirror map (A-lines come from its reverberation in the physics, not drawn)."""
+  """kind: 0 A-lines, 1 B-lines, 2 consolidation. Returns echo, atten, the consolidation region or None, the
+  pleural mirror map and the ring-down map: A-lines and B-lines come from them in the physics, not drawn."""
   echo, atten = background(cv, rng)
   pleura, ribs = A.lung_surface(cv, rng, echo, atten)
-  region = None
+  region, ringdown = None, None
   mirror = A.pleural_mirror(cv, pleura, ribs, -60.0)
   # The signs overlap as in practice: a normal lung may show a faint isolated B-line, A-lines can
   # persist faintly between B-lines, and B-lines often flank a consolidation.
   if kind == 0:
     mirror = A.pleural_mirror(cv, pleura, ribs, rng.uniform(-16.0, -7.0))
     if rng.random() < 0.35:
-      A.b_lines(cv, rng, echo, pleura, ribs, 1, level=rng.uniform(-2.0, 3.0))
+      ringdown = A.b_lines(cv, rng, pleura, ribs, 1, fade_db_per_cm=(6.0, 12.0), mirror=mirror)
   elif kind == 1:
     if rng.random() < 0.3:
       mirror = A.pleural_mirror(cv, pleura, ribs, rng.uniform(-20.0, -14.0))
-    A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(2, 6)), level=rng.uniform(2.0, 8.0))
+    ringdown = A.b_lines(cv, rng, pleura, ribs, int(rng.integers(2, 6)), fade_db_per_cm=(0.0, 4.0), mirror=mirror)
   else:
-    if rng.random() < 0.3:  # drawn first: the consolidation covers them
-      A.b_lines(cv, rng, echo, pleura, ribs, int(rng.integers(1, 3)), level=rng.uniform(0.0, 6.0))
-    region = A.consolidation(cv, rng, echo, atten, pleura, ribs)
-  return echo, atten, region, mirror
+    if rng.random() < 0.3:
+      ringdown = A.b_lines(cv, rng, pleura, ribs, int(rng.integers(1, 3)), fade_db_per_cm=(2.0, 8.0), mirror=mirror)
+    region = A.consolidation(cv, rng, echo, atten, pleura, ribs, mirror=mirror)
+    if ringdown is not None:  # no ring-down from inside the consolidation: its pleura has no air
+      ringdown[:, region.any(axis=0)] = 0.0
+  return echo, atten, region, mirror, ringdown
 
 
 def cervix(cv, rng):
+  """Transvaginal cervix. Returns echo, atten, the cervix, its anterior and posterior lips, internal and
+  external os."""
   echo, atten = background(cv, rng, layers=False)
-  ant, post, _, _ = A.cervix(cv, rng, echo, atten, centre(cv, rng, y=0.42, jitter=0.05),
-                             cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)),
-                             rng.uniform(-0.4, 0.4))
-  return echo, atten, ant, post
+  return (echo, atten) + A.cervix(cv, rng, echo, atten, centre(cv, rng, y=0.42, jitter=0.05),
+                                  cv.px(rng.uniform(0.2, 0.28)), cv.px(rng.uniform(0.08, 0.11)),
+                                  rng.uniform(-0.4, 0.4))
 
 
 def thyroid_with_nodule(cv, rng):

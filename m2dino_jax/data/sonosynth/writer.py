@@ -35,6 +35,7 @@ from PIL import Image
 
 from m2dino_jax import fileio
 from m2dino_jax.data.sonosynth import generator, physics, scenes
+from m2dino_jax.data.sonosynth import nuisance as nuisances
 from m2dino_jax.errors import ConfigError, DataError
 from m2dino_jax.tasks import registry
 
@@ -82,9 +83,9 @@ def _write_png(path: Path, array: np.ndarray):
 
 def _write_sample(job) -> tuple[str, str, int, dict]:
   """Simulates one sample, writes its PNG(s) under `root`, returns (task, split, index, CSV row)."""
-  root, task_name, index, split, seed, size = job
+  root, task_name, index, split, seed, size, nuisance = job
   task = registry.get(task_name)
-  rec = generator.sample(task_name, index, seed=seed, size=size)
+  rec = generator.sample(task_name, index, seed=seed, size=size, nuisance=nuisance)
   rel_dir = _task_dir(task)
   name = f"{task.name}_{index:05d}.png"
   split_dir = Path(root) / "data" / split
@@ -129,9 +130,11 @@ def _readme(manifest: dict) -> str:
 
 
 def write_dataset(out_dir, *, seed: int, scale: float = 1.0, size: int = 256, tasks=None,
-                  val_fraction: float = 0.2, workers: int = 1, overwrite: bool = False) -> dict:
-  """Simulates the tasks (default: all 27) and writes them in the FMC_UIA layout; returns the manifest."""
+                  val_fraction: float = 0.2, workers: int = 1, overwrite: bool = False, nuisance=None) -> dict:
+  """Simulates the tasks (default: all 27) and writes them in the FMC_UIA layout; returns the manifest.
+  `nuisance`: opt-in scanner / operator artefacts for every image (sonosynth.nuisance; default none)."""
   out = Path(out_dir)
+  nuisance = nuisances.parse(nuisance)
   if scale <= 0:
     raise ConfigError("scale", f"must be > 0, got {scale}")
   if size < 32:
@@ -154,7 +157,7 @@ def write_dataset(out_dir, *, seed: int, scale: float = 1.0, size: int = 256, ta
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
   try:
     t0 = time.perf_counter()
-    work = [(str(tmp), name, i, split, seed, size) for name, i, split in jobs]
+    work = [(str(tmp), name, i, split, seed, size, nuisance) for name, i, split in jobs]
     if workers > 1:
       with multiprocessing.get_context("spawn").Pool(workers) as pool:
         results = pool.map(_write_sample, work, chunksize=8)
@@ -176,7 +179,7 @@ def write_dataset(out_dir, *, seed: int, scale: float = 1.0, size: int = 256, ta
         "simulated": True,
         "generator": "m2dino_jax.data.sonosynth",
         "note": "Simulated ultrasound images (convolution model), not patient data.",
-        "seed": seed, "scale": scale, "size": size, "val_fraction": val_fraction,
+        "seed": seed, "scale": scale, "size": size, "val_fraction": val_fraction, "nuisance": list(nuisance),
         "total_images": len(jobs), "seconds": round(seconds, 2),
         "probes": {task.name: _probe_summary(scenes.SPECS[task.name].probe) for task in chosen},
         "tasks": counts,

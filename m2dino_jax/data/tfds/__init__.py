@@ -10,7 +10,6 @@ imported lazily so that `import m2dino_jax.data.tfds` stays cheap.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -92,7 +91,7 @@ class RecordSource:
     info_path = out_dir / "dataset_info.json"
     if not info_path.is_file():
       raise DataError(out_dir, f"no built dataset '{dataset}' here; run `m2dino data build --dataset {dataset}`")
-    built = [s["name"] for s in json.loads(info_path.read_text()).get("splits", [])]
+    built = [s["name"] for s in fileio.read_json(info_path, "dataset info").get("splits", [])]
     if split not in built:
       raise DataError(out_dir, f"split '{split}' not built; available: {', '.join(built)}")
     self._decode = builder_lib.decode
@@ -118,7 +117,7 @@ class RecordSource:
     """The task of every example, from the index written at build time (or one scan if missing)."""
     if self._tasks is None:
       path = dataset_dir(self.dataset, self.data_dir) / TASKS_FILE
-      index = json.loads(path.read_text()) if path.is_file() else {}
+      index = fileio.read_json(path, "task index") if path.is_file() else {}
       self._tasks = index.get(self.split) or [self.raw_task(i) for i in range(len(self))]
     return self._tasks
 

@@ -271,7 +271,7 @@ class _Run:
     c = self.param_counts
     print(f"[{self.name}] trainable parameters: {c['trainable']:,} of {c['total']:,} (encoder "
           f"{c['encoder_trainable']:,} of {c['encoder_total']:,}, heads {c['heads']:,}); freeze="
-          f"'{cfg.optim.freeze}'", file=sys.stderr)
+          f"'{cfg.optim.freeze}'")
     it = pipeline.make_train_iterator(cfg.data, self.tasks, seed=cfg.seed, process_index=jax.process_index(),
                                       process_count=jax.process_count())
     ckpt = checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,

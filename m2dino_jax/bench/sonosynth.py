@@ -1,0 +1,160 @@
+"""Simulator images/s per task and size (one core), border CNR per labelled class, optional contact sheet.
+
+Speed: every task is timed on CPU seconds of this process (`time.process_time`: the one-core speed even
+when other jobs share the machine), one image at a time, the tasks interleaved so that load changes
+hit them all alike; geometry / filter caches are warmed first. Goal (issue 18): >= 60 images/s per core
+at 256 px for every task.
+
+Border CNR (segmentation tasks, `--cnr-images` samples each): for every labelled class the smallest
+contrast-to-noise ratio over its neighbouring labels, on the displayed images (sonosynth.measure).
+Goal: mean >= 0.8 for every class.
+
+`--contact-sheet PATH` renders `--sheet-per-task` samples of every task at `--sheet-size` px as one PNG,
+the labels drawn on top (mask borders, boxes, points; class id in the corner), quantised to 128 colours.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from m2dino_jax.bench import common
+from m2dino_jax.tasks import registry
+
+CNR_GOAL = 0.8
+SPEED_GOAL = 60.0  # images/s per core at 256 px
+_COLOURS = ((255, 64, 64), (64, 224, 64), (80, 140, 255), (255, 220, 0), (255, 0, 255))
+
+
+def add_args(p) -> None:
+  p.add_argument("--tasks", default="all", help="task ids (comma separated) or 'all'")
+  p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sides to time")
+  p.add_argument("--images", type=int, default=6, help="timed images per task and size")
+  p.add_argument("--cnr-images", type=int, default=20, help="samples per segmentation task for the CNR (0 = skip)")
+  p.add_argument("--cnr-size", type=int, default=256)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--contact-sheet", default=None, help="write a contact sheet PNG here")
+  p.add_argument("--sheet-size", type=int, default=128)
+  p.add_argument("--sheet-per-task", type=int, default=2)
+  p.add_argument("--sheet-columns", type=int, default=6)
+
+
+def speed(tasks, sizes, images: int, seed: int = 0) -> list[dict]:
+  """Images/s per core for every (task, size), the tasks interleaved image by image."""
+  from m2dino_jax.data.sonosynth import generator
+  rows = []
+  for size in sizes:
+    cpu = dict.fromkeys(tasks, 0.0)
+    for t in tasks:  # warm the caches
+      generator.sample(t, 0, seed=seed, size=size)
+    for i in range(images):
+      for t in tasks:
+        t0 = time.process_time()
+        generator.sample(t, 1 + i, seed=seed, size=size)
+        cpu[t] += time.process_time() - t0
+    for t in tasks:
+      rate = images / max(cpu[t], 1e-9)
+      rows.append({"task": t, "type": registry.get(t).type, "size": size, "images_per_s": rate,
+                   "ms_per_image": 1e3 / rate, "goal_met": bool(rate >= SPEED_GOAL) if size == 256 else None})
+  return rows
+
+
+def border_cnr(tasks, n: int, size: int, seed: int = 0) -> list[dict]:
+  """Per segmentation task and class, over `n` samples: mean / 10th percentile / min of the local border CNR
+  (the target) and the mean of the whole-border one (sonosynth.measure)."""
+  from m2dino_jax.data.sonosynth import generator, measure, physics, scenes
+  rows = []
+  for t in tasks:
+    if registry.get(t).type != registry.SEGMENTATION:
+      continue
+    fov = physics.geometry(scenes.SPECS[t].probe, size, size).fov
+    local: dict[int, list[float]] = {}
+    whole: dict[int, list[float]] = {}
+    for i in range(n):
+      rec = generator.sample(t, i, seed=seed, size=size)
+      for c, v in measure.border_cnr(rec.image, rec.mask, fov).items():
+        local.setdefault(c, []).append(v)
+      for c, v in measure.border_cnr_global(rec.image, rec.mask, fov).items():
+        whole.setdefault(c, []).append(v)
+    for c in sorted(local):
+      v = np.asarray(local[c], np.float64)
+      v = v[np.isfinite(v)]
+      g = np.asarray(whole[c], np.float64)
+      g = g[np.isfinite(g)]
+      mean = float(v.mean()) if v.size else float("nan")
+      rows.append({"task": t, "class": c, "cnr_mean": mean,
+                   "cnr_p10": float(np.percentile(v, 10)) if v.size else float("nan"),
+                   "cnr_min": float(v.min()) if v.size else float("nan"),
+                   "global_mean": float(g.mean()) if g.size else float("nan"),
+                   "samples": int(v.size), "goal_met": bool(mean >= CNR_GOAL)})
+  return rows
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+  edge = np.zeros(mask.shape, bool)
+  edge[:-1] |= mask[:-1] != mask[1:]
+  edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
+  return edge
+
+
+def _tile(rec, size: int):
+  """One sample as an RGB PIL image with its label drawn on it."""
+  from PIL import Image, ImageDraw
+  rgb = np.repeat(rec.image[..., None], 3, axis=2)
+  if rec.mask is not None:
+    for c in range(1, int(rec.mask.max()) + 1):
+      rgb[_outline(rec.mask == c) & (rec.mask == c)] = _COLOURS[(c - 1) % len(_COLOURS)]
+  img = Image.fromarray(rgb)
+  draw = ImageDraw.Draw(img)
+  if rec.box is not None:
+    draw.rectangle([float(v) for v in rec.box], outline=_COLOURS[1])  # PIL: inclusive corners, close enough
+  if rec.points is not None:
+    for k, (x, y) in enumerate(np.asarray(rec.points, np.float64)):
+      col = _COLOURS[k % len(_COLOURS)]
+      draw.line([x - 3, y, x + 3, y], fill=col)
+      draw.line([x, y - 3, x, y + 3], fill=col)
+  if rec.label >= 0:
+    draw.text((size - 12, 2), str(rec.label), fill=_COLOURS[3])
+  return img
+
+
+def contact_sheet(path, tasks, size: int = 128, per_task: int = 2, seed: int = 0, columns: int = 6) -> str:
+  """All tasks' samples in one PNG (task name on each tile, labels drawn); returns the path."""
+  from PIL import Image, ImageDraw
+
+  from m2dino_jax.data.sonosynth import generator
+  tiles = []
+  for t in tasks:
+    for i in range(per_task):
+      tile = _tile(generator.sample(t, i, seed=seed, size=size), size)
+      ImageDraw.Draw(tile).text((2, size - 12), t[:22], fill=(255, 255, 255))
+      tiles.append(tile)
+  rows = -(-len(tiles) // columns)
+  sheet = Image.new("RGB", (columns * size, rows * size))
+  for k, tile in enumerate(tiles):
+    sheet.paste(tile, ((k % columns) * size, (k // columns) * size))
+  sheet.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)  # half the bytes
+  return str(path)
+
+
+def run(args) -> None:
+  tasks = [t.name for t in registry.resolve(args.tasks)]
+  rows = speed(tasks, args.sizes, args.images, args.seed) if args.images > 0 else []
+  if rows:
+    common.print_table(rows, ["task", "type", "size", "images_per_s", "ms_per_image", "goal_met"])
+  for size in args.sizes if rows else ():
+    rates = [r["images_per_s"] for r in rows if r["size"] == size]
+    print(f"{size} px: slowest {min(rates):.1f} images/s, all tasks {len(rates) / sum(1 / r for r in rates):.1f} "
+          f"images/s (harmonic mean)")
+  cnr = border_cnr(tasks, args.cnr_images, args.cnr_size, args.seed) if args.cnr_images > 0 else []
+  if cnr:
+    common.print_table(cnr, ["task", "class", "cnr_mean", "cnr_p10", "cnr_min", "global_mean", "samples", "goal_met"])
+    print(f"border CNR >= {CNR_GOAL} for {sum(r['goal_met'] for r in cnr)} / {len(cnr)} classes")
+  sheet = None
+  if args.contact_sheet:
+    sheet = contact_sheet(args.contact_sheet, tasks, args.sheet_size, args.sheet_per_task, args.seed,
+                          args.sheet_columns)
+    print(f"wrote contact sheet {sheet}")
+  common.write_results(args.out, "sonosynth", rows, cnr=cnr, contact_sheet=sheet, clock="process_time",
+                       speed_goal=SPEED_GOAL, cnr_goal=CNR_GOAL)
