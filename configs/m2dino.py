@@ -4,6 +4,15 @@ Commands (paradigm = ts | cg | au; add `,smoke` for a CPU-sized run):
   python -m m2dino_jax.main --config=configs/m2dino.py:paradigm=au --workdir=runs/au
   python -m m2dino_jax.main --config=configs/m2dino.py:paradigm=au,smoke --workdir=/tmp/au   # ~5 min on 2 CPU cores
   m2dino report --runs ts=runs/ts cg=runs/cg au=runs/au --out runs/report
+Data-scale sweep (TS / CG / AU at train fractions 0.1, 0.3, 1.0 in one command; `sweep.fractions`,
+`sweep.paradigms` override):
+  python -m m2dino_jax.main --config=configs/m2dino.py:scale,smoke --workdir=runs/scale
+  m2dino report --sweep runs/scale --out runs/scale/report
+Study knobs: data.train_fraction / max_train_per_task / train_per_task (per task data scale, the same subset
+for every paradigm and seed); groups ('' = the paper-style preset with Abd and MO, 'organ', 'type',
+'name:task+task;...' or a JSON file); optim.freeze ('none' | 'backbone' = frozen DINOv3 backbone with
+trainable MoE blocks and heads | 'all_but_heads' | path patterns); moe.routing_loss ('balance' per batch |
+'window' over batches | 'task' DAMEX-style task-to-expert assignment).
 
 Same architecture, preprocessing, optimiser and budget rule for all three paradigms; only the
 aggregation differs (TS also turns MoE off, as in the paper):
@@ -27,12 +36,13 @@ from m2dino_jax.train.optim import default_optim_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paradigm="au", variant="S/16", smoke=False, tasks="all", steps=-1)
+  arg = parse_arg(arg, paradigm="au", variant="S/16", smoke=False, tasks="all", steps=-1, scale=False)
   c = ml_collections.ConfigDict()
   c.trainer = "multitask"
   c.paradigm = arg.paradigm
   c.tasks = arg.tasks  # 'all' or a comma list of task ids
-  # CG groups: '' = the registry's organ groups, 'name:task+task;name:task', or a JSON file {name: [tasks]}
+  # CG groups: '' = the 'paper' preset (Fetal, Abd, MO, Breast, Lung, Thyroid, Cardiac, Gyn), a preset name
+  # ('paper' | 'organ' | 'type'), 'name:task+task;name:task', or a JSON file {name: [tasks]} (tasks/registry.py)
   c.groups = ""
   c.seed = 0
 
@@ -42,7 +52,7 @@ def get_config(arg=None):
   c.init_from = ""  # HF DINOv3/DINOv2 folder, UltraDINO / our encoder checkpoint
 
   c.moe = default_moe_config()
-  c.moe.enabled = arg.paradigm != "ts"
+  c.moe.enabled = arg.paradigm != "ts" or arg.scale  # TS turns it off in any case
   c.heads = default_heads_config()
   c.loss = ml_collections.ConfigDict(dict(dice_weight=1.0, label_smoothing=0.0, box_l1_weight=1.0,
                                           giou_weight=1.0, task_weights=""))
@@ -52,6 +62,12 @@ def get_config(arg=None):
   c.data = default_data_config()
   c.data.channels = 1
   c.data.mixture = "uniform"
+  # simulator: sonosynth's long-tailed per-task sizes (15x between the smallest and largest task, as in the
+  # challenge); the smoke variant uses equal sizes
+  c.data.source.synthetic_count = 0
+
+  # data-scale sweep: '0.1,0.3,1.0' trains every paradigm of `paradigms` at each fraction (train/multitask/sweep.py)
+  c.sweep = ml_collections.ConfigDict(dict(fractions="0.1,0.3,1.0" if arg.scale else "", paradigms="ts,cg,au"))
 
   c.steps_per_task = arg.steps if arg.steps > 0 else 400
   c.total_steps = -1  # > 0 overrides the budget rule
@@ -80,7 +96,7 @@ def get_config(arg=None):
     c.data.image_size = 64
     c.data.batch_size = 16
     c.data.eval_batch_size = 16
-    c.data.source.synthetic_count = 48
+    c.data.source.synthetic_count = 0 if arg.scale else 48  # the sweep keeps the long tail
     c.data.source.synthetic_size = 96
     c.steps_per_task = arg.steps if arg.steps > 0 else 40
     c.log_every = 5

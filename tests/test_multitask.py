@@ -29,8 +29,8 @@ def _config(arg, overrides=()):
 def test_plan_models_and_budget_rule():
   c = _config("paradigm=cg,smoke,tasks=" + FOUR)
   plan = {name: [t.name for t in ts] for name, ts in multitask.plan_models(c)}
-  assert plan == {"fetal": ["fetal_femur", "fetal_head"], "breast": ["breast_2cls"],
-                  "thyroid": ["thyroid_nodule_det"]}
+  assert plan == {"Fetal": ["fetal_femur", "fetal_head"], "Breast": ["breast_2cls"],
+                  "Thyroid": ["thyroid_nodule_det"]}
   assert not multitask.moe_enabled(_config("paradigm=ts,smoke")) and multitask.moe_enabled(c)
   ts = multitask.plan_models(_config("paradigm=ts,smoke,tasks=" + FOUR))
   assert [len(t) for _, t in ts] == [1, 1, 1, 1]

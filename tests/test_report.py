@@ -111,7 +111,7 @@ def test_report_tables_equal_eval_json_and_deltas(tmp_path, capsys):
   assert "breast_2cls: evaluated on different numbers of examples: ts=30, cg=30, au=28" in md
 
   pngs = ["bars.png", "delta_heatmap.png", "moe_usage_au.png", "moe_usage_cg_fetal.png",
-          "moe_usage_cg_breast.png", "moe_usage_cg_thyroid.png"]
+          "moe_usage_cg_breast.png", "moe_usage_cg_thyroid.png", "fig2_absolute.png", "fig3_delta.png"]
   assert sorted(p.name for p in out.glob("*.png")) == sorted(pngs)
   for name in pngs:
     assert (out / name).read_bytes()[:8] == PNG_MAGIC

@@ -15,6 +15,11 @@ so a global batch holds one task: SPMD friendly.
 
 Sources ('folder' | 'tfds' | 'synthetic') give, per task, a random-access sequence of Records;
 tests and tools may pass `sources={task: [Record, ...]}` directly.
+
+Data scale: `train_fraction`, `max_train_per_task` and `train_per_task` shrink each task's train split to
+a subset (`train_subset`) before anything else. The subset is a pure function of (task, n, size,
+subset_seed): the same examples for every paradigm, model and training seed, and nested (a smaller size
+is a prefix of the same permutation, so 10% is inside 30%). Evaluation splits are never subsampled.
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.prefetch = 2  # batches buffered per worker (or by one thread when worker_count = 0)
   c.seed = 0
   c.one_task_per_batch = True
+  # data scale (train split only; see `train_subset`)
+  c.train_fraction = 1.0  # of every task's train examples, in (0, 1]
+  c.max_train_per_task = 0  # cap per task after the fraction (0 = none)
+  c.train_per_task = ""  # per-task override 'task=0.25,task=40': with a '.' a fraction, else a count
+  c.subset_seed = 0  # which subset (independent of the training seed)
   return c
 
 
@@ -164,6 +174,73 @@ def task_sizes(config, tasks, *, split: str | None = None, sources=None) -> dict
   """Number of examples per task (all processes together) in the train split by default."""
   sources = sources if sources is not None else load_sources(config, tasks, split or config.train_split)
   return {t.name: len(sources[t.name]) for t in _resolve(tasks)}
+
+
+# ----------------------------------------------------------------------------- data scale
+
+
+def _parse_per_task(spec: str) -> dict[str, float | int]:
+  """'task=0.25,task=40' -> {task: 0.25, task: 40}: with a '.' a fraction in (0, 1], else a count >= 1."""
+  out: dict[str, float | int] = {}
+  for item in filter(None, (s.strip() for s in str(spec or "").split(","))):
+    name, _, raw = (p.strip() for p in item.partition("="))
+    if name not in registry.BY_NAME:
+      raise ConfigError("data.train_per_task", f"unknown task '{name}' in '{item}'")
+    try:
+      value: float | int = float(raw) if "." in raw else int(raw)
+    except ValueError:
+      value = 0
+    if not (0 < value <= 1 if isinstance(value, float) else value >= 1):
+      raise ConfigError("data.train_per_task", f"bad item '{item}'; use task=FRACTION (0 < f <= 1, written "
+                        "with a '.') or task=COUNT (an integer >= 1)")
+    out[name] = value
+  return out
+
+
+def subset_size(config, task: str, n: int) -> int:
+  """Train examples of `task` to use out of its `n`: fraction (rounded half up, at least 1), then the cap;
+  a `train_per_task` entry replaces both. Data configs without the keys use all examples."""
+  if n <= 0:
+    return 0
+  fraction = float(config.get("train_fraction", 1.0))
+  if not 0 < fraction <= 1:
+    raise ConfigError("data.train_fraction", f"must be in (0, 1], got {fraction}")
+  cap = int(config.get("max_train_per_task", 0))
+  if cap < 0:
+    raise ConfigError("data.max_train_per_task", f"must be >= 0 (0 = no cap), got {cap}")
+  override = _parse_per_task(config.get("train_per_task", "")).get(task)
+  if isinstance(override, int):
+    return min(n, override)
+  if override is not None:
+    return max(1, min(n, math.floor(override * n + 0.5)))
+  k = max(1, math.floor(fraction * n + 0.5))
+  return min(n, k, cap) if cap > 0 else min(n, k)
+
+
+def subset_indices(task: registry.Task | str, n: int, k: int, subset_seed: int = 0) -> np.ndarray:
+  """The k kept rows of an n-row task, sorted: the first k of a permutation seeded by (subset_seed, task)."""
+  task = registry.get(task) if isinstance(task, str) else task
+  perm = np.random.default_rng([int(subset_seed), task.index, 0x5CA1E]).permutation(n)
+  return np.sort(perm[:k])
+
+
+def train_subset(config, tasks, sources: Mapping[str, Sequence]) -> dict[str, Sequence]:
+  """`sources` with each task's train rows cut to its configured data scale (unchanged at full scale)."""
+  out = {}
+  for task in _resolve(tasks):
+    src = sources[task.name]
+    n = len(src)
+    k = subset_size(config, task.name, n)
+    out[task.name] = src if k == n else _TaskView(src, subset_indices(task, n, k, config.get("subset_seed", 0)))
+  return out
+
+
+def train_sizes(config, tasks, *, sources=None) -> dict[str, dict[str, int]]:
+  """{task: {"used": train examples after the data scale, "available": before}}."""
+  tasks = _resolve(tasks)
+  sources = sources if sources is not None else load_sources(config, tasks, config.train_split)
+  return {t.name: {"used": subset_size(config, t.name, len(sources[t.name])), "available": len(sources[t.name])}
+          for t in tasks}
 
 
 # ----------------------------------------------------------------------------- train stream
@@ -262,7 +339,8 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
                         process_count: int = 1, sources=None, weights: Mapping[str, float] | None = None):
   """The infinite train iterator of this process: numpy batch dicts, leading dim = per-process batch.
 
-  `weights` overrides the configured mixture ({task: w}). get_state/set_state round-trip through
+  Each task's rows are first cut to the configured data scale (`train_subset`); the 'size' mixture then
+  weighs the subsets. `weights` overrides the configured mixture ({task: w}). get_state/set_state round-trip through
   grain.checkpoint (Orbax), also into an iterator built with other weights or another worker count.
   """
   tasks = _resolve(tasks)
@@ -270,6 +348,7 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
   if not 0 <= process_index < process_count:
     raise ConfigError("process_index", f"{process_index} is not in 0..{process_count - 1}")
   sources = sources if sources is not None else load_sources(config, tasks, config.train_split)
+  sources = train_subset(config, tasks, sources)
   sizes = task_sizes(config, tasks, sources=sources)
   empty = [t for t, n in sizes.items() if n == 0]
   if empty:

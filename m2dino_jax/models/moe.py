@@ -18,10 +18,27 @@ mesh from the `mesh` constructor argument, else from `jax.sharding.get_abstract_
 set with `with jax.set_mesh(mesh):` around the (jitted) call. With no mesh, or an 'expert' axis of
 size 1, it runs the same capacity dispatch on one device.
 
+Routing losses (config `routing_loss`; batches hold one task each, which matters here):
+  balance  Switch balance per batch, E * sum_e f_e P_e (f = share of assignments, P = mean router
+           probability). With one task per batch it pushes every task toward uniform expert use: against
+           the task specialisation the MoE is there for.
+  window   the same loss against the load f averaged over the current batch and the `window - 1` batches
+           before it (a window of tasks under the mixture): experts are balanced over the data set, while
+           a task may concentrate on experts the other tasks leave free. The window's loads live in
+           TrainState.extras (`init_window`, `window_balance`, called by the train step); window=1 is
+           `balance` exactly.
+  task     DAMEX-style (Jain et al. 2023, dataset-aware MoE): cross-entropy between each token's router
+           distribution and its task's assigned experts (uniform over them), weight `task_loss_weight`.
+           `task_experts` assigns experts ('name:0+1;name:2+3'; tasks not named, or '', get the round-robin
+           `round_robin_experts` over all tasks; the multi-task trainer fills it per model over the model's
+           tasks, so that a model's tasks get disjoint experts while there are enough).
+The z-loss applies in every mode.
+
 Auxiliary outputs (a dict of jax values, no globals): balance_loss (Switch, E * sum_e f_e P_e, 1.0 when
-uniform), z_loss (mean logsumexp(logits)^2), aux_loss (the two weighted), load [E] (fraction of
-assignments per expert, before drops), drop_fraction, router_entropy (mean over tokens, nats),
-task_usage [num_tasks, E] (assignment counts per task, before drops; sum it over an eval pass).
+uniform), task_loss (the DAMEX cross-entropy), z_loss (mean logsumexp(logits)^2), aux_loss (the mode's
+losses weighted), load [E] (fraction of assignments per expert, before drops), mean_prob [E] (P_e),
+drop_fraction, router_entropy (mean over tokens, nats), task_usage [num_tasks, E] (assignment counts per
+task, before drops; sum it over an eval pass).
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ ACTIVATIONS = ("gelu", "swiglu")
 CONDITIONING = ("token", "task")
 BACKENDS = ("dense", "dropless", "expert_parallel")
 GROUPED_MATMULS = ("auto", "ragged_dot", "blocked")
+ROUTING_LOSSES = ("balance", "window", "task")
 
 
 def default_moe_config() -> ml_collections.ConfigDict:
@@ -58,8 +76,12 @@ def default_moe_config() -> ml_collections.ConfigDict:
       "activation": "gelu",           # 'gelu' | 'swiglu'
       "router_dtype": "float32",
       "jitter": 0.0,                  # multiplicative router-input noise U(1-j, 1+j), training only
-      "balance_loss_weight": 0.01,
+      "balance_loss_weight": 0.01,    # 'balance' and 'window'
       "z_loss_weight": 1e-3,
+      "routing_loss": "balance",      # 'balance' (per batch) | 'window' (over batches) | 'task' (DAMEX-style)
+      "window": 32,                   # 'window': batches the load is averaged over (1 = 'balance')
+      "task_loss_weight": 0.01,       # 'task'
+      "task_experts": "",             # 'task': 'name:0+1;name:2+3' ('' = round robin, see the docstring)
       "conditioning": "token",        # 'token' | 'task'
       "backend": "dense",             # 'dense' | 'dropless' | 'expert_parallel'
       "grouped_matmul": "auto",       # dropless: 'ragged_dot' | 'blocked' | 'auto' (ragged_dot on TPU)
@@ -96,7 +118,7 @@ def moe_layer_indices(spec, depth: int) -> list[int]:
 def validate_moe_config(cfg) -> None:
   """Raises ConfigError naming the bad key."""
   for key, allowed in (("activation", ACTIVATIONS), ("conditioning", CONDITIONING), ("backend", BACKENDS),
-                       ("grouped_matmul", GROUPED_MATMULS)):
+                       ("grouped_matmul", GROUPED_MATMULS), ("routing_loss", ROUTING_LOSSES)):
     if cfg[key] not in allowed:
       raise ConfigError(f"moe.{key}", f"'{cfg[key]}' is not one of {allowed}")
   if cfg.num_experts < 1:
@@ -105,6 +127,35 @@ def validate_moe_config(cfg) -> None:
     raise ConfigError("moe.top_k", f"must be in [1, num_experts={cfg.num_experts}], got {cfg.top_k}")
   if cfg.hidden_mult <= 0 or cfg.block_size < 1 or cfg.jitter < 0:
     raise ConfigError("moe", "hidden_mult and block_size must be positive and jitter >= 0")
+  if cfg.window < 1:
+    raise ConfigError("moe.window", f"must be >= 1 batches, got {cfg.window}")
+
+
+def round_robin_experts(task_ids, num_experts: int, top_k: int) -> dict[int, tuple[int, ...]]:
+  """{task id: top_k experts}: the m-th task gets experts m*k .. m*k + k - 1 (mod E), disjoint while
+  len(task_ids) * k <= E."""
+  return {int(t): tuple((m * top_k + j) % num_experts for j in range(top_k)) for m, t in enumerate(task_ids)}
+
+
+def task_expert_table(spec: str, num_tasks: int, num_experts: int, top_k: int) -> tuple[tuple[float, ...], ...]:
+  """The DAMEX target [num_tasks, E] (rows uniform over each task's experts) from `task_experts`; a static
+  tuple (hashable: it lives in the module's graph definition)."""
+  from m2dino_jax.tasks import registry
+
+  chosen = round_robin_experts(range(num_tasks), num_experts, top_k)
+  for item in filter(None, (p.strip() for p in str(spec or "").split(";"))):
+    name, _, members = (p.strip() for p in item.partition(":"))
+    try:
+      task = int(name) if name.isdigit() else registry.get(name).task_id
+      experts = tuple(sorted({int(e) for e in members.split("+") if e.strip()}))
+    except (ConfigError, ValueError):
+      raise ConfigError("moe.task_experts", f"bad item '{item}'; use task:expert+expert;...") from None
+    if not experts or not 0 <= task < num_tasks or any(not 0 <= e < num_experts for e in experts):
+      raise ConfigError("moe.task_experts", f"'{item}': need a task id < {num_tasks} and experts in "
+                        f"0..{num_experts - 1}")
+    chosen[task] = experts
+  return tuple(tuple(1.0 / len(chosen[t]) if e in chosen[t] else 0.0 for e in range(num_experts))
+               for t in range(num_tasks))
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -146,8 +197,10 @@ def route(logits, top_k: int, capacity: int) -> Routing:
   return Routing(logits, probs, experts, gates, positions)
 
 
-def routing_aux(r: Routing, task_ids, num_tasks: int, capacity: int, balance_w: float, z_w: float) -> dict:
-  """Losses and telemetry of one routing decision (see the module docstring)."""
+def routing_aux(r: Routing, task_ids, num_tasks: int, capacity: int, balance_w: float, z_w: float, *,
+                mode: str = "balance", task_w: float = 0.0, task_targets=None) -> dict:
+  """Losses and telemetry of one routing decision (see the module docstring). `task_targets` [T, E] is
+  the DAMEX target (mode 'task'); in mode 'window' the balance term is left to `window_balance`."""
   num_experts = r.probs.shape[-1]
   hot = jax.nn.one_hot(r.experts, num_experts, dtype=jnp.float32)       # [B, N, k, E]
   per_image = hot.sum(axis=(1, 2))                                       # [B, E]
@@ -157,10 +210,44 @@ def routing_aux(r: Routing, task_ids, num_tasks: int, capacity: int, balance_w: 
   z = jnp.mean(jax.nn.logsumexp(r.logits.astype(jnp.float32), axis=-1) ** 2)
   logp = jnp.log(jnp.clip(r.probs.astype(jnp.float32), 1e-30, 1.0))
   entropy = -jnp.mean(jnp.sum(r.probs * logp, axis=-1))
+  task_loss = jnp.zeros((), jnp.float32)
+  if task_targets is not None:
+    target = jnp.asarray(task_targets, jnp.float32)[task_ids]            # [B, E]
+    log_softmax = jax.nn.log_softmax(r.logits.astype(jnp.float32), axis=-1)
+    task_loss = -jnp.mean(jnp.sum(target[:, None, :] * log_softmax, axis=-1))
   dropped = jnp.mean((r.positions >= capacity).astype(jnp.float32))
   usage = jax.nn.one_hot(task_ids, num_tasks, dtype=jnp.float32).T @ per_image
-  return {"balance_loss": balance, "z_loss": z, "aux_loss": balance_w * balance + z_w * z,
-          "load": load, "drop_fraction": dropped, "router_entropy": entropy, "task_usage": usage}
+  routing = {"balance": balance_w * balance, "window": 0.0, "task": task_w * task_loss}[mode]
+  return {"balance_loss": balance, "task_loss": task_loss, "z_loss": z, "aux_loss": routing + z_w * z,
+          "load": load, "mean_prob": mean_prob, "drop_fraction": dropped, "router_entropy": entropy,
+          "task_usage": usage}
+
+
+WINDOW_KEY = "moe_window"  # TrainState.extras[WINDOW_KEY]: [MoE layers, window - 1, E] loads of past batches
+
+
+def init_window(num_layers: int, cfg) -> dict | None:
+  """The extras entry of the 'window' routing loss (uniform past loads), or None for other modes."""
+  if cfg.routing_loss != "window" or num_layers == 0:
+    return None
+  e = int(cfg.num_experts)
+  return {WINDOW_KEY: jnp.full((num_layers, int(cfg.window) - 1, e), 1.0 / e, jnp.float32)}
+
+
+def window_balance(extras, moe_aux, step, weight: float):
+  """(loss, extras): the Switch loss of every MoE layer against the load averaged over the current batch
+  and the window's past batches (gradient through the current P only), summed over layers and weighted;
+  the current loads replace the oldest entry (slot step mod (window - 1)). No window: (0, extras)."""
+  if not moe_aux or not isinstance(extras, dict) or WINDOW_KEY not in extras:
+    return jnp.zeros((), jnp.float32), extras
+  past = extras[WINDOW_KEY]                                              # [L, W-1, E]
+  load = jnp.stack([a["load"] for a in moe_aux])                         # [L, E]
+  prob = jnp.stack([a["mean_prob"] for a in moe_aux])                    # [L, E]
+  mean_load = (load + past.sum(axis=1)) / (past.shape[1] + 1)
+  loss = weight * past.shape[-1] * jnp.sum(jax.lax.stop_gradient(mean_load) * prob)
+  if past.shape[1]:
+    past = jax.lax.dynamic_update_slice_in_dim(past, load[:, None, :], jnp.asarray(step) % past.shape[1], axis=1)
+  return loss, {**extras, WINDOW_KEY: past}
 
 
 def _param(rngs, init, shape, names, dtype=jnp.float32):
@@ -196,6 +283,8 @@ class MoEFFN(nnx.Module):
     else:  # random so that tasks start on different experts
       self.task_gate = _param(rngs, nnx.initializers.normal(1.0), (self.num_tasks, e), ("task", None))
     self.jitter_rngs = rngs["jitter"].fork() if cfg.jitter > 0 else nnx.data(None)
+    self.task_targets = (task_expert_table(cfg.task_experts, self.num_tasks, e, cfg.top_k)
+                         if cfg.routing_loss == "task" else None)
 
   def expert_params(self) -> dict:
     return {"w_in": self.w_in[...], "b_in": self.b_in[...], "w_out": self.w_out[...],
@@ -226,7 +315,8 @@ class MoEFFN(nnx.Module):
     task_ids = jnp.asarray(task_ids, jnp.int32)
     capacity = self.capacity(x.shape[1], train)
     r = route(self.router_logits(x, task_ids, train), cfg.top_k, capacity)
-    aux = routing_aux(r, task_ids, self.num_tasks, capacity, cfg.balance_loss_weight, cfg.z_loss_weight)
+    aux = routing_aux(r, task_ids, self.num_tasks, capacity, cfg.balance_loss_weight, cfg.z_loss_weight,
+                      mode=cfg.routing_loss, task_w=cfg.task_loss_weight, task_targets=self.task_targets)
     params = self.expert_params()
     if cfg.backend == "dense":
       y = moe_dispatch.dense_dispatch(x, r.experts, r.gates, r.positions, capacity, params, cfg.activation)

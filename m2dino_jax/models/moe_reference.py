@@ -71,3 +71,50 @@ def reference_forward(p: dict, x, task_ids, routes, conditioning: str, top_k: in
       toks.append(out)
     rows.append(jnp.stack(toks))
   return jnp.stack(rows)
+
+
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+  top = max(row)
+  return row - (top + np.log(sum(np.exp(v - top) for v in row)))
+
+
+def reference_task_loss(p: dict, x, task_ids, conditioning: str, assignment: dict[int, tuple[int, ...]]) -> float:
+  """DAMEX cross-entropy: the mean over images and tokens of -1/|A_t| sum_{e in A_t} log softmax(logits)_e,
+  A_t = the experts assigned to the image's task."""
+  logits = np.asarray(reference_logits(p, x, task_ids, conditioning), np.float64)
+  b, n, _ = logits.shape
+  total = 0.0
+  for i in range(b):
+    experts = assignment[int(task_ids[i])]
+    for t in range(n):
+      logp = _log_softmax(logits[i, t])
+      total += -sum(logp[e] for e in experts) / len(experts)
+  return total / (b * n)
+
+
+def reference_load_and_prob(p: dict, x, task_ids, conditioning: str, top_k: int):
+  """(f, P): the share of top-k assignments per expert and the mean router probability, by counting."""
+  logits = np.asarray(reference_logits(p, x, task_ids, conditioning), np.float64)
+  b, n, e = logits.shape
+  counts, prob = [0] * e, [0.0] * e
+  for i in range(b):
+    for t in range(n):
+      probs = np.exp(_log_softmax(logits[i, t]))
+      for ex in np.argsort(-probs, kind="stable")[:top_k]:
+        counts[int(ex)] += 1
+      for ex in range(e):
+        prob[ex] += probs[ex] / (b * n)
+  return np.array(counts, np.float64) / sum(counts), np.array(prob)
+
+
+def reference_window_losses(loads_probs, window: int, num_experts: int) -> list[float]:
+  """Switch losses of a sequence of batches, each against the mean load of itself and the window - 1
+  batches before it; before the first batches the missing ones count as uniform loads (1 / E)."""
+  history = [np.full(num_experts, 1.0 / num_experts)] * (window - 1)
+  out = []
+  for load, prob in loads_probs:
+    past = history[len(history) - (window - 1):] if window > 1 else []
+    mean_load = (np.asarray(load) + sum(past, np.zeros(num_experts))) / window
+    out.append(float(num_experts * sum(mean_load[e] * prob[e] for e in range(num_experts))))
+    history = history + [np.asarray(load)]
+  return out

@@ -12,7 +12,7 @@ import io
 import math
 
 from m2dino_jax.tasks import metrics, registry
-from m2dino_jax.tasks.results import Run
+from m2dino_jax.tasks.results import COUNT_KEYS, Run
 
 # ------------------------------------------------------------------------------------------- the table
 
@@ -58,7 +58,7 @@ def build_rows(runs: list[Run], baseline: str = "ts") -> list[Row]:
   tasks = sorted({t for r in runs for t in r.tasks}, key=_task_order)
   rows = []
   for task in tasks:
-    names = [k for r in runs for k in r.tasks.get(task, {}) if k != "n"]
+    names = [k for r in runs for k in r.tasks.get(task, {}) if k not in COUNT_KEYS]
     type_ = task_type(task, names)
     standard = list(metrics.METRICS_BY_TYPE.get(type_, ()))
     ordered = [m for m in standard if m in names] + sorted(set(names) - set(standard))

@@ -15,7 +15,12 @@ from matplotlib.figure import Figure
 
 from m2dino_jax import fileio
 from m2dino_jax.report.paradigm import Row
-from m2dino_jax.tasks.results import MoeUsage
+from m2dino_jax.tasks.results import MoeUsage, specialisation
+
+# axis labels with units, per metric (the study figures use the same)
+METRIC_UNITS = {"dice": "Dice (0-1)", "hd": "HD (px, original image)", "auc": "AUC (0-1)",
+                "accuracy": "accuracy (0-1)", "f1_macro": "macro F1 (0-1)", "f1_weighted": "weighted F1 (0-1)",
+                "mcc": "MCC (-1 to 1)", "iou": "box IoU (0-1)", "mre": "MRE (px, original image)"}
 
 
 def _save(fig: Figure, path) -> Path:
@@ -41,6 +46,7 @@ def bars_by_type(rows: list[Row], labels: list[str], path) -> Path:
       ax.bar(x + (j - (len(labels) - 1) / 2) * width, [r.values[lab] for r in group], width, label=lab)
     arrow = "higher is better" if group[0].higher_is_better else "lower is better"
     ax.set_title(f"{type_}: {group[0].metric} ({arrow})", fontsize=10)
+    ax.set_ylabel(METRIC_UNITS.get(group[0].metric, group[0].metric), fontsize=9)
     ax.set_xticks(x, [r.task for r in group], rotation=30, ha="right", fontsize=8)
     ax.legend(fontsize=8)
   return _save(fig, path)
@@ -87,7 +93,9 @@ def usage_heatmap(moe: MoeUsage, path, name: str | None = None) -> Path:
                    vmin=0.0, vmax=float(np.nanmax(share)) if np.isfinite(share).any() else 1.0, fmt=".2f")
   ax.set_xlabel("expert")
   layers = ", ".join(map(str, moe.layers)) or "?"
-  ax.set_title(f"{name or moe.model}: share of routed tokens per expert\n(summed over MoE blocks {layers})",
-               fontsize=10)
+  score = specialisation(usage)
+  score = "n/a" if math.isnan(score) else f"{score:.2f}"
+  ax.set_title(f"{name or moe.model}: share of routed tokens per expert\n(summed over MoE blocks {layers}; "
+               f"specialisation {score})", fontsize=10)
   fig.colorbar(image, ax=ax, label="share")
   return _save(fig, path)

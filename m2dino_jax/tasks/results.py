@@ -1,10 +1,14 @@
 """The eval-file format of trained runs: what trainers write and reports read (below both).
 
   WORKDIR/eval/STEP.json = {"step": int, "paradigm": "ts" | "cg" | "au",
-                            "tasks": {task_name: {metric: value, ..., "n": count}}}
+                            "tasks": {task_name: {metric: value, ..., "n": count, "n_train": count,
+                                                  "n_train_available": count}},
+                            "data": {"train_fraction": f, "max_train_per_task": k, ...}}   (optional)
 
   Metric names are those of `m2dino_jax.tasks.metrics` (dice, hd, auc, accuracy, f1_macro, f1_weighted,
-  mcc, iou, mre); an undefined value (e.g. AUC with one class present) is written as null. Lists or
+  mcc, iou, mre); `COUNT_KEYS` are example counts, not metrics: n (evaluated), n_train (trained on, after
+  the data scale) and n_train_available (the task's train split before it); "data" records the data-scale
+  knobs of the run. An undefined value (e.g. AUC with one class present) is written as null. Lists or
   objects next to the metrics (e.g. per-class values) are kept in the file and skipped by the report.
   TS and CG train several models: each model is a sub-run with its own WORKDIR/<model_name>/eval/STEP.json
   (a task must be evaluated by one model only). An eval folder may also hold `best.json` (a copy of, or a
@@ -13,9 +17,11 @@
   MoE telemetry, next to the eval file of the same step:
   WORKDIR[/<model_name>]/eval/STEP_moe.json = {"experts": E, "layers": [block indices], "tasks": [names],
                                                "usage": [[...] per task] (tasks x experts, summed over
-                                               the MoE layers: tokens routed to each expert)}
+                                               the MoE layers: tokens routed to each expert),
+                                               "usage_per_layer": [layers x tasks x experts] (optional)}
 
 `load_run` merges every model's chosen eval file under a run folder into one {task: metrics} map.
+`specialisation(usage)` scores how task-specific the routing is (see there).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 from m2dino_jax import fileio
 from m2dino_jax.errors import DataError, M2DinoError
 
 PARADIGMS = ("ts", "cg", "au")
+COUNT_KEYS = ("n", "n_train", "n_train_available")
 BEST_NAME = "best.json"
 _STEP_FILE = re.compile(r"^(\d+)\.json$")
 
@@ -48,16 +57,20 @@ def _jsonable(value):
   return value
 
 
-def write_eval(eval_dir, step: int, paradigm: str, task_metrics: dict[str, dict]) -> Path:
-  """Writes eval_dir/STEP.json atomically (NaN -> null); `task_metrics` is {task: TaskEvaluator.result()}."""
+def write_eval(eval_dir, step: int, paradigm: str, task_metrics: dict[str, dict], data: dict | None = None) -> Path:
+  """Writes eval_dir/STEP.json atomically (NaN -> null); `task_metrics` is {task: TaskEvaluator.result()}
+  (plus counts `COUNT_KEYS`), `data` the run's data-scale knobs."""
   if paradigm not in PARADIGMS:
     raise ValueError(f"paradigm '{paradigm}' not in {PARADIGMS}")
   tasks = _jsonable(dict(task_metrics))
   for values in tasks.values():
-    if values.get("n") is not None:
-      values["n"] = int(values["n"])
-  return fileio.write_json(Path(eval_dir) / f"{int(step)}.json",
-                           {"step": int(step), "paradigm": paradigm, "tasks": tasks})
+    for key in COUNT_KEYS:
+      if values.get(key) is not None:
+        values[key] = int(values[key])
+  obj = {"step": int(step), "paradigm": paradigm, "tasks": tasks}
+  if data is not None:
+    obj["data"] = _jsonable(dict(data))
+  return fileio.write_json(Path(eval_dir) / f"{int(step)}.json", obj)
 
 
 def write_best(eval_dir, step: int) -> Path:
@@ -66,37 +79,65 @@ def write_best(eval_dir, step: int) -> Path:
   return fileio.write_text(Path(eval_dir) / BEST_NAME, src.read_text())
 
 
-def write_moe_usage(eval_dir, step: int, experts: int, layers, tasks, usage) -> Path:
-  """Writes eval_dir/STEP_moe.json: `usage` is tasks x experts routed-token counts summed over `layers`."""
+def write_moe_usage(eval_dir, step: int, experts: int, layers, tasks, usage, per_layer=None) -> Path:
+  """Writes eval_dir/STEP_moe.json: `usage` is tasks x experts routed-token counts summed over `layers`;
+  `per_layer` (optional) the same per layer, layers x tasks x experts."""
   usage = [[float(u) for u in row] for row in usage]
   if len(usage) != len(tasks) or any(len(row) != experts for row in usage):
     raise ValueError(f"usage must be {len(tasks)} tasks x {experts} experts")
-  return fileio.write_json(Path(eval_dir) / f"{int(step)}_moe.json",
-                           {"experts": int(experts), "layers": [int(i) for i in layers],
-                            "tasks": list(tasks), "usage": usage})
+  obj = {"experts": int(experts), "layers": [int(i) for i in layers], "tasks": list(tasks), "usage": usage}
+  if per_layer is not None:
+    per_layer = [[[float(u) for u in row] for row in layer] for layer in per_layer]
+    if len(per_layer) != len(obj["layers"]) or any(np.shape(m) != (len(tasks), experts) for m in per_layer):
+      raise ValueError(f"per_layer must be {len(obj['layers'])} layers x {len(tasks)} tasks x {experts} experts")
+    obj["usage_per_layer"] = per_layer
+  return fileio.write_json(Path(eval_dir) / f"{int(step)}_moe.json", obj)
+
+
+def specialisation(usage) -> float:
+  """How task-specific routing is: the mutual information between task and expert, I(T; E), over
+  log(min(T, E)), with every task weighted equally (each task's row normalised to a distribution, so large
+  eval sets do not dominate). 0 = every task uses the experts alike; 1 = the expert tells the task (T <= E:
+  tasks on disjoint experts) or the task tells the expert (T >= E, top-1). NaN with < 2 tasks or experts
+  or a task with no routed tokens."""
+  u = np.asarray(usage, np.float64)
+  if u.ndim != 2 or min(u.shape) < 2 or (u.sum(axis=1) <= 0).any():
+    return math.nan
+  p_e_t = u / u.sum(axis=1, keepdims=True)           # p(e | t)
+  p_e = p_e_t.mean(axis=0)                            # p(e), tasks uniform
+
+  def entropy(p):
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+  mi = entropy(p_e) - float(np.mean([entropy(row) for row in p_e_t]))
+  return max(0.0, mi) / math.log(min(u.shape))
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 @dataclasses.dataclass
 class MoeUsage:
-  """One model's tasks x experts routing counts."""
+  """One model's tasks x experts routing counts (summed over layers, and per layer when recorded)."""
   model: str
   path: Path
   experts: int
   layers: list[int]
   tasks: list[str]
   usage: list[list[float]]
+  per_layer: list[list[list[float]]] | None = None
 
 
 @dataclasses.dataclass
 class Run:
-  """One paradigm's results: {task: {metric: value}}, where each task came from, and MoE telemetry."""
+  """One paradigm's results: {task: {metric: value}}, where each task came from, MoE telemetry and the
+  data-scale knobs (`data`, from the eval files; {} when they hold none)."""
   label: str
   root: Path
   tasks: dict[str, dict[str, float]]
   sources: dict[str, Path]
   moe: list[MoeUsage]
+  data: dict = dataclasses.field(default_factory=dict)
 
 
 def _read_json(path: Path):
@@ -125,7 +166,8 @@ def read_eval_file(path) -> dict:
         raise DataError(path, f"task '{name}' metric '{k}': expected a number or null, got {v!r}")
       clean[k] = float(v)
     tasks[name] = clean
-  return {"step": obj["step"], "paradigm": obj.get("paradigm"), "tasks": tasks}
+  data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+  return {"step": obj["step"], "paradigm": obj.get("paradigm"), "tasks": tasks, "data": data}
 
 
 def read_moe_file(path, model: str) -> MoeUsage:
@@ -138,7 +180,17 @@ def read_moe_file(path, model: str) -> MoeUsage:
     raise DataError(path, "expected 'experts', 'tasks' and 'usage' (tasks x experts)") from None
   if len(usage) != len(tasks) or any(len(row) != experts for row in usage):
     raise DataError(path, f"'usage' must be {len(tasks)} tasks x {experts} experts")
-  return MoeUsage(model, path, experts, layers, tasks, [[float(u) for u in row] for row in usage])
+  per_layer = obj.get("usage_per_layer")
+  if per_layer is not None:
+    try:
+      per_layer = np.asarray(per_layer, np.float64)
+    except (TypeError, ValueError):
+      raise DataError(path, "'usage_per_layer' must be layers x tasks x experts numbers") from None
+    if per_layer.shape != (len(layers), len(tasks), experts):
+      raise DataError(path, f"'usage_per_layer' must be {len(layers)} layers x {len(tasks)} tasks x "
+                      f"{experts} experts, got {per_layer.shape}")
+    per_layer = per_layer.tolist()
+  return MoeUsage(model, path, experts, layers, tasks, [[float(u) for u in row] for row in usage], per_layer)
 
 
 def _chosen_eval_file(eval_dir: Path) -> Path | None:
@@ -162,6 +214,7 @@ def load_run(root, label: str) -> Run:
     data = read_eval_file(path)
     if label in PARADIGMS and data["paradigm"] not in (None, label):
       raise DataError(path, f"paradigm '{data['paradigm']}' but the run was given as '{label}'")
+    run.data = run.data or data["data"]
     for task, values in data["tasks"].items():
       if task in run.tasks:
         raise DataError(path, f"task '{task}' is also evaluated in {run.sources[task]}")

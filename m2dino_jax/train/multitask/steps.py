@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m2dino_jax.models import moe as moe_lib
 from m2dino_jax.tasks import registry, types
 from m2dino_jax.train import optim
 from m2dino_jax.train.core import TrainState
@@ -36,6 +37,9 @@ class Settings:
   clip_norm: float
   loss_cfg: object
   enc_scales: object  # per-parameter lr multipliers of the encoder (layer decay, freezing)
+  enc_tx: object = None  # the encoder's transformation (frozen leaves: no state); None = tx
+  enc_frozen: object = None  # tree of bools over the encoder params, True = frozen (optim.frozen_mask)
+  window_weight: float = 0.0  # MoE routing_loss 'window' (state.extras holds the window; see models/moe.py)
 
 
 def forward_encoder(enc_gdef, enc_params, enc_rest, batch, *, train: bool, key=None):
@@ -100,19 +104,23 @@ def train_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task], s: Set
     heads = tuple(state.params["heads"][n] for n in names)
 
     def loss_fn(enc_params, head_params):
+      enc_params = optim.stop_frozen(enc_params, s.enc_frozen)
       enc_out, moe_aux = forward_encoder(enc_gdef, enc_params, bound["enc_rest"], batch, train=True, key=key)
       arrays, restore = _split_static(enc_out)
       branches = [head_loss(i, restore) for i in range(len(names))]
       loss, metrics = jax.lax.switch(idx, branches, head_params, arrays, batch)
       aux, moe_metrics = _moe_metrics(moe_aux)
-      return bound["weights"][idx] * loss + aux, (loss, aux, {**metrics, **moe_metrics})
+      window, extras = moe_lib.window_balance(state.extras, moe_aux, state.step, s.window_weight)
+      aux = aux + window
+      return bound["weights"][idx] * loss + aux, (loss, aux, extras, {**metrics, **moe_metrics})
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (total, (loss, aux, metrics)), grads = grad_fn(state.params["encoder"], heads)
+    (total, (loss, aux, extras, metrics)), grads = grad_fn(state.params["encoder"], heads)
     # inactive heads have zero gradients: the global norm is that of (encoder, active head)
     (g_enc, g_heads), gnorm = optim.clip(grads, s.clip_norm)
     lr = s.lr_schedule(state.step)
-    enc, opt_enc = optim.apply(s.tx, g_enc, state.opt_state["encoder"], state.params["encoder"], lr, s.enc_scales)
+    enc_tx = s.tx if s.enc_tx is None else s.enc_tx
+    enc, opt_enc = optim.apply(enc_tx, g_enc, state.opt_state["encoder"], state.params["encoder"], lr, s.enc_scales)
     new_heads, new_opt = dict(state.params["heads"]), dict(state.opt_state["heads"])
     for i, n in enumerate(names):
       update = lambda h, o, g: optim.apply(s.tx, g, o, h, lr * s.head_lr_mult)
@@ -120,7 +128,7 @@ def train_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task], s: Set
       new_heads[n], new_opt[n] = jax.lax.cond(idx == i, update, keep, heads[i], state.opt_state["heads"][n],
                                               g_heads[i])
     new = state.replace(step=state.step + 1, params={"encoder": enc, "heads": new_heads},
-                        opt_state={"encoder": opt_enc, "heads": new_opt})
+                        opt_state={"encoder": opt_enc, "heads": new_opt}, extras=extras)
     return new, {"loss": total, "task_loss": loss, "moe_aux_loss": aux, "grad_norm": gnorm, "lr": lr, **metrics}
 
   return program
@@ -132,8 +140,8 @@ def _pad_to(x, shape):
 
 def eval_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task]):
   """`program(params, batch, bound) -> (prediction, usage)`: the type's post-processed prediction on the
-  canvas, zero-padded to the type's largest head output, and the tasks x experts routing counts summed over
-  MoE layers (None without MoE)."""
+  canvas, zero-padded to the type's largest head output, and the routing counts per MoE layer [layers, tasks,
+  experts] (None without MoE)."""
   names = [t.name for t in tasks]
 
   def head_pred(i, restore, image_hw):
@@ -151,7 +159,7 @@ def eval_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task]):
     full = tuple(max(s.shape[d] for s in shapes) for d in range(len(shapes[0].shape)))
     padded = [lambda h, e, b=b: _pad_to(b(h, e), full) for b in branches]
     pred = jax.lax.switch(_head_index(bound, batch), padded, heads, arrays)
-    usage = sum(a["task_usage"] for a in moe_aux) if moe_aux else None
+    usage = jnp.stack([a["task_usage"] for a in moe_aux]) if moe_aux else None  # [MoE layers, tasks, E]
     return pred, usage
 
   return program

@@ -28,12 +28,14 @@ from m2dino_jax import mesh as mesh_lib
 from m2dino_jax.data import pipeline
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import convert, moe_dispatch, vit
+from m2dino_jax.models import moe as moe_lib
 from m2dino_jax.tasks import registry, types
 from m2dino_jax.tasks import results as results_lib
 from m2dino_jax.train import checkpointing, core, loop, optim
 from m2dino_jax.train import workdir as workdir_lib
 from m2dino_jax.train.multitask import eval as multitask_eval
 from m2dino_jax.train.multitask import steps as multitask_steps
+from m2dino_jax.train.multitask import sweep as multitask_sweep
 
 PARADIGMS = results_lib.PARADIGMS
 
@@ -48,7 +50,7 @@ def plan_models(config) -> list[tuple[str, list[registry.Task]]]:
   if config.paradigm == "ts":
     return [(t.name, [t]) for t in tasks]
   if config.paradigm == "cg":
-    spec = parse_groups(config.groups) or registry.default_groups()
+    spec = parse_groups(config.groups)
     groups = {g: registry.resolve(names) for g, names in spec.items()}
     chosen = {t.name for t in tasks}
     plan = [(g, [t for t in members if t.name in chosen]) for g, members in groups.items()]
@@ -67,24 +69,10 @@ def moe_enabled(config) -> bool:
   return bool(config.moe.enabled) and config.paradigm != "ts"
 
 
-def parse_groups(spec) -> dict[str, list[str] | str] | None:
-  """CG groups from `config.groups`: '' (the registry's organ groups), 'name:task+task;name:task' or the path
-  of a JSON file {name: [task, ...]}."""
-  spec = str(spec or "").strip()
-  if not spec:
-    return None
-  if spec.endswith(".json"):
-    obj = fileio.read_json(Path(spec), "groups file")
-    if not isinstance(obj, dict) or not all(isinstance(v, list | str) for v in obj.values()):
-      raise ConfigError("groups", f"{spec}: expected an object {{group: [task, ...]}}")
-    return {str(k): v if isinstance(v, str) else list(v) for k, v in obj.items()}
-  groups = {}
-  for item in filter(None, (g.strip() for g in spec.split(";"))):
-    name, sep, members = item.partition(":")
-    if not sep or not name.strip() or not members.strip():
-      raise ConfigError("groups", f"bad group '{item}'; use name:task+task;name:task or a JSON file")
-    groups[name.strip()] = [m.strip() for m in members.replace(",", "+").split("+") if m.strip()]
-  return groups
+def parse_groups(spec) -> dict[str, list[str]]:
+  """CG groups from `config.groups` (see `registry.parse_groups`): '' = the default preset ('paper'), a
+  preset name ('paper' | 'organ' | 'type'), 'name:task+task;name:task' or a JSON file {name: [task, ...]}."""
+  return registry.parse_groups(spec)
 
 
 @dataclasses.dataclass
@@ -95,11 +83,25 @@ class ModelDef:
   encoder_cfg: vit.ViTConfig
 
 
+def model_moe_config(config, tasks: list[registry.Task]):
+  """The MoE config of one model: with routing_loss 'task' and no `task_experts`, the model's tasks get
+  round-robin experts (disjoint while tasks x top_k <= experts)."""
+  moe = config.moe
+  if moe.routing_loss != "task" or str(moe.task_experts).strip():
+    return moe
+  moe = moe.copy_and_resolve_references()
+  chosen = moe_lib.round_robin_experts([t.task_id for t in tasks], moe.num_experts, moe.top_k)
+  with moe.ignore_type():
+    moe.task_experts = ";".join(f"{t.name}:{'+'.join(map(str, chosen[t.task_id]))}" for t in tasks)
+  return moe
+
+
 def build_modules(config, tasks: list[registry.Task], *, moe_on: bool, seed: int):
   """(encoder, {task: head}) NNX modules of one model."""
   cfg = vit.ViTConfig.from_config(config.model)
   rngs = nnx.Rngs(seed)
-  encoder = vit.Encoder(cfg, moe=config.moe if moe_on else None, num_tasks=registry.NUM_TASKS, rngs=rngs)
+  encoder = vit.Encoder(cfg, moe=model_moe_config(config, tasks) if moe_on else None,
+                        num_tasks=registry.NUM_TASKS, rngs=rngs)
   heads = {t.name: types.build_head(t, cfg.dim, cfg.patch, len(cfg.out_blocks), config.heads, rngs=rngs)
            for t in tasks}
   return encoder, heads
@@ -142,12 +144,19 @@ class _Run:
     for t in tasks:
       self.by_type.setdefault(t.type, []).append(t)
     self._init_state()
-    o = config.optim
+    o, depth = config.optim, self.model.encoder_cfg.depth
+    frozen = optim.frozen_mask(self.state.params["encoder"], o, depth)
     self.settings = multitask_steps.Settings(
         lr_schedule=optim.lr_schedule(o, self.total), tx=optim.adam_tx(o), head_lr_mult=float(o.head_lr_mult),
         clip_norm=float(o.clip_norm), loss_cfg=config.loss,
-        enc_scales=jax.tree.map(np.float32, optim.encoder_lr_scales(self.state.params["encoder"], o,
-                                                                     self.model.encoder_cfg.depth)))
+        enc_scales=jax.tree.map(np.float32, optim.encoder_lr_scales(self.state.params["encoder"], o, depth)),
+        enc_tx=optim.adam_tx(o, frozen), enc_frozen=frozen,
+        window_weight=float(config.moe.balance_loss_weight))
+    enc_train, enc_total = optim.count_params(self.state.params["encoder"], frozen)
+    head_total = optim.count_params(self.state.params["heads"])[1]
+    self.param_counts = {"trainable": enc_train + head_total, "total": enc_total + head_total,
+                         "encoder_trainable": enc_train, "encoder_total": enc_total, "heads": head_total}
+    self.sizes = pipeline.train_sizes(config.data, tasks)
     weights = _task_weights(config.loss.task_weights, tasks)
     self.bound = {k: jax.device_put(multitask_steps.bound_inputs(ts, weights, self.enc_rest),
                                     mesh_lib.replicated(self.mesh)) for k, ts in self.by_type.items()}
@@ -156,14 +165,17 @@ class _Run:
   def _init_state(self) -> None:
     config, tx = self.config, optim.adam_tx(self.config.optim)
     seed_key = core.seed_data(config.seed)
+    depth = vit.ViTConfig.from_config(config.model).depth
 
     def init():
       encoder, heads = build_modules(config, self.tasks, moe_on=self.moe_on, seed=config.seed)
       _, enc_params, enc_rest, _, head_params = split_model(encoder, heads)
       params = {"encoder": enc_params, "heads": head_params}
-      opt = {"encoder": tx.init(enc_params), "heads": {n: tx.init(p) for n, p in head_params.items()}}
+      enc_tx = optim.adam_tx(config.optim, optim.frozen_mask(enc_params, config.optim, depth))
+      opt = {"encoder": enc_tx.init(enc_params), "heads": {n: tx.init(p) for n, p in head_params.items()}}
+      moe_blocks = sum(b.is_moe for b in encoder.blocks)
       return core.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt,
-                             rng=jnp.asarray(seed_key)), enc_rest
+                             rng=jnp.asarray(seed_key), extras=moe_lib.init_window(moe_blocks, config.moe)), enc_rest
 
     def shardings(abstract):
       state, rest = abstract
@@ -214,7 +226,8 @@ class _Run:
 
   def evaluate(self, state, step: int) -> float:
     self.state = state
-    usage = np.zeros((registry.NUM_TASKS, self.config.moe.num_experts)) if self.moe_on else None
+    shape = (len(self.moe_layers), registry.NUM_TASKS, self.config.moe.num_experts)
+    usage = np.zeros(shape) if self.moe_on and self.moe_layers else None
     results, scores = {}, []
     diag = math.hypot(self.config.data.image_size, self.config.data.image_size)
     for task in self.tasks:
@@ -223,13 +236,16 @@ class _Run:
       results[task.name] = multitask_eval.evaluate_task(predict, task, self.config.data, self.mesh, self.rules,
                                                         usage)
       scores.append(multitask_eval.score(task, results[task.name], diag))
+      results[task.name].update(n_train=self.sizes[task.name]["used"],
+                                n_train_available=self.sizes[task.name]["available"])
     eval_dir = self.workdir / "eval"
     if jax.process_index() == 0:
-      results_lib.write_eval(eval_dir, step, self.config.paradigm, results)
+      results_lib.write_eval(eval_dir, step, self.config.paradigm, results, data=data_scale(self.config.data))
       if usage is not None:
-        rows = [usage[t.task_id].tolist() for t in self.tasks]
+        ids = [t.task_id for t in self.tasks]
         results_lib.write_moe_usage(eval_dir, step, self.config.moe.num_experts, self.moe_layers,
-                                    [t.name for t in self.tasks], rows)
+                                    [t.name for t in self.tasks], usage.sum(axis=0)[ids].tolist(),
+                                    per_layer=usage[:, ids].tolist())
     score = float(np.mean(scores))
     flat = {f"{t}/{k}": v for t, r in results.items() for k, v in r.items() if isinstance(v, (int, float))}
     self.writer.write(step, {"score": score, **flat}, prefix="eval/")
@@ -248,13 +264,18 @@ class _Run:
     if done_file.is_file():
       print(f"[{self.name}] already finished; skipping", file=sys.stderr)
       return loop.COMPLETED
+    c = self.param_counts
+    print(f"[{self.name}] trainable parameters: {c['trainable']:,} of {c['total']:,} (encoder "
+          f"{c['encoder_trainable']:,} of {c['encoder_total']:,}, heads {c['heads']:,}); freeze="
+          f"'{cfg.optim.freeze}'")
     it = pipeline.make_train_iterator(cfg.data, self.tasks, seed=cfg.seed, process_index=jax.process_index(),
                                       process_count=jax.process_count())
     if jax.process_index() == 0:  # written once the config has built the model and its data (validated)
       workdir_lib.write_config(self.workdir.parent, cfg)
       fileio.write_json(self.workdir / "tasks.json", {
           "model": self.name, "tasks": [t.name for t in self.tasks], "moe": self.moe_on,
-          "encoder": dataclasses.asdict(self.model.encoder_cfg)})
+          "encoder": dataclasses.asdict(self.model.encoder_cfg), "parameters": self.param_counts,
+          "train_sizes": self.sizes})
     best_file = self.workdir / "best" / "best.json"
     self.best_score = fileio.read_json(best_file, "best file")["score"] if best_file.is_file() else -math.inf
     try:
@@ -284,6 +305,12 @@ class _Run:
     return status
 
 
+def data_scale(data_config) -> dict:
+  """The data-scale knobs, recorded in every eval file."""
+  return {k: data_config.get(k) for k in ("train_fraction", "max_train_per_task", "train_per_task",
+                                          "subset_seed")}
+
+
 def _task_weights(spec: str, tasks) -> dict[str, float]:
   weights = {t.name: 1.0 for t in tasks}
   for item in filter(None, (s.strip() for s in str(spec or "").split(","))):
@@ -298,7 +325,10 @@ def _task_weights(spec: str, tasks) -> dict[str, float]:
 
 def train_and_evaluate(config, workdir: str) -> str:
   """Trains every model of the paradigm in turn and prints the per-task table. Returns loop.COMPLETED, or
-  loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume)."""
+  loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume). With
+  `sweep.fractions` set, runs the data-scale sweep (sweep.py) instead."""
+  if str(config.get("sweep", {}).get("fractions", "")).strip():
+    return multitask_sweep.run(config, workdir, train_and_evaluate)
   _check(config)
   root = Path(workdir)
   for name, tasks in plan_models(config):
@@ -313,5 +343,7 @@ def print_table(run) -> None:
   for task in registry.TASKS:
     if task.name in run.tasks:
       m = run.tasks[task.name]
-      vals = "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "n")
-      print(f"  {task.name:24s} {task.type:15s} {vals}")
+      vals = "  ".join(f"{k}={v:.4f}" for k, v in m.items()
+                       if isinstance(v, float) and k not in results_lib.COUNT_KEYS)
+      counts = "  ".join(f"{k}={int(m[k])}" for k in results_lib.COUNT_KEYS if k in m and math.isfinite(m[k]))
+      print(f"  {task.name:24s} {task.type:15s} {vals}  {counts}")
