@@ -3,7 +3,8 @@
 A checkpoint step folder holds two items:
   state  the train state pytree (step, params, optimiser state, ...), restored sharded for the
          current mesh from an abstract target;
-  data   the Grain iterator state, so a resumed run sees exactly the batches it would have seen.
+  data   the Grain iterator state, so a resumed run sees exactly the batches it would have seen (also on
+         another process count: distributed.ElasticIteratorHandler).
 
 `Checkpointer` keeps the latest `keep` steps under WORKDIR/ckpt for resuming (bind the trainer's data
 iterator with `data_iter` and every save / restore carries it); `save_params` writes a params-only
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+
+from m2dino_jax.train import distributed
 
 
 def _abstract(tree):
@@ -40,7 +42,7 @@ class Checkpointer:
         keep_checkpoints_without_metrics=best_metric is None)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": distributed.ElasticIteratorHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -52,7 +54,7 @@ class Checkpointer:
     data_iter = self.data_iter if data_iter is None else data_iter
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = distributed.IteratorSave(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def restore(self, state_like, data_iter=None, step: int | None = None):
@@ -61,7 +63,7 @@ class Checkpointer:
     data_iter = self.data_iter if data_iter is None else data_iter
     items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = distributed.IteratorRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def wait(self) -> None:
