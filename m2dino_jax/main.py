@@ -3,6 +3,9 @@
 Loads a locked config (big_vision style, see configlib), applies `--config.*` overrides, starts
 `jax.distributed` when the run spans several processes, and hands over to the trainer that
 `config.trainer` names. Also available as `m2dino train ...`.
+
+Every config also gets the entry point's own section `profile.steps` ('' = off; 'A:B' writes a
+jax.profiler trace of steps A .. B-1 to WORKDIR/profile, see bench/profile.py).
 """
 
 from __future__ import annotations
@@ -59,12 +62,30 @@ def get_trainer(name: str):
     raise
 
 
+def load_config(spec: str, overrides: list[str]):
+  """The locked config with the entry point's sections (profile) added, then the overrides applied."""
+  import ml_collections
+  config = configlib.load_config(spec)
+  if "profile" not in config:
+    with config.unlocked():
+      config.profile = ml_collections.ConfigDict(dict(steps=""))
+    config.lock()
+  for item in overrides:
+    key, eq, raw = item.partition("=")
+    if not eq:
+      raise ConfigError(key, "override needs the form --config.key=value")
+    configlib.set_key(config, key, raw)
+  return config
+
+
 def run(args) -> int:
-  config = configlib.load_config(args.config, args.overrides)
+  config = load_config(args.config, args.overrides)
+  from m2dino_jax.bench import profile
   from m2dino_jax.train import distributed
   distributed.maybe_initialize(config)
   trainer = get_trainer(config.trainer)
-  trainer.train_and_evaluate(config, args.workdir)
+  with profile.maybe_profile(config, args.workdir):
+    trainer.train_and_evaluate(config, args.workdir)
   return 0
 
 
