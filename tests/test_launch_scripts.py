@@ -76,6 +76,13 @@ def test_slurm_dry_run_one_process_per_gpu(slurm_env):
   assert per_node[0] == "coordinator gpu-a:999; 2 processes on 2 nodes, one per node"
   assert per_node[3] == ("task 1 on gpu-b: M2DINO_COORDINATOR=gpu-a:999 M2DINO_NUM_PROCESSES=2 "
                          "M2DINO_PROCESS_ID=1 python -m m2dino_jax.main --workdir=w")
+  # without scontrol: a plain node list still works, a bracketed one is refused with a message
+  plain = {**env, "PATH": os.environ["PATH"], "SLURM_JOB_NODELIST": "n1,n2", "M2DINO_DRY_RUN": "1"}
+  assert _run(["bash", "launch/slurm_gpu.sbatch", "--workdir=w"], plain).stdout.splitlines()[0] == \
+      "coordinator n1:21234; 4 processes on 2 nodes, one per gpu"
+  err = _run(["bash", "launch/slurm_gpu.sbatch", "--workdir=w"], {**plain, "SLURM_JOB_NODELIST": "n[1-2]"},
+             expect=2).stderr
+  assert "scontrol is needed to expand SLURM_JOB_NODELIST=n[1-2]" in err
 
 
 def test_slurm_real_path_runs_every_task_with_its_ids(slurm_env, tmp_path):
