@@ -36,7 +36,7 @@ def table_peak(device_kind: str) -> tuple[str, float] | None:
   return None
 
 
-def measure_cpu_tflops(size: int = 1024, repeats: int = 5) -> float:
+def measure_cpu_tflops(size: int = 1024, repeats: int = 10) -> float:
   """Best fp32 matmul TFLOP/s of one JAX CPU device (size x size x size, compile excluded)."""
   key = (size, repeats)
   if key not in _MEASURED:
