@@ -8,6 +8,9 @@ One run per workdir: WORKDIR/m2dino.lock refuses a second run while the first li
 run's config (WORKDIR/config.json) unless `--config.resume_policy=override` accepts changed safe keys (see
 train/workdir.py). Exit status: 0 done; 2 a bad input (one line naming the file or config key); 75
 (EX_TEMPFAIL) stopped by SIGTERM / SIGINT with its checkpoint written: rerun the same command to resume.
+
+Every config also gets the entry point's own section `profile.steps` ('' = off; 'A:B' writes a
+jax.profiler trace of steps A .. B-1 to WORKDIR/profile, see bench/profile.py).
 """
 
 from __future__ import annotations
@@ -66,6 +69,22 @@ def get_trainer(name: str):
     raise
 
 
+def load_config(spec: str, overrides: list[str]):
+  """The locked config with the entry point's sections (profile) added, then the overrides applied."""
+  import ml_collections
+  config = configlib.load_config(spec)
+  if "profile" not in config:
+    with config.unlocked():
+      config.profile = ml_collections.ConfigDict(dict(steps=""))
+    config.lock()
+  for item in overrides:
+    key, eq, raw = item.partition("=")
+    if not eq:
+      raise ConfigError(key, "override needs the form --config.key=value")
+    configlib.set_key(config, key, raw)
+  return config
+
+
 def _pop_policy(overrides: list[str]) -> tuple[list[str], str]:
   """Takes `resume_policy=...` out of the overrides (a property of this invocation, not of the run's config)."""
   rest, policy = [], "strict"
@@ -80,8 +99,9 @@ def _pop_policy(overrides: list[str]) -> tuple[list[str], str]:
 
 def run(args) -> int:
   overrides, policy = _pop_policy(list(args.overrides))
-  config = configlib.load_config(args.config, overrides)
+  config = load_config(args.config, overrides)
   configlib.check_ranges(config)
+  from m2dino_jax.bench import profile
   from m2dino_jax.train import distributed, loop
   from m2dino_jax.train import workdir as workdir_lib
   if policy not in workdir_lib.POLICIES:
@@ -102,7 +122,7 @@ def run(args) -> int:
     raise error or M2DinoError(f"{args.workdir}: process 0 could not take the workdir")
   ok = False
   try:
-    with loop.InterruptGuard():
+    with loop.InterruptGuard(), profile.maybe_profile(config, args.workdir):
       status = trainer.train_and_evaluate(config, args.workdir)
     ok = True
   except loop.Interrupted as e:

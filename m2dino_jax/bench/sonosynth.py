@@ -27,6 +27,10 @@ SPEED_GOAL = 60.0  # images/s per core at 256 px
 _COLOURS = ((255, 64, 64), (64, 224, 64), (80, 140, 255), (255, 220, 0), (255, 0, 255))
 
 
+SMOKE = {"tasks": "fetal_head,breast_2cls,thyroid_nodule_det,fetal_femur", "sizes": [64], "images": 2,
+         "cnr_images": 2, "cnr_size": 128}
+
+
 def add_args(p) -> None:
   p.add_argument("--tasks", default="all", help="task ids (comma separated) or 'all'")
   p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sides to time")

@@ -11,7 +11,11 @@ threads as the cores JAX uses.
 FLOPs per image are counted analytically (matmuls only, fwd + bwd = 3 x fwd), the MaxText-style
   3 * (2 * N_tok * P_active + 4 * L * N_tok^2 * d) + head,
 and also read from XLA's cost analysis of the compiled step (all ops, including MoE dispatch and the
-capacity padding of the dense back-end). Achieved GFLOP/s use the analytic count.
+capacity padding of the dense back-end). Achieved TFLOP/s per device and MFU (against the device's peak,
+bench/peaks.py) use the analytic count.
+
+On an accelerator: `m2dino bench train --variant B/16 --dtype bfloat16 --impls jax --batch 64` (the torch
+reference runs on CPU in fp32 only, so leave it out there).
 
 Threads: by default torch gets as many threads as JAX's cores. On an oversubscribed machine torch's
 OpenMP threads wait for each other far more than XLA's pool does (measured on the shared 2-core box:
@@ -30,6 +34,8 @@ import numpy as np
 from m2dino_jax.bench import common, compile_count
 
 DEFAULT_TASK = {"cls": "fetal_plane_cls", "seg": "cardiac_multi"}
+SMOKE = {"variant": "mu/16", "size": 32, "batch": 2, "repeats": 2, "experts": 4, "moe_layers": "last2",
+         "torch_threads": 1}
 
 
 def add_args(p) -> None:
@@ -50,6 +56,8 @@ def add_args(p) -> None:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--torch-threads", type=int, default=0, help="0 = the cores JAX uses (the fair default)")
+  p.add_argument("--impls", default="jax,torch", help="which steps to time: 'jax', 'torch'")
+  p.add_argument("--dtype", default="float32", help="JAX compute dtype (bfloat16 on accelerators; JAX only)")
   p.add_argument("--compile", action="store_true",
                  help="instead: count and time the compiled programs of a multi-task model (bench/compile_count.py)")
   compile_count.add_args(p)
@@ -107,7 +115,7 @@ def _config(args, moe_on: bool):
   c.model = ml_collections.ConfigDict(dict(
       variant=args.variant, kind="dinov3", in_chans=args.channels, num_registers=args.registers,
       out_blocks=_blocks(args.out_blocks) if args.head == "seg" else (), drop_path=0.0, layerscale_init=1.0,
-      pos_embed_rescale=None, dtype="float32"))
+      pos_embed_rescale=None, dtype=getattr(args, "dtype", "float32")))
   c.moe = default_moe_config()
   c.moe.update(dict(enabled=moe_on, layers=args.moe_layers, num_experts=args.experts, top_k=args.top_k,
                     capacity_factor=args.capacity_factor, backend=args.moe_backend))
@@ -162,7 +170,6 @@ def _setup(args, moe_on: bool):
   """Both steps for one encoder kind, built on the same weights. Returns a dict of callables and facts."""
   import jax
   import jax.numpy as jnp
-  import torch
   from flax import nnx
 
   from m2dino_jax.models import convert, vit
@@ -175,11 +182,14 @@ def _setup(args, moe_on: bool):
   encoder, heads = trainer.build_modules(config, [task], moe_on=moe_on, seed=args.seed)
   vit_cfg = vit.ViTConfig.from_config(config.model)
   moe_layers = [i for i, blk in enumerate(encoder.blocks) if blk.is_moe]
-  ref, opt = _torch_model(args, config, task, vit_cfg, moe_layers)
-
-  # our model gets the torch model's weights
-  convert.assign(encoder, ref.jax_encoder_params(vit_cfg), "torch reference")
-  convert.assign(heads[task.name], ref.head.jax_params(), "torch reference head")
+  with_torch = "torch" in _impls(args)
+  if with_torch:
+    if config.model.dtype != "float32":
+      raise ValueError("the torch reference step is fp32: use --impls jax with --dtype " + config.model.dtype)
+    ref, opt = _torch_model(args, config, task, vit_cfg, moe_layers)
+    # our model gets the torch model's weights
+    convert.assign(encoder, ref.jax_encoder_params(vit_cfg), "torch reference")
+    convert.assign(heads[task.name], ref.head.jax_params(), "torch reference head")
   enc_gdef, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
   head_gdef, head_params = nnx.split(heads[task.name], nnx.Param)
   o = config.optim
@@ -198,32 +208,43 @@ def _setup(args, moe_on: bool):
   t0 = time.perf_counter()
   compiled = jax.jit(program, donate_argnums=(0,)).lower(state, jbatch, bound).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   holder = {"state": state}
 
   def jax_step():
     holder["state"], metrics = compiled(holder["state"], jbatch, bound)
     return float(jax.block_until_ready(metrics["loss"]))
 
-  pixels = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
-  task_ids = torch.from_numpy(batch["task_id"].astype(np.int64))
-  target = torch.from_numpy(batch["label" if args.head == "cls" else "mask"].astype(np.int64))
+  steps_ = {"jax": jax_step}
+  if with_torch:
+    import torch
+    pixels = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
+    task_ids = torch.from_numpy(batch["task_id"].astype(np.int64))
+    target = torch.from_numpy(batch["label" if args.head == "cls" else "mask"].astype(np.int64))
 
-  def torch_step():
-    from m2dino_jax.bench import torch_ref
-    return torch_ref.train_step(ref, opt, pixels, task_ids, target, head_kind=args.head,
-                                num_classes=task.num_classes, clip_norm=config.optim.clip_norm)
+    def torch_step():
+      from m2dino_jax.bench import torch_ref
+      return torch_ref.train_step(ref, opt, pixels, task_ids, target, head_kind=args.head,
+                                  num_classes=task.num_classes, clip_norm=config.optim.clip_norm)
+    steps_["torch"] = torch_step
 
   flops = train_flops_per_image(
       dim=vit_cfg.dim, depth=vit_cfg.depth, mlp_dim=vit_cfg.mlp_dim, patch=vit_cfg.patch, image_size=args.size,
       channels=vit_cfg.in_chans, registers=vit_cfg.num_registers, moe_layers=moe_layers,
       num_experts=config.moe.num_experts, top_k=config.moe.top_k, head=args.head, num_classes=task.num_classes,
       seg_channels=config.heads.seg_channels, seg_inputs=len(vit_cfg.out_blocks))
-  params = {"jax": sum(x.size for x in jax.tree.leaves(enc_params)) + sum(x.size for x in jax.tree.leaves(head_params)),
-            "torch": sum(p.numel() for p in ref.parameters())}
-  return {"jax": jax_step, "torch": torch_step, "compile_s": compile_s, "xla_flops": float(cost.get("flops", 0.0)),
-          "flops": flops, "task": task.name, "moe_layers": moe_layers, "params": params}
+  params = {"jax": sum(x.size for x in jax.tree.leaves(enc_params)) + sum(x.size for x in jax.tree.leaves(head_params))}
+  if with_torch:
+    params["torch"] = sum(p.numel() for p in ref.parameters())
+  return {**steps_, "compile_s": compile_s, "xla_flops": common.xla_flops(compiled), "flops": flops,
+          "task": task.name, "moe_layers": moe_layers, "params": params}
+
+
+def _impls(args) -> list[str]:
+  impls = [i.strip() for i in str(getattr(args, "impls", "jax,torch")).split(",") if i.strip()]
+  bad = [i for i in impls if i not in ("jax", "torch")]
+  if bad or not impls:
+    raise ValueError(f"--impls: use 'jax', 'torch' or both, got {getattr(args, 'impls', '')!r}")
+  return impls
 
 
 def run(args) -> int:
@@ -231,42 +252,54 @@ def run(args) -> int:
     return compile_count.run(args)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   import jax
-  import torch
-
-  from m2dino_jax.bench.moe import time_interleaved
 
   threads = len(os.sched_getaffinity(0))
-  torch.set_num_threads(args.torch_threads or threads)
-  rows, extra = [], {}
+  impls = _impls(args)
+  torch_threads = None
+  if "torch" in impls:
+    import torch
+    torch.set_num_threads(args.torch_threads or threads)
+    torch_threads = torch.get_num_threads()
+  rows, extra, ratios, compile_s = [], {}, {}, {}
   for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
     s = _setup(args, mode == "moe")
-    if s["params"]["jax"] != s["params"]["torch"]:
+    if "torch" in impls and s["params"]["jax"] != s["params"]["torch"]:
       raise AssertionError(f"parameter counts differ: {s['params']}")
-    first = {"jax": s["jax"](), "torch": s["torch"]()}  # warm-up, and the check that both compute the same loss
-    times = time_interleaved({"jax": s["jax"], "torch": s["torch"]}, args.repeats)
+    first = {impl: s[impl]() for impl in impls}  # warm-up, and the check that both compute the same loss
+    times = common.time_interleaved({impl: s[impl] for impl in impls}, args.repeats)
     fl = s["flops"]
-    for impl in ("jax", "torch"):
+    for impl in impls:
       t = times[impl]["median_s"]
+      ours = impl == "jax"
+      name = f"{args.variant} {'MoE ' + str(s['moe_layers']) if mode == 'moe' else 'dense'}"
       rows.append({
-          "encoder": f"{args.variant} {'MoE ' + str(s['moe_layers']) if mode == 'moe' else 'dense'}",
-          "impl": impl, "head": f"{args.head}:{s['task']}", "batch": args.batch, "s_per_step": t,
-          "min_s": times[impl]["min_s"], "images_per_s": args.batch / t,
-          "gflop_per_img": fl["train"] / 1e9, "gflop_per_s": fl["train"] * args.batch / t / 1e9,
-          "xla_gflop_per_img": s["xla_flops"] / args.batch / 1e9 if impl == "jax" else None,
-          "compile_s": s["compile_s"] if impl == "jax" else None, "first_loss": first[impl]})
-    ratio = rows[-2]["images_per_s"] / rows[-1]["images_per_s"]
-    extra[mode] = {"speedup_jax_over_torch": ratio, "loss_abs_diff": abs(first["jax"] - first["torch"]),
-                   "params": s["params"]["jax"], "flops": fl}
+          "name": f"{name} {impl}", "encoder": name, "impl": impl, "head": f"{args.head}:{s['task']}",
+          "batch": args.batch, "median_s": t, "min_s": times[impl]["min_s"], "repeats": args.repeats,
+          "gflop_per_img": fl["train"] / 1e9,
+          "xla_gflop_per_img": s["xla_flops"] / args.batch / 1e9 if ours and s["xla_flops"] else None,
+          "first_loss": first[impl],
+          **common.throughput(args, images=args.batch, seconds=t, flops=fl["train"] * args.batch,
+                              xla=s["xla_flops"] if ours else None)})
+    compile_s[f"{mode}_jax_step"] = s["compile_s"]
+    if s["xla_flops"]:
+      ratios[f"{mode}_xla_over_analytic_flops"] = s["xla_flops"] / (fl["train"] * args.batch)
+    extra[mode] = {"params": s["params"]["jax"], "flops": fl}
+    if len(impls) == 2:
+      ratios[f"{mode}_jax_over_torch_images_per_s"] = times["torch"]["median_s"] / times["jax"]["median_s"]
+      extra[mode]["loss_abs_diff"] = abs(first["jax"] - first["torch"])
     del s
   print(f"train step {args.variant} at {args.size}px x{args.channels}ch, batch {args.batch}, head {args.head}; "
         f"MoE E={args.experts} top-{args.top_k} {args.moe_layers} cf {args.capacity_factor} "
         f"(jax backend {args.moe_backend}, torch per-expert loop); {threads} cores, torch threads "
-        f"{torch.get_num_threads()}, jax {jax.default_backend()}")
-  common.print_table(rows, ["encoder", "impl", "batch", "s_per_step", "min_s", "images_per_s", "gflop_per_img",
-                            "gflop_per_s", "xla_gflop_per_img", "compile_s", "first_loss"])
+        f"{torch_threads}, jax {jax.default_backend()} {args.dtype}")
+  common.print_table(rows, ["name", "batch", "median_s", "min_s", "images_per_s_per_device", "gflop_per_img",
+                            "xla_gflop_per_img", "tflops_per_device", "mfu", "first_loss"])
   for mode, e in extra.items():
-    print(f"{mode}: speed-up jax/torch {e['speedup_jax_over_torch']:.2f}x, |first loss jax - torch| "
-          f"{e['loss_abs_diff']:.2e}, {e['params'] / 1e6:.1f} M params")
-  common.write_results(args.out, "train", rows, settings=vars(args) | {"func": None, "threads": threads},
-                       modes=extra)
+    diff = f", |first loss jax - torch| {e['loss_abs_diff']:.2e}" if "loss_abs_diff" in e else ""
+    print(f"{mode}: {e['params'] / 1e6:.1f} M params{diff}")
+  common.write_results(args, "train", rows, ratios=ratios, compile_s=compile_s, modes=extra, threads=threads,
+                       torch_threads=torch_threads,
+                       shapes={"batch": args.batch, "size": args.size, "channels": args.channels,
+                               "variant": args.variant, "dtype": args.dtype,
+                               "tokens": extra[next(iter(extra))]["flops"]["tokens"] if extra else None})
   return 0

@@ -3,7 +3,8 @@
 A checkpoint step folder holds two items and a manifest:
   state  the train state pytree (step, params, optimiser state, ...), restored sharded for the
          current mesh from an abstract target;
-  data   the Grain iterator state, so a resumed run sees exactly the batches it would have seen;
+  data   the Grain iterator state, so a resumed run sees exactly the batches it would have seen (also on
+         another process count: distributed.ElasticIteratorHandler);
   m2dino_manifest.json  size + CRC-32 of every file, written once the (asynchronous) save has finalised.
 
 Guarantees (see train/integrity.py):
@@ -29,13 +30,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from m2dino_jax.errors import CheckpointError, NonFiniteError
-from m2dino_jax.train import integrity
+from m2dino_jax.train import distributed, integrity
 
 
 def _abstract(tree):
@@ -122,7 +122,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler()})
+                           "data": distributed.ElasticIteratorHandler()})
     except OSError as e:
       raise CheckpointError(self.directory, f"cannot use the checkpoint folder ({e.strerror or e})") from None
     self._pending: list[int] = []
@@ -155,7 +155,7 @@ class Checkpointer:
     data_iter = self.data_iter if data_iter is None else data_iter
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = distributed.IteratorSave(data_iter)
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
     except (OSError, ValueError) as e:  # read-only or full disk (TensorStore reports ValueError)
@@ -228,7 +228,7 @@ class Checkpointer:
     data_iter = self.data_iter if data_iter is None else data_iter
     items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = distributed.IteratorRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def _candidates(self) -> list[int]:
