@@ -183,8 +183,8 @@ def _dense(din, dout, names, rngs):
 
 
 def _run_blocks(blocks, x, remat: bool, taps=()):
-  """Runs `blocks`; returns the output and the outputs of the blocks whose indices are in `taps`."""
-  tapped = []
+  """Runs `blocks`; returns the output and the outputs of blocks taps[0], taps[1], ... (in that order)."""
+  seen = {}
   for i, block in enumerate(blocks):
     if remat:
       x = nnx.remat(lambda blk, h: blk(h, None, 1)[0])(block, x)
@@ -192,8 +192,8 @@ def _run_blocks(blocks, x, remat: bool, taps=()):
       x = block(x, None, 1)[0]
     x = constrain(x)
     if i in taps:
-      tapped.append(x)
-  return x, tapped
+      seen[i] = x
+  return x, [seen[t] for t in taps]
 
 
 # The encoder's parameters (the same names in MAE3D and Encoder3D, so a MAE checkpoint's encoder is a subtree).
