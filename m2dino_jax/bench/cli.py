@@ -12,6 +12,7 @@ BENCHMARKS = {
     "data": "m2dino_jax.bench.data",
     "scaling": "m2dino_jax.bench.scaling",
     "train": "m2dino_jax.bench.train",
+    "mae3d": "m2dino_jax.bench.mae3d",
 }
 
 

@@ -219,7 +219,8 @@ class Program:
       return nnx.merge(gdef, params)(image, jax.random.key(EVAL_SEED))["per_sample"]
 
     self._train_fn, self._eval_fn = train_step, eval_step
-    self._train, self._eval = None, jax.jit(eval_step)
+    # per-sample losses come back replicated, so every process can read all of them
+    self._train, self._eval = None, jax.jit(eval_step, out_shardings=mesh_lib.replicated(mesh))
 
   def fresh_state(self) -> core.TrainState:
     """A newly initialised, sharded state (the init program is compiled once per Program)."""
@@ -235,12 +236,14 @@ class Program:
       return self._train(state, batch)
 
   def heldout_loss(self, params, crops: np.ndarray) -> float:
-    """Mean per-sample masked loss over fixed crops (padded to the mesh's batch split, pads dropped)."""
+    """Mean per-sample masked loss over fixed crops (padded to the mesh's batch split, pads dropped). Every
+    process holds all crops and feeds its slice of them."""
     split = int(np.prod([mesh_lib.axis_size(self.mesh, a) for a in mesh_lib.batch_axes(self.mesh)]))
-    n = len(crops)
-    pad = (-n) % split
+    n, pc, pi = len(crops), jax.process_count(), jax.process_index()
+    pad = (-n) % int(np.lcm(split, pc))
     x = crops[np.arange(n + pad) % n]
-    x = mesh_lib.shard_batch(x, self.mesh, self.rules)
+    local = len(x) // pc
+    x = mesh_lib.shard_batch(x[pi * local:(pi + 1) * local], self.mesh, self.rules)
     with jax.set_mesh(self.mesh):
       per = np.asarray(jax.device_get(self._eval(params, x)))
     return float(per[:n].mean())

@@ -263,7 +263,8 @@ class Program:
     def predict(params, image):
       return jax.nn.softmax(nnx.merge(gdef, params)(image).astype(jnp.float32), axis=-1)
 
-    self._train_fn, self._train, self._predict = train_step, None, jax.jit(predict)
+    self._train_fn, self._train = train_step, None
+    self._predict = jax.jit(predict, out_shardings=mesh_lib.replicated(mesh))  # readable on every process
 
   def fresh_state(self, init_from: str = "") -> core.TrainState:
     """A new sharded state; with `init_from`, the encoder's weights come from that MAE checkpoint."""
@@ -285,8 +286,11 @@ class Program:
       return self._train(state, batch)
 
   def predict(self, params, image: np.ndarray) -> np.ndarray:
-    """Class probabilities of a host batch (its size must split over the mesh's batch axes)."""
-    x = mesh_lib.shard_batch(np.asarray(image, np.float32), self.mesh, self.rules)
+    """Class probabilities of a global host batch that every process holds (its size must split over the
+    mesh's batch axes); each process feeds its slice."""
+    local = len(image) // jax.process_count()
+    x = np.asarray(image[jax.process_index() * local:(jax.process_index() + 1) * local], np.float32)
+    x = mesh_lib.shard_batch(x, self.mesh, self.rules)
     with jax.set_mesh(self.mesh):
       return np.asarray(jax.device_get(self._predict(params, x)))
 
