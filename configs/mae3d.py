@@ -38,6 +38,7 @@ def get_config(arg=None):
       modalities="",  # extra 'domain=ct|mri|pet' for user-defined domains
       budget="",  # 'domain=N,...': train on the first N volumes of a domain (default: all)
       per_domain=24, heldout=4, phantom_size=128, phantom_seed=0,
+      phantom_counts="",  # 'domain=N,...': phantoms of a domain (default per_domain), so availability differs
       target_spacing=(), crop=96, batch_size=16, eval_crops=2,
       mixture="uniform",  # 'uniform' | 'size' | 'temperature' | 'json' (weights_file, e.g. allocation.json)
       temperature=1.0, weights_file="",

@@ -30,6 +30,7 @@ TRAINERS = {
     "multitask": "m2dino_jax.train.multitask",
     "dino": "m2dino_jax.train.dino",
     "mae": "m2dino_jax.train.mae",
+    "mae_finetune": "m2dino_jax.train.mae_finetune",
     "features": "m2dino_jax.infer.features",
 }
 

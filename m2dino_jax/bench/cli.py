@@ -26,6 +26,7 @@ BENCHMARKS = {
     "sonosynth": "m2dino_jax.bench.sonosynth",
     "dino": "m2dino_jax.bench.dino",
     "mae": "m2dino_jax.bench.mae",
+    "mae3d": "m2dino_jax.bench.mae3d",
     "compile": "m2dino_jax.bench.compile_time",
 }
 RESULTS = "bench_results"

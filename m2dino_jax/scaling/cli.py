@@ -5,6 +5,7 @@
   m2dino scaling allocate --fits fits.json --budget B [--floor 0.05] [--strategy S] --out allocation.json
   m2dino scaling plot --fits fits.json [--measurements FILE] --out DIR
   m2dino scaling compare --law example:six_domain --budgets 5e3,...,4e4 --out DIR   strategies on measured loss
+  m2dino scaling sweep --config configs/scaling3d.py:smoke --workdir DIR   3D MAE pretraining grid, end to end
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def cmd_compare(args) -> int:
 
 
 def register(subparsers) -> None:
-  p = subparsers.add_parser("scaling", help="transfer-aware scaling laws: fit, allocate, plot, compare",
+  p = subparsers.add_parser("scaling", help="transfer-aware scaling laws: fit, allocate, plot, compare, sweep",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
   fmt = _Help
@@ -269,6 +270,9 @@ def register(subparsers) -> None:
   c.add_argument("--seed", type=int, default=0, help="random seed of simulation and measurement")
   c.add_argument("--out", required=True, help="folder for report.md, report.json, PNGs and allocations/")
   c.set_defaults(func=cmd_compare)
+
+  from m2dino_jax.scaling import sweep
+  sweep.register(sub, fmt)
 
 
 def strategies_names():
