@@ -296,7 +296,10 @@ def _task_weights(spec: str, tasks) -> dict[str, float]:
 
 def train_and_evaluate(config, workdir: str) -> str:
   """Trains every model of the paradigm in turn and prints the per-task table. Returns loop.COMPLETED, or
-  loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume)."""
+  loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume). With `init_from`,
+  the encoder's architecture is the checkpoint's (e.g. a DINOv2-kind UltraDINO teacher), written into config.json."""
+  if config.init_from:
+    convert.adopt_architecture(config.model, config.init_from)
   _check(config)
   root = Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
