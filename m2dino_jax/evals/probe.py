@@ -30,10 +30,14 @@ DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 2, 11))
 KNN_TEMPERATURE = 0.07
 
 
+def _stats(train: np.ndarray):
+  mean, std = train.mean(axis=0), train.std(axis=0)
+  return mean, np.where(std < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0), 1.0, std)
+
+
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
   """(x - mean) / std with the training statistics (as sklearn's StandardScaler: ddof 0, std 0 -> 1)."""
-  mean, std = train.mean(axis=0), train.std(axis=0)
-  std = np.where(std < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0), 1.0, std)
+  mean, std = _stats(train)
   return [((a - mean) / std).astype(np.float32) for a in (train, *others)]
 
 
@@ -82,14 +86,15 @@ def knn_eval(train_x, train_y, test_x, test_y, num_classes: int, ks=(10, 20), te
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
-def _fit_logistic(x, y, lams, *, num_classes: int, max_iter: int, tol: float):
-  """W [L, D, C], b [L, C], iterations [L]: one L-BFGS fit per penalty in `lams` (vmapped)."""
+def _fit_logistic(x, y, weights, lams, *, num_classes: int, max_iter: int, tol: float):
+  """W [L, D, C], b [L, C], iterations [L]: one L-BFGS fit per penalty in `lams` (vmapped); rows weighted."""
   d = x.shape[1]
+  wsum = jnp.sum(weights)
 
   def fit(lam):
     def loss(p):
       logits = x @ p["w"] + p["b"]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      ce = jnp.sum(weights * optax.softmax_cross_entropy_with_integer_labels(logits, y)) / wsum
       return ce + 0.5 * lam * jnp.sum(p["w"] ** 2)
 
     opt = optax.lbfgs()
@@ -114,13 +119,15 @@ def _fit_logistic(x, y, lams, *, num_classes: int, max_iter: int, tol: float):
   return jax.vmap(fit)(lams)
 
 
-def fit_logistic(x, y, num_classes: int, cs=(1.0,), max_iter: int = 1000, tol: float = 1e-5):
-  """Multinomial L2 logistic regression for each C in `cs` (rows of x already standardised).
+def fit_logistic(x, y, num_classes: int, cs=(1.0,), max_iter: int = 1000, tol: float = 1e-5, weights=None):
+  """Multinomial L2 logistic regression for each C in `cs` (rows of x already standardised), on the rows with
+  weight 1 of `weights` (0/1 row mask; default all), so fits on subsets share one compiled program.
   Returns (W [len(cs), D, C], b [len(cs), C], iterations [len(cs)])."""
   x = jnp.asarray(np.asarray(x, np.float32))
-  lams = jnp.asarray([1.0 / (float(c) * x.shape[0]) for c in cs], jnp.float32)
-  w, b, its = _fit_logistic(x, jnp.asarray(np.asarray(y, np.int32)), lams, num_classes=int(num_classes),
-                            max_iter=int(max_iter), tol=float(tol))
+  weights = np.ones(x.shape[0], np.float32) if weights is None else np.asarray(weights, np.float32)
+  lams = jnp.asarray([1.0 / (float(c) * weights.sum()) for c in cs], jnp.float32)
+  w, b, its = _fit_logistic(x, jnp.asarray(np.asarray(y, np.int32)), jnp.asarray(weights), lams,
+                            num_classes=int(num_classes), max_iter=int(max_iter), tol=float(tol))
   return np.asarray(w), np.asarray(b), np.asarray(its)
 
 
@@ -146,21 +153,22 @@ def stratified_holdout(y, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
 def linear_eval(train_x, train_y, test_x, test_y, num_classes: int, *, cs=DEFAULT_CS, val_x=None, val_y=None,
                 seed: int = 0, max_iter: int = 1000, tol: float = 1e-5) -> dict:
   """Linear probe: C by validation macro F1, refit on train + validation, test scores. Returns the test scores
-  plus "c", "val_f1_macro" (per C) and "iterations"."""
+  plus "c", "val_f1_macro" (per C) and "iterations". Both fits run on the same rows (0/1 weights): one compile."""
   train_x, train_y = np.asarray(train_x), np.asarray(train_y)
   if val_x is None:
     held = stratified_holdout(train_y, 0.2, seed)
-    fit_x, fit_y, val_x, val_y = train_x[~held], train_y[~held], train_x[held], train_y[held]
   else:
-    fit_x, fit_y = train_x, train_y
-  a, v = standardise(fit_x, val_x)
-  w, b, _ = fit_logistic(a, fit_y, num_classes, cs, max_iter, tol)
-  val_f1 = [metrics.classification_scores(val_y, logistic_probs(w[i], b[i], v))["f1_macro"] for i in range(len(cs))]
+    held = np.r_[np.zeros(len(train_y), bool), np.ones(len(val_y), bool)]
+    train_x, train_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+  fit_rows = (~held).astype(np.float32)
+  mean, std = _stats(train_x[~held])
+  w, b, _ = fit_logistic((train_x - mean) / std, train_y, num_classes, cs, max_iter, tol, weights=fit_rows)
+  v = ((train_x[held] - mean) / std).astype(np.float32)
+  val_f1 = [metrics.classification_scores(train_y[held], logistic_probs(w[i], b[i], v))["f1_macro"]
+            for i in range(len(cs))]
   best = int(np.argmax(val_f1))
-  all_x = np.concatenate([fit_x, val_x])
-  all_y = np.concatenate([fit_y, val_y])
-  a, t = standardise(all_x, np.asarray(test_x))
-  w, b, its = fit_logistic(a, all_y, num_classes, (cs[best],), max_iter, tol)
-  scores = metrics.classification_scores(test_y, logistic_probs(w[0], b[0], t))
+  a, t = standardise(train_x, np.asarray(test_x))
+  w, b, its = fit_logistic(a, train_y, num_classes, cs, max_iter, tol)
+  scores = metrics.classification_scores(test_y, logistic_probs(w[best], b[best], t))
   return {**scores, "c": float(cs[best]), "val_f1_macro": dict(zip(map(float, cs), val_f1)),
-          "iterations": int(its[0])}
+          "iterations": int(its[best])}
