@@ -12,6 +12,7 @@ BENCHMARKS = {
     "data": "m2dino_jax.bench.data",
     "scaling": "m2dino_jax.bench.scaling",
     "train": "m2dino_jax.bench.train",
+    "ssl": "m2dino_jax.bench.ssl",
 }
 
 

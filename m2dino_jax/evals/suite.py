@@ -100,11 +100,12 @@ def segmentation(encoder, name: str, data_cfg, *, task: str = "", **kwargs) -> d
 def headline(result: dict) -> dict:
   """The paper's numbers of a suite result: k-NN / linear macro F1, few-shot mDice / mfDice (mean, std)."""
   out = {}
-  if "classification" in result:
-    c = result["classification"]
+  c = result.get("classification", {})
+  if "knn" in c:
     best_k = max(c["knn"], key=lambda k: c["knn"][k]["f1_macro"])
-    out.update(knn_f1_macro=c["knn"][best_k]["f1_macro"], knn_k=best_k, linear_f1_macro=c["linear"]["f1_macro"],
-               linear_accuracy=c["linear"]["accuracy"])
+    out.update(knn_f1_macro=c["knn"][best_k]["f1_macro"], knn_k=best_k)
+  if "linear" in c:
+    out.update(linear_f1_macro=c["linear"]["f1_macro"], linear_accuracy=c["linear"]["accuracy"])
   if "segmentation" in result:
     s = result["segmentation"]
     out.update(mDice=s["mDice"], mDice_std=s["mDice_std"], mfDice=s["mfDice"], mfDice_std=s["mfDice_std"],

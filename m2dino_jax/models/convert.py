@@ -169,7 +169,7 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<par
       raise DataError(source, f"weight '{name}' has no place in this model")
     if tuple(target[name].shape) != tuple(np.shape(arr)):
       raise DataError(source, f"weight '{name}' has shape {np.shape(arr)}, model wants {target[name].shape}")
-    target[name][...] = jax.numpy.asarray(arr, target[name].dtype)
+    target[name].set_value(jax.numpy.asarray(arr, target[name].dtype))  # also over read-only host arrays
   missing = [n for n in target if n not in params]
   if strict and missing:
     raise DataError(source, f"no value for {len(missing)} params, e.g. {missing[:3]}")
