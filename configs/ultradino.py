@@ -6,8 +6,12 @@ Commands:
       --config.data.sources='folder:/data/fus=1'
   # CPU smoke (simulator + any folder), about 20 s on 2 cores after compilation:
   python -m m2dino_jax.main --config=configs/ultradino.py:smoke --workdir=/tmp/ultradino
-  # then start the multi-task model from the teacher:
+  # then start the multi-task model from the teacher (its DINOv2-kind architecture is adopted: learned position
+  # grid, qkv bias, LayerScale; the dense FFNs are upcycled into the MoE blocks):
   python -m m2dino_jax.main --config=configs/m2dino.py --workdir=runs/au --config.init_from=runs/ultradino/teacher
+  # the paper's evaluations of the frozen teacher (k-NN / linear macro F1, few-shot mDice), next to random init:
+  m2dino eval ssl --encoder runs/ultradino/teacher --baseline random --out runs/ultradino/eval_ssl.json
+  # released UltraDINO / DINOv2 .pth weights work wherever a checkpoint does (init_from, m2dino eval --encoder)
 
 Published values (UltraDINO's `ssl_default_config.yaml` + `vit{s,b}16_dinus_13m.yaml`, REFERENCE.md 1.2), kept as
 the defaults here: ViT-S/16 or B/16, grey input, 4 registers, drop-path 0.3, LayerScale 1e-5; DINO head 3 layers,

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "m2dino_jax.bench.cli",
     "convert": "m2dino_jax.models.convert_cli",
     "data": "m2dino_jax.data.cli",
+    "eval": "m2dino_jax.evals.cli",
     "predict": "m2dino_jax.infer.predict_cli",
     "report": "m2dino_jax.report.cli",
     "scaling": "m2dino_jax.scaling.cli",

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "mae": "m2dino_jax.bench.mae",
     "mae3d": "m2dino_jax.bench.mae3d",
     "compile": "m2dino_jax.bench.compile_time",
+    "ssl": "m2dino_jax.bench.ssl",
 }
 RESULTS = "bench_results"
 

@@ -81,7 +81,8 @@ class ViTConfig:
     """Builds from a config dict; 'variant' (e.g. 'S/16') fills dim/depth/heads/mlp_dim/patch."""
     cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
     fields = {f.name for f in dataclasses.fields(cls)}
-    out = decode_variant(cfg.pop("variant")) if cfg.get("variant") else {}
+    variant = cfg.pop("variant", None)  # '' / None: sizes given field by field
+    out = decode_variant(variant) if variant else {}
     for k, v in cfg.items():
       if k not in fields:
         raise ConfigError(f"model.{k}", "unknown encoder setting")

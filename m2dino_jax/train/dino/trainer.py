@@ -8,6 +8,7 @@ metrics.jsonl under 'monitor/', teacher/ (the teacher backbone as encoder.json +
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -29,6 +30,19 @@ from m2dino_jax.train.dino import step as dino_step
 
 class CollapseError(M2DinoError):
   """A collapse monitor fell below its threshold; names the monitor, its value and the step."""
+
+
+def monitor_values(s: dino_step.Settings, state, batch) -> dict:
+  """The collapse monitors (scalars) of `state` on `batch`."""
+  glob = dino_step.crop_major(batch["global"])
+  temp = s.teacher_temp(state.step)
+  teacher = state.extras["teacher"]
+  out = dino_step.forward(s, teacher, glob, train=False)
+  t_logits = dino_step.head_apply(s, teacher["head"], out["cls"])
+  targets = losses.teacher_targets(t_logits, state.extras["center"], temp, s.centering, s.sinkhorn_iters)
+  s_logits = dino_step.head_apply(s, state.params["head"], dino_step.forward(s, state.params, glob, train=False)["cls"])
+  return {"rankme": losses.rankme(out["cls"]), "teacher_entropy": losses.mean_entropy(targets),
+          "student_teacher_kl": losses.kl_divergence(targets, s_logits, s.student_temp)}
 
 
 def build_modules(config, seed: int):
@@ -58,6 +72,7 @@ class Run:
         config, self.enc_gdef, self.head_gdef, self.enc_rest, self.state.params, self.vit_cfg.depth, self.total,
         max_masked(config, self.vit_cfg.patch))
     self._step = None
+    self._monitor_fn = None
 
   def _init_state(self) -> None:
     config = self.config
@@ -97,22 +112,17 @@ class Run:
   # ------------------------------------------------------------------------- monitors
 
   def monitors(self, state, batch) -> dict:
-    """RankMe of the teacher's CLS embeddings, teacher entropy and student-teacher KL on a fixed batch."""
-    s = self.settings
-    glob = jnp.asarray(dino_step.crop_major(batch["global"]))
-    temp = s.teacher_temp(state.step)
-    teacher = state.extras["teacher"]
-    out = dino_step.forward(s, teacher, glob, train=False)
-    t_logits = dino_step.head_apply(s, teacher["head"], out["cls"])
-    targets = losses.teacher_targets(t_logits, state.extras["center"], temp, s.centering, s.sinkhorn_iters)
-    s_logits = dino_step.head_apply(s, state.params["head"],
-                                    dino_step.forward(s, state.params, glob, train=False)["cls"])
-    return {"rankme": float(losses.rankme(out["cls"])), "teacher_entropy": float(losses.mean_entropy(targets)),
-            "student_teacher_kl": float(losses.kl_divergence(targets, s_logits, s.student_temp))}
+    """RankMe of the teacher's CLS embeddings, teacher entropy and student-teacher KL on a fixed batch (one
+    compiled program on the sharded state; the batch is the global batch of every process's part)."""
+    batch = mesh_lib.shard_batch(batch, self.mesh, self.rules)
+    with jax.set_mesh(self.mesh):
+      if self._monitor_fn is None:
+        self._monitor_fn = jax.jit(functools.partial(monitor_values, self.settings))
+      out = self._monitor_fn(state, batch)
+    return {k: float(v) for k, v in out.items()}
 
   def evaluate(self, state, step: int) -> float:
-    with jax.set_mesh(self.mesh):
-      m = self.monitors(jax.device_get(state), self.monitor_batch)
+    m = self.monitors(state, self.monitor_batch)
     self.writer.write(step, m, prefix="monitor/")
     c = self.config.monitor
     for name, low in (("rankme", c.min_rankme), ("teacher_entropy", c.min_teacher_entropy)):
