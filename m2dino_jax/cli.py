@@ -15,6 +15,7 @@ from m2dino_jax.errors import M2DinoError
 
 # subcommand name -> module defining register(subparsers).
 COMMANDS = {
+    "advise": "m2dino_jax.advise.cli",
     "bench": "m2dino_jax.bench.cli",
     "convert": "m2dino_jax.models.convert_cli",
     "data": "m2dino_jax.data.cli",
@@ -69,7 +70,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   overrides: list[str] = []
-  if argv and argv[0] == "train":
+  if argv and argv[0] in ("train", "advise"):
     from m2dino_jax.main import split_overrides
     try:
       argv, overrides = split_overrides(argv)

@@ -25,6 +25,7 @@ from flax import nnx
 
 from m2dino_jax import fileio
 from m2dino_jax import mesh as mesh_lib
+from m2dino_jax.advise import adviceio
 from m2dino_jax.data import pipeline
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import convert, moe_dispatch, vit
@@ -71,7 +72,13 @@ def moe_enabled(config) -> bool:
 
 def parse_groups(spec) -> dict[str, list[str]]:
   """CG groups from `config.groups` (see `registry.parse_groups`): '' = the default preset ('paper'), a
-  preset name ('paper' | 'organ' | 'type'), 'name:task+task;name:task' or a JSON file {name: [task, ...]}."""
+  preset name ('paper' | 'organ' | 'type'), 'name:task+task;name:task', a JSON file {name: [task, ...]} or an
+  advice.json from `m2dino advise fit` (its "groups")."""
+  advised = adviceio.read_groups(spec) if str(spec or "").strip().endswith(".json") else None
+  if advised is not None:
+    for members in advised.values():
+      registry.resolve(members)
+    return advised
   return registry.parse_groups(spec)
 
 
