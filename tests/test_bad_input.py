@@ -105,7 +105,7 @@ def test_convert_of_a_missing_folder_names_it(tmp_path, capfd):
      "argument --bootstrap: -3 is out of range; expected an integer >= 0"),
     (["predict", "--workdir", "w", "--task", "fetal_head", "--input", "x", "--out", "o", "--batch-size", "0"],
      "argument --batch-size: 0 is out of range; expected an integer >= 1"),
-    (["convert", "--out", "o"], "the following arguments are required: --hf"),
+    (["convert", "--out", "o"], "one of the arguments --hf --pth is required"),
 ])
 def test_bad_arguments_are_one_line(capfd, args, needle):
   with pytest.raises(SystemExit) as e:

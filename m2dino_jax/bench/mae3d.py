@@ -36,6 +36,9 @@ MESHES = {"data": ({"data": -1}, "dp"), "fsdp": ({"data": 2, "fsdp": -1}, "fsdp"
           "fsdp+tensor": ({"data": 2, "fsdp": -1, "tensor": 2}, "fsdp")}
 
 
+SMOKE = {"shapes": "smoke", "repeats": 1, "devices": 0}
+
+
 def add_args(p) -> None:
   p.add_argument("--shapes", default="smoke,default", help="'smoke' (mu/8, 32^3) and / or 'default' (B/16, 96^3)")
   p.add_argument("--batch", type=int, default=0, help="global batch (0: 8 for smoke, 2 per device for default)")
@@ -44,7 +47,6 @@ def add_args(p) -> None:
   p.add_argument("--remat", action="store_true", help="rematerialise each block in the backward pass")
   p.add_argument("--devices", type=int, default=8, help="simulated CPU devices for the memory table (0 = skip)")
   p.add_argument("--memory-shapes", default="smoke,default", help="shapes for the memory table")
-  p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (default: by device kind)")
   p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -191,5 +193,6 @@ def run(args) -> int:
     print()
     common.print_table(memory, ["shape", "mesh", "axes", "batch", "state_mib_per_device", "state_mib_total",
                                 "argument_mib", "temp_mib", "peak_mib_per_device", "compile_s"])
-  common.write_results(args.out, "mae3d", rows, memory=memory)
+  rows = [{"name": r["shape"], "median_s": r["step_s"], **r} for r in rows]
+  common.write_results(args, "mae3d", rows, compile_s={r["name"]: r["compile_s"] for r in rows}, memory=memory)
   return 0

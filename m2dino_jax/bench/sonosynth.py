@@ -160,5 +160,7 @@ def run(args) -> None:
     sheet = contact_sheet(args.contact_sheet, tasks, args.sheet_size, args.sheet_per_task, args.seed,
                           args.sheet_columns)
     print(f"wrote contact sheet {sheet}")
-  common.write_results(args.out, "sonosynth", rows, cnr=cnr, contact_sheet=sheet, clock="process_time",
-                       speed_goal=SPEED_GOAL, cnr_goal=CNR_GOAL)
+  rows = [{"name": f"{r['task']}@{r['size']}", "median_s": 1.0 / r["images_per_s"], **r} for r in rows] or \
+      [{"name": "border_cnr", "median_s": None}]
+  common.write_results(args, "sonosynth", rows, shapes={"sizes": list(args.sizes)}, cnr=cnr, contact_sheet=sheet,
+                       clock="process_time", speed_goal=SPEED_GOAL, cnr_goal=CNR_GOAL)

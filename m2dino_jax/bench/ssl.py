@@ -23,6 +23,8 @@ from pathlib import Path
 
 from m2dino_jax.bench import common
 
+SMOKE = {"shapes": "smoke", "repeats": 1, "smoke_batch": 4, "matmul_size": 256}
+
 
 def add_args(p) -> None:
   p.add_argument("--shapes", default="smoke,paper", help="comma list of smoke | paper")
@@ -139,6 +141,7 @@ def run(args) -> int:
         f"{args.dtype}; {size}^2 matmul: {peak:.1f} GFLOP/s per device")
   common.print_table(rows, ["shape", "encoder", "crops", "prototypes", "batch", "s_per_step", "images_per_s_per_device",
                             "gflop_per_img", "xla_gflop_per_img", "gflop_per_s", "fraction_of_matmul", "compile_s"])
-  common.write_results(args.out, "ssl", rows, settings={k: v for k, v in vars(args).items() if k != "func"},
+  rows = [{"name": r["shape"], "median_s": r["s_per_step"], **r} for r in rows]
+  common.write_results(args, "ssl", rows, compile_s={r["name"]: r["compile_s"] for r in rows},
                        matmul_gflop_per_s=peak, matmul_size=size)
   return 0
