@@ -21,7 +21,8 @@ SMOKE = {"variant": "mu/16", "batch": 4, "global_size": 32, "local_size": 16, "n
 
 def add_args(p) -> None:
   p.add_argument("--variant", default="S/16")
-  p.add_argument("--batch", type=int, default=32, help="global batch (images; each has 2 global + L local crops)")
+  p.add_argument("--batch", type=int, default=8, help="global batch (images; each has 2 global + L local crops; "
+                 "at 65,536 prototypes batch 32 needs ~15 GB on CPU)")
   p.add_argument("--global-size", type=int, default=224)
   p.add_argument("--local-size", type=int, default=96)
   p.add_argument("--num-local", type=int, default=8)
