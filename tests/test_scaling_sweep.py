@@ -92,8 +92,21 @@ def test_tiny_sweep_runs_end_to_end_resumes_and_its_rows_feed_scaling_fit(tmp_pa
   capsys.readouterr()
   assert cli.main(argv) == 0
   assert "already finished" not in capsys.readouterr().out
-  assert {p: p.stat().st_mtime for p in work.glob("*/*/done.json")} == stamps and len(stamps) == 7 + 4 + 5
+  runs = {r for v in report["runs"].values() for r in v}  # strategies with equal volumes share one run
+  assert len(runs) == len({tuple(v[0]) for v in report["volumes"].values()})
+  assert {p: p.stat().st_mtime for p in work.glob("*/*/done.json")} == stamps and len(stamps) == 7 + 2 * len(runs) + 1
   assert len(measurements.read_measurements(work / "measurements.jsonl")) == 7
   # a changed grid is refused rather than mixed with finished runs
   assert cli.main(argv + ["--set", "pretrain.total_steps=7"]) == 2
   assert "trained with other total_steps settings" in capsys.readouterr().err
+
+
+def test_prediction_metrics_leave_out_targets_no_run_informs():
+  pred = np.array([[1.0, np.inf], [2.0, 3.0], [3.0, 4.0]])
+  meas = np.array([[1.1, 2.0], [2.2, 3.3], [2.9, 3.9]])
+  m = sweep._metrics(pred, meas, ["a", "b"])
+  np.testing.assert_allclose(m["pooled_r"], np.corrcoef([1, 2, 3, 3, 4], [1.1, 2.2, 2.9, 3.3, 3.9])[0, 1])
+  np.testing.assert_allclose(m["per_domain_r"]["a"], np.corrcoef([1, 2, 3], [1.1, 2.2, 2.9])[0, 1])
+  assert m["per_domain_r"]["b"] == pytest.approx(1.0)
+  np.testing.assert_allclose(m["per_domain_mape"]["b"], np.mean([0.3 / 3.3, 0.1 / 3.9]))
+  assert sweep._metrics(np.ones((3, 1)), meas[:, :1], ["a"])["pooled_r"] is None  # constant prediction: no r

@@ -145,8 +145,10 @@ def _finetune_config(config, domain: str, task: str, init_from: str):
 
 def _fingerprint(c: dict) -> dict:
   """The settings a finished run must share with the run the sweep asks for (else it is a different run)."""
-  return {"data": {k: c["data"].get(k) for k in ("domains", "budget", "phantom_counts", "phantom_size", "crop")},
-          "model": c["model"], "total_steps": c["total_steps"], "seed": c["seed"]}
+  return {"data": {k: c["data"].get(k) for k in ("domains", "domain", "budget", "phantom_counts", "phantom_size",
+                                                 "crop")},
+          "model": c["model"], "total_steps": c["total_steps"], "seed": c["seed"], "task": c.get("task"),
+          "init_from": c.get("init_from")}
 
 
 def _check_same_run(run_dir: Path, config) -> None:
@@ -175,9 +177,11 @@ def _pretrain(config, plan, counts, run_id, workdir: Path, meas: Path, cache: di
 def _finetune(config, domain, task, init_from, run_id, workdir: Path, cache: dict) -> dict:
   from m2dino_jax.train import mae_finetune
   run_dir = workdir / "finetune" / run_id
+  c = _finetune_config(config, domain, task, init_from)
+  _check_same_run(run_dir, c)
   if not (run_dir / "done.json").is_file():
     print(f"[sweep] fine-tuning {run_id}", file=sys.stderr)
-  mae_finetune.train_and_evaluate(_finetune_config(config, domain, task, init_from), str(run_dir), cache)
+  mae_finetune.train_and_evaluate(c, str(run_dir), cache)
   done = fileio.read_json(run_dir / "done.json", "fine-tune result")
   key = "mean_dice" if task == "segmentation" else "auc"
   return {"metric": key, "value": done[key], **({"dice": done["dice"]} if "dice" in done else {})}
@@ -185,11 +189,14 @@ def _finetune(config, domain, task, init_from, run_id, workdir: Path, cache: dic
 
 def _metrics(pred: np.ndarray, meas: np.ndarray, domains) -> dict:
   """Pearson r and MAPE, pooled and per domain, of predicted vs measured losses (runs, domains)."""
-  from m2dino_jax.scaling import transfer
-  ok = np.isfinite(pred) & np.isfinite(meas)
+  ok = np.isfinite(pred) & np.isfinite(meas)  # a target no run informs is predicted inf: left out
   ape = np.where(ok, np.abs(pred - meas) / np.where(ok, meas, 1.0), np.nan)
-  r = lambda a, b: transfer.pearson_r(a, b) if np.sum(np.isfinite(a) & np.isfinite(b)) >= 2 and \
-      np.nanstd(a) > 0 and np.nanstd(b) > 0 else None
+
+  def r(a, b):
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    return float(np.corrcoef(a, b)[0, 1]) if a.size >= 2 and np.std(a) > 0 and np.std(b) > 0 else None
+
   return {"pooled_r": r(pred, meas), "pooled_mape": float(np.nanmean(ape)),
           "per_domain_r": {d: r(pred[:, i], meas[:, i]) for i, d in enumerate(domains)},
           "per_domain_mape": {d: float(np.nanmean(ape[:, i])) for i, d in enumerate(domains)}}
@@ -218,12 +225,21 @@ def run_sweep(config, workdir) -> dict:
   fits = transfer.fit_scaling(arrays, n_bootstrap=s.bootstrap, seed=s.seed, e_mode=e_mode)
   fits.extra["measurements"] = str(meas_path)
   law.write_fits(workdir / "fits.json", fits)
-  fitted = study._law_numpy(fits.law)
+  fitted = law.Law(*(np.asarray(a, np.float64) for a in fits.law))
   design_pred = np.asarray(law.predict_loss(fitted, arrays.data, xp=np))
 
   # 3-4. allocate every strategy at every budget, train the allocations
   strat_meas = workdir / "strategy_measurements.jsonl"
-  counts, measured, errors = {}, {}, {}
+  counts, measured, errors, run_of = {}, {}, {}, {}  # run_of[(strategy, B)]: the run that trained it
+
+  def train(name, b, x):
+    """Trains an allocation once: a strategy that allocates the same volumes as an earlier one shares its run."""
+    same = next((r for (n, bb), r in run_of.items() if bb == b and np.array_equal(counts[n][plan.budgets.index(b)],
+                                                                                   x) and n != name), None)
+    run_of[(name, b)] = same or f"{name}-{b}"
+    loss = _pretrain(config, plan, x, run_of[(name, b)], workdir, strat_meas, cache)
+    return [loss[d] for d in plan.domains]
+
   for name in plan.strategies:
     try:
       raw = strategies.strategy_counts(name, fitted, plan.budgets, plan.available.astype(float), floor=s.floor,
@@ -236,8 +252,7 @@ def run_sweep(config, workdir) -> dict:
     for b, x_raw, x in zip(plan.budgets, raw, counts[name]):
       fileio.write_json(workdir / "allocations" / f"{name}_{b}.json", strategies.allocation_file(
           plan.domains, name, b, x_raw, floor=s.floor, extra={"volumes": {d: int(v) for d, v in zip(plan.domains, x)}}))
-    measured[name] = np.array([[_pretrain(config, plan, x, f"{name}-{b}", workdir, strat_meas, cache)[d]
-                                for d in plan.domains] for b, x in zip(plan.budgets, counts[name])])
+    measured[name] = np.array([train(name, b, x) for b, x in zip(plan.budgets, counts[name])])
   if FOCUS not in measured:
     raise SolverError(f"the {FOCUS} allocation failed ({errors.get(FOCUS)}); nothing to compare")
 
@@ -246,8 +261,13 @@ def run_sweep(config, workdir) -> dict:
   top = plan.budgets[-1]
   for domain, task in plan.tasks:
     key = f"{domain}:{task}"
-    downstream[key] = {name: _finetune(config, domain, task, str(workdir / "runs" / f"{name}-{top}"),
-                                       f"{name}-{top}-{domain}-{task}", workdir, cache) for name in measured}
+    done = {}  # strategies sharing a pretraining share its fine-tune
+    for name in measured:
+      run = run_of[(name, top)]
+      if run not in done:
+        done[run] = _finetune(config, domain, task, str(workdir / "runs" / run), f"{run}-{domain}-{task}", workdir,
+                              cache)
+    downstream[key] = {name: done[run_of[(name, top)]] for name in measured}
     downstream[key]["random_init"] = _finetune(config, domain, task, "", f"random-{domain}-{task}", workdir, cache)
 
   # 6. report
@@ -266,6 +286,7 @@ def run_sweep(config, workdir) -> dict:
       "domains": plan.domains, "budgets": plan.budgets, "strategies": list(measured), "errors": errors,
       "available": plan.available.tolist(), "design_runs": len(design), "fit": study.fit_summary(fits),
       "volumes": {n: c.tolist() for n, c in counts.items()},
+      "runs": {n: [run_of[(n, b)] for b in plan.budgets] for n in measured},
       "measured": {n: v.tolist() for n, v in measured.items()},
       "predicted": {n: v.tolist() for n, v in predicted.items()},
       "mean_loss": {n: v.mean(axis=1).tolist() for n, v in measured.items()},
