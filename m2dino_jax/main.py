@@ -1,14 +1,16 @@
 """Entry point: `python -m m2dino_jax.main --config=configs/NAME.py:ARGS --workdir=DIR [--config.k=v ...]`.
 
 Loads a locked config (big_vision style, see configlib), applies `--config.*` overrides, starts
-`jax.distributed` when the run spans several processes, and hands over to the trainer that
-`config.trainer` names. Also available as `m2dino train ...`.
+`jax.distributed` when the run spans several processes, turns on JAX's persistent compilation cache
+(`config.compile_cache`, $M2DINO_COMPILE_CACHE; train/compile_cache.py) and hands over to the trainer
+that `config.trainer` names. Also available as `m2dino train ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from m2dino_jax import configlib
@@ -61,10 +63,17 @@ def get_trainer(name: str):
 
 def run(args) -> int:
   config = configlib.load_config(args.config, args.overrides)
-  from m2dino_jax.train import distributed
+  import jax
+
+  from m2dino_jax.train import compile_cache, distributed
   distributed.maybe_initialize(config)
+  compile_cache.enable(config.get("compile_cache", ""))
   trainer = get_trainer(config.trainer)
-  trainer.train_and_evaluate(config, args.workdir)
+  log_path = os.environ.get(compile_cache.LOG_ENV)
+  with compile_cache.CompileLog() as log:
+    trainer.train_and_evaluate(config, args.workdir)
+  if log_path and jax.process_index() == 0:
+    log.write(log_path)
   return 0
 
 
