@@ -72,8 +72,10 @@ def run(args) -> int:
   log_path = os.environ.get(compile_cache.LOG_ENV)
   with compile_cache.CompileLog() as log:
     trainer.train_and_evaluate(config, args.workdir)
-  if log_path and jax.process_index() == 0:
-    log.write(log_path)
+  if jax.process_index() == 0:
+    print(log.summary_line(), file=sys.stderr)
+    if log_path:
+      log.write(log_path)
   return 0
 
 

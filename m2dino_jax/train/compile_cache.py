@@ -155,5 +155,10 @@ class CompileLog:
             "compile_cpu_s": sum(p["cpu_seconds"] for p in self.compiled),
             "total_s": sum(p["seconds"] for p in self.programs), "log": self.programs}
 
+  def summary_line(self) -> str:
+    s = self.summary()
+    return (f"compiled {s['compiled']} programs in {s['compile_s']:.1f} s ({s['compile_cpu_s']:.1f} CPU s); "
+            f"{s['cache_hits']} loaded from the persistent cache in {s['total_s'] - s['compile_s']:.1f} s")
+
   def write(self, path) -> None:
     fileio.write_json(Path(path), self.summary())
