@@ -167,15 +167,16 @@ class Mlp(nnx.Module):
 
 
 def _attention_dtype(dtype: str) -> str:
-  """Matmul precision of the attention core: `dtype`, except that XLA:CPU runs batched bf16 matmuls in
-  fp32 anyway (after two conversions), so on CPU the core stays fp32."""
+  """Matmul precision of the attention core: `dtype`, except on CPU, where XLA turns the train step's
+  batched bf16 matmuls into fp32 ones wrapped in rounding conversions (measured: slower than plain fp32),
+  so there the core stays fp32."""
   return "float32" if jax.default_backend() == "cpu" else dtype
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention with separate q/k/v projections and optional RoPE on patch tokens.
 
-  `rope_cs` is what `Encoder.rope` built for this attention kind: patch tables (cfg.attention 'xla') or
+  `rope_cs` is what `Encoder.__call__` built for this attention kind: patch tables (cfg.attention 'xla') or
   token tables (`rope.token_tables`, 'matmul')."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
