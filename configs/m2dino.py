@@ -52,10 +52,15 @@ def get_config(arg=None):
   # ('paper' | 'organ' | 'type'), 'name:task+task;name:task', or a JSON file {name: [tasks]} (tasks/registry.py)
   c.groups = ""
   c.seed = 0
+  # JAX persistent compilation cache: '' = auto ($M2DINO_COMPILE_CACHE, else ~/.cache/m2dino_jax/xla/HOST),
+  # 'off', or a folder (train/compile_cache.py)
+  c.compile_cache = ""
 
   c.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, kind="dinov3", in_chans=1, num_registers=4, out_blocks=(3, 5, 7, 11), drop_path=0.1,
-      layerscale_init=1e-5, pos_embed_rescale=None, dtype="float32"))
+      layerscale_init=1e-5, pos_embed_rescale=None,
+      # 'bfloat16': bf16 matmul inputs with fp32 accumulation, fp32 weights and AdamW state (models/precision.py)
+      dtype="float32", attention="matmul"))
   c.init_from = ""  # HF DINOv3/DINOv2 folder, UltraDINO / our encoder checkpoint
 
   c.moe = default_moe_config()

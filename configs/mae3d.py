@@ -24,6 +24,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.trainer = "mae"
   c.seed = 0
+  # JAX persistent compilation cache: '' = auto ($M2DINO_COMPILE_CACHE, else ~/.cache/m2dino_jax/xla/HOST),
+  # 'off', or a folder (train/compile_cache.py)
+  c.compile_cache = ""
   c.run_id = ""  # default: the workdir's name
   c.measurements = ""  # default: WORKDIR/measurements.jsonl
 

@@ -40,11 +40,14 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.trainer = "dino"
   c.seed = 0
+  # JAX persistent compilation cache: '' = auto ($M2DINO_COMPILE_CACHE, else ~/.cache/m2dino_jax/xla/HOST),
+  # 'off', or a folder (train/compile_cache.py)
+  c.compile_cache = ""
 
   c.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, kind="dinov2", pos_grid=14, in_chans=1, num_registers=4, drop_path=0.3,
       layerscale_init=1e-5, norm_eps=1e-6, query_bias=True, key_bias=True, value_bias=True,
-      dtype="float32"))  # dtype bfloat16: bf16 compute, fp32 weights
+      dtype="float32", attention="matmul"))  # dtype bfloat16: bf16 matmul inputs, fp32 accumulation and weights
   c.head = ml_collections.ConfigDict(dict(prototypes=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3))
   c.loss = ml_collections.ConfigDict(dict(
       dino_weight=1.0, ibot_weight=1.0, koleo_weight=0.1, student_temp=0.1,

@@ -1,8 +1,9 @@
 """Entry point: `python -m m2dino_jax.main --config=configs/NAME.py:ARGS --workdir=DIR [--config.k=v ...]`.
 
 Loads a locked config (big_vision style, see configlib), applies `--config.*` overrides, starts
-`jax.distributed` when the run spans several processes, and hands over to the trainer that
-`config.trainer` names. Also available as `m2dino train ...`.
+`jax.distributed` when the run spans several processes, turns on JAX's persistent compilation cache
+(`config.compile_cache`, $M2DINO_COMPILE_CACHE; train/compile_cache.py) and hands over to the trainer
+that `config.trainer` names. Also available as `m2dino train ...`.
 
 One run per workdir: WORKDIR/m2dino.lock refuses a second run while the first lives; a rerun must bring the
 run's config (WORKDIR/config.json) unless `--config.resume_policy=override` accepts changed safe keys (see
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from m2dino_jax import configlib
@@ -103,11 +105,12 @@ def run(args) -> int:
   config = load_config(args.config, overrides)
   configlib.check_ranges(config)
   from m2dino_jax.bench import profile
-  from m2dino_jax.train import distributed, loop
+  from m2dino_jax.train import compile_cache, distributed, loop
   from m2dino_jax.train import workdir as workdir_lib
   if policy not in workdir_lib.POLICIES:
     raise ConfigError("resume_policy", f"'{policy}' is not one of {', '.join(workdir_lib.POLICIES)}")
   distributed.maybe_initialize(config)
+  compile_cache.enable(config.get("compile_cache", ""))
   trainer = get_trainer(config.trainer)
   import jax
   lock = workdir_lib.WorkdirLock(args.workdir)
@@ -122,10 +125,15 @@ def run(args) -> int:
     lock.release(remove_empty_workdir=True)
     raise error or M2DinoError(f"{args.workdir}: process 0 could not take the workdir")
   ok = False
+  log_path = os.environ.get(compile_cache.LOG_ENV)
   try:
-    with loop.InterruptGuard(), profile.maybe_profile(config, args.workdir):
+    with loop.InterruptGuard(), profile.maybe_profile(config, args.workdir), compile_cache.CompileLog() as log:
       status = trainer.train_and_evaluate(config, args.workdir)
     ok = True
+    if jax.process_index() == 0:
+      print(log.summary_line(), file=sys.stderr)
+      if log_path:
+        log.write(log_path)
   except loop.Interrupted as e:
     print(f"interrupted by {e}: the checkpoints in {args.workdir} are intact; rerun the same command to resume",
           file=sys.stderr)

@@ -234,3 +234,22 @@ def write_results(args, name: str, rows: list[dict], **fields) -> dict:
   fileio.write_json(args.out, obj)
   print(f"wrote {args.out}")
   return obj
+
+
+def time_round_robin(fns: dict, repeats: int) -> dict:
+  """Times several calls round-robin (after one warm-up each), so that a shared machine's changing load hits
+  them alike. Returns {name: {'median_s', 'min_s' (wall), 'cpu_s' (median CPU seconds of this process, all
+  threads)}}: on an oversubscribed machine the CPU time is the stable measure of the work done."""
+  import numpy as np
+  for fn in fns.values():
+    fn()
+  wall = {name: [] for name in fns}
+  cpu = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t, c = time.perf_counter(), time.process_time()
+      fn()
+      cpu[name].append(time.process_time() - c)
+      wall[name].append(time.perf_counter() - t)
+  return {name: {"median_s": float(np.median(wall[name])), "min_s": float(np.min(wall[name])),
+                 "cpu_s": float(np.median(cpu[name]))} for name in fns}
