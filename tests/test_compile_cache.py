@@ -17,7 +17,7 @@ from tests.util import ROOT
 
 # the helpers a multitask run compiles besides its step programs: the state initialisation, the seed's
 # key (jax.random.key on the host) and one data-side staging program
-HELPERS = {"jit(init)", "jit(_threefry_seed)", "jit(stage)"}
+HELPERS = {"jit(init)", "jit(_threefry_seed)", "jit(stage)", "jit(_finite_flags)"}  # _finite_flags: the check before a save
 
 
 def test_resolve_precedence(monkeypatch, tmp_path):
