@@ -17,7 +17,8 @@ from tests.util import ROOT
 
 # the helpers a multitask run compiles besides its step programs: the state initialisation, the seed's
 # key (jax.random.key on the host) and one data-side staging program
-HELPERS = {"jit(init)", "jit(_threefry_seed)", "jit(stage)", "jit(_finite_flags)"}  # _finite_flags: the check before a save
+# and the finiteness check before a checkpoint save
+HELPERS = {"jit(init)", "jit(_threefry_seed)", "jit(stage)", "jit(_finite_flags)"}
 
 
 def test_resolve_precedence(monkeypatch, tmp_path):
