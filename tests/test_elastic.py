@@ -197,7 +197,7 @@ def test_resume_on_another_process_count_and_preset(runs, tmp_path, written, res
   position: steps 3-4 and the final state equal the uninterrupted run's."""
   work = tmp_path / "resumed"
   _rewind(runs[written], work, 2)
-  log = _train(work, resumed, DP)
+  log = _train(work, resumed, DP + ["resume_policy=override"])  # a changed mesh is accepted only on request
   assert "resumed from step 2" in log
   ref, got = _losses(runs[written]), _losses(work)
   assert [got[s][0] for s in (3, 4)] == [ref[s][0] for s in (3, 4)]
