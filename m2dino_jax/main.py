@@ -110,7 +110,8 @@ def run(args) -> int:
   if policy not in workdir_lib.POLICIES:
     raise ConfigError("resume_policy", f"'{policy}' is not one of {', '.join(workdir_lib.POLICIES)}")
   distributed.maybe_initialize(config)
-  compile_cache.enable(config.get("compile_cache", ""))
+  # reported after the run, so that a bad input stays one line
+  cache_dir = compile_cache.enable(config.get("compile_cache", ""), log=False)
   trainer = get_trainer(config.trainer)
   import jax
   lock = workdir_lib.WorkdirLock(args.workdir)
@@ -131,6 +132,7 @@ def run(args) -> int:
       status = trainer.train_and_evaluate(config, args.workdir)
     ok = True
     if jax.process_index() == 0:
+      print(f"compile cache: {cache_dir or 'off'}", file=sys.stderr)
       print(log.summary_line(), file=sys.stderr)
       if log_path:
         log.write(log_path)
