@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from m2dino_jax import configlib, fileio, main
+from m2dino_jax import fileio, main
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.train import workdir as workdir_lib
 from tests.util import ROOT
@@ -65,7 +65,9 @@ def test_lock_of_a_killed_run_is_stale_and_taken_over(tmp_path, capfd):
 
 
 def _write_run(work, *overrides):
-  config = configlib.load_config(CONFIG.split("=", 1)[1], [o.removeprefix("--config.") for o in [*SMALL, *overrides]])
+  """config.json as a run writes it (the entry point's config, with its own sections such as `profile`)."""
+  from m2dino_jax import main
+  config = main.load_config(CONFIG.split("=", 1)[1], [o.removeprefix("--config.") for o in [*SMALL, *overrides]])
   workdir_lib.write_config(work, config)
   return (work / "config.json").read_bytes()
 
@@ -87,13 +89,14 @@ def test_changed_config_on_an_existing_run_is_refused_naming_the_key(tmp_path, c
 def test_override_policy_accepts_safe_keys_only(tmp_path):
   work = tmp_path / "run"
   _write_run(work)
-  safe = configlib.load_config(CONFIG.split("=", 1)[1], [o.removeprefix("--config.") for o in SMALL]
-                               + ["total_steps=50", "optim.lr=0.01", "checkpoint.every=5"])
+  from m2dino_jax import main
+  safe = main.load_config(CONFIG.split("=", 1)[1], [o.removeprefix("--config.") for o in SMALL]
+                          + ["total_steps=50", "optim.lr=0.01", "checkpoint.every=5"])
   with pytest.raises(ConfigError, match="checkpoint.every, optim.lr, total_steps"):
     workdir_lib.check_config(work, safe, "strict")
   workdir_lib.check_config(work, safe, "override")  # accepted
-  unsafe = configlib.load_config(CONFIG.split("=", 1)[1], [o.removeprefix("--config.") for o in SMALL]
-                                 + ["total_steps=50", "moe.num_experts=8"])
+  unsafe = main.load_config(CONFIG.split("=", 1)[1], [o.removeprefix("--config.") for o in SMALL]
+                            + ["total_steps=50", "moe.num_experts=8"])
   with pytest.raises(ConfigError, match="'moe.num_experts': differs .* 4 -> 8"):
     workdir_lib.check_config(work, unsafe, "override")
 
