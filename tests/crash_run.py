@@ -3,11 +3,16 @@
   STEP       kill the process (exit 17, no clean-up) right after step STEP, once the checkpoints in flight are on
              disk;
   save@STEP  kill it right after the asynchronous save of step STEP has started (a SIGKILL mid-save);
-  nan@STEP   turn the state and the loss NaN at step STEP (as a diverging learning rate would).
+  nan@STEP   turn the state and the loss NaN at step STEP (as a diverging learning rate would);
+  hold@STEP  after step STEP, write the step to the file named by $M2DINO_HOLD_MARKER and wait (up to 120 s) for
+             SIGTERM / SIGINT, so a test can signal the run at a known step however fast the machine is.
 """
 
 import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,17 @@ def _crash_at(target: int):
       if checkpointer is not None:
         checkpointer.wait()
       os._exit(17)
+  return hook
+
+
+def _hold_at(target: int):
+  def hook(step, state, checkpointer):
+    if step == target:
+      guard = signal.getsignal(signal.SIGTERM).__self__  # the loop's PreemptionGuard
+      Path(os.environ["M2DINO_HOLD_MARKER"]).write_text(str(step))
+      deadline = time.time() + 120
+      while not guard.requested and time.time() < deadline:
+        time.sleep(0.02)
   return hook
 
 
@@ -60,6 +76,8 @@ if __name__ == "__main__":
     _crash_mid_save(int(fault[5:]))
   elif fault.startswith("nan@"):
     _nan_at(int(fault[4:]))
+  elif fault.startswith("hold@"):
+    loop.AFTER_STEP_HOOKS.append(_hold_at(int(fault[5:])))
   else:
     loop.AFTER_STEP_HOOKS.append(_crash_at(int(fault)))
   sys.exit(main.main(sys.argv[2:]))

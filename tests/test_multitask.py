@@ -15,7 +15,7 @@ from m2dino_jax.data import pipeline
 from m2dino_jax.tasks import metrics, registry
 from m2dino_jax.tasks import results as report_files
 from m2dino_jax.train import checkpointing, multitask
-from tests.util import ROOT, run_with_devices
+from tests.util import ROOT, run_with_devices, signal_run
 
 FOUR = "fetal_head+breast_2cls+thyroid_nodule_det+fetal_femur"
 SMALL = ["--config.data.image_size=32", "--config.data.source.synthetic_count=16", "--config.data.batch_size=4",
@@ -130,25 +130,12 @@ def test_resume_after_crash_is_bit_identical(tmp_path, reference_run):
 
 
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, reference_run):
-  import signal
-  import time
   work = tmp_path / "term"
-  proc = subprocess.Popen([sys.executable, "-m", "m2dino_jax.main", *RESUME, f"--workdir={work}",
-                           "--config.checkpoint.every=100"], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  log = work / "all" / "metrics.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=240)
-  assert proc.returncode == 75, err[-2000:]  # EX_TEMPFAIL: restart wrappers rerun, which resumes
-  m = __import__("re").search(r"preempted at step (\d+)", err)
-  assert m, err[-2000:]
-  stopped = int(m.group(1))
-  assert 2 <= stopped < 8 and (work / "all" / "ckpt" / str(stopped)).is_dir()  # no periodic save before 100
+  err = signal_run([*RESUME, "--config.checkpoint.every=100", f"--workdir={work}"], tmp_path, "SIGTERM", at=3)
+  assert "preempted at step 3" in err, err[-2000:]
+  assert (work / "all" / "ckpt" / "3").is_dir()  # no periodic save before 100: this is the preemption save
   resumed = _run_cli([*RESUME, f"--workdir={work}", "--config.checkpoint.every=100"])
-  assert f"resumed from step {stopped}" in resumed.stderr
+  assert "resumed from step 3" in resumed.stderr
   _assert_same(reference_run, _final_state(work, 8))
 
 

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from m2dino_jax.train import checkpointing, integrity
-from tests.util import ROOT
+from tests.util import ROOT, signal_run
 
 pytestmark = pytest.mark.slow
 
@@ -107,21 +105,11 @@ def test_sigkill_mid_save_resumes_exactly(tmp_path, reference):
 
 def test_sigint_checkpoints_and_exits_75(tmp_path):
   work = tmp_path / "int"
-  proc = subprocess.Popen([sys.executable, "-m", "m2dino_jax.main", *ARGS, "--config.log_every=1",
-                           "--config.checkpoint.every=100", f"--workdir={work}"], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  log = work / "all" / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 75, err[-2000:]
-  m = re.search(r"preempted at step (\d+)", err)
-  assert m and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-  stopped = int(m.group(1))
-  assert 2 <= stopped < 8 and _steps(work) == [stopped]
-  assert integrity.has_manifest(work / "all" / "ckpt" / str(stopped))
+  err = signal_run([*ARGS, "--config.log_every=1", "--config.checkpoint.every=100", f"--workdir={work}"], tmp_path,
+                   "SIGINT", at=3)
+  assert "preempted at step 3" in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+  assert _steps(work) == [3]
+  assert integrity.has_manifest(work / "all" / "ckpt" / "3")
   assert not (work / "m2dino.lock").exists()
 
 

@@ -1,11 +1,13 @@
-"""Test utilities: run code in a fresh Python with N simulated CPU devices."""
+"""Test utilities: run code in a fresh Python with N simulated CPU devices; signal a training run at a known step."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +30,20 @@ def run_with_devices(code: str, devices: int = 8, timeout: int = 240, env: dict 
     out, err = proc.stdout[-3000:], proc.stderr[-5000:]
     raise AssertionError(f"subprocess failed ({proc.returncode}):\n{out}\n{err}")
   return proc.stdout
+
+
+def signal_run(args: list[str], tmp_path: Path, sig: str, at: int, timeout: int = 300) -> str:
+  """Runs the trainer (tests/crash_run.py hold@AT), sends it `sig` while it waits after step `at`, and returns its
+  stderr once it exits with EXIT_PREEMPTED (75). Holding the run makes the step deterministic on any machine."""
+  marker = tmp_path / f"held-{sig}"
+  env = {**os.environ, "M2DINO_HOLD_MARKER": str(marker)}
+  proc = subprocess.Popen([sys.executable, "tests/crash_run.py", f"hold@{at}", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(getattr(signal, sig))
+  _, err = proc.communicate(timeout=timeout)
+  assert marker.exists() and marker.read_text() == str(at), err[-3000:]
+  assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: restart wrappers rerun, which resumes
+  return err
