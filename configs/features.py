@@ -17,6 +17,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.trainer = "features"
   c.seed = 0
+  # JAX persistent compilation cache: '' = auto ($M2DINO_COMPILE_CACHE, else ~/.cache/m2dino_jax/xla/HOST),
+  # 'off', or a folder (train/compile_cache.py)
+  c.compile_cache = ""
   c.model = ml_collections.ConfigDict(dict(variant=arg.variant, kind="dinov3", in_chans=1, num_registers=4,
                                            out_blocks=(3, 5, 7, 11)))
   c.init_from = ""  # HF folder / our encoder checkpoint; empty = random init

@@ -30,25 +30,37 @@ import ml_collections
 
 from m2dino_jax.configlib import parse_arg
 from m2dino_jax.data.pipeline import default_data_config
+from m2dino_jax.errors import ConfigError
 from m2dino_jax.models.heads import default_heads_config
 from m2dino_jax.models.moe import default_moe_config
 from m2dino_jax.train.optim import default_optim_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paradigm="au", variant="S/16", smoke=False, tasks="all", steps=-1, scale=False)
+  arg = parse_arg(arg, paradigm="au", variant="S/16", smoke=False, tasks="all", steps=-1, scale=False, advice="")
   c = ml_collections.ConfigDict()
   c.trainer = "multitask"
-  c.paradigm = arg.paradigm
+  # 'advised' trains the groups and per-group sampling weights of an advice.json (`m2dino advise fit`): CG
+  # with groups = weights_file = the advice file (eval files record paradigm 'cg'; report it as advised=DIR)
+  advised = arg.paradigm == "advised"
+  if advised and not arg.advice:
+    raise ConfigError("advice", "paradigm=advised needs advice=PATH (advice.json from `m2dino advise fit`)")
+  c.paradigm = "cg" if advised else arg.paradigm
+  c.advice = arg.advice
   c.tasks = arg.tasks  # 'all' or a comma list of task ids
   # CG groups: '' = the 'paper' preset (Fetal, Abd, MO, Breast, Lung, Thyroid, Cardiac, Gyn), a preset name
   # ('paper' | 'organ' | 'type'), 'name:task+task;name:task', or a JSON file {name: [tasks]} (tasks/registry.py)
   c.groups = ""
   c.seed = 0
+  # JAX persistent compilation cache: '' = auto ($M2DINO_COMPILE_CACHE, else ~/.cache/m2dino_jax/xla/HOST),
+  # 'off', or a folder (train/compile_cache.py)
+  c.compile_cache = ""
 
   c.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, kind="dinov3", in_chans=1, num_registers=4, out_blocks=(3, 5, 7, 11), drop_path=0.1,
-      layerscale_init=1e-5, pos_embed_rescale=None, dtype="float32"))
+      layerscale_init=1e-5, pos_embed_rescale=None,
+      # 'bfloat16': bf16 matmul inputs with fp32 accumulation, fp32 weights and AdamW state (models/precision.py)
+      dtype="float32", attention="matmul"))
   c.init_from = ""  # HF DINOv3/DINOv2 folder, UltraDINO / our encoder checkpoint
 
   c.moe = default_moe_config()
@@ -65,6 +77,15 @@ def get_config(arg=None):
   # simulator: sonosynth's long-tailed per-task sizes (15x between the smallest and largest task, as in the
   # challenge); the smoke variant uses equal sizes
   c.data.source.synthetic_count = 0
+  if advised:
+    c.groups = arg.advice
+    c.data.mixture = "json"
+    c.data.weights_file = arg.advice
+
+  # `m2dino advise probe` (m2dino_jax/advise/probe.py): budget = program calls (steps + forward losses)
+  c.advise = ml_collections.ConfigDict(dict(
+      budget=20000, repeats=3, warmup_steps=0, checkpoint="", probe_step=100,
+      scale_fractions="", scale_steps=10))
 
   # data-scale sweep: '0.1,0.3,1.0' trains every paradigm of `paradigms` at each fraction (train/multitask/sweep.py)
   c.sweep = ml_collections.ConfigDict(dict(fractions="0.1,0.3,1.0" if arg.scale else "", paradigms="ts,cg,au"))
@@ -101,4 +122,6 @@ def get_config(arg=None):
     c.steps_per_task = arg.steps if arg.steps > 0 else 40
     c.log_every = 5
     c.checkpoint.every = 20
+    c.advise.warmup_steps = 0
+    c.advise.probe_step = 20
   return c

@@ -24,6 +24,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.trainer = "mae"
   c.seed = 0
+  # JAX persistent compilation cache: '' = auto ($M2DINO_COMPILE_CACHE, else ~/.cache/m2dino_jax/xla/HOST),
+  # 'off', or a folder (train/compile_cache.py)
+  c.compile_cache = ""
   c.run_id = ""  # default: the workdir's name
   c.measurements = ""  # default: WORKDIR/measurements.jsonl
 
@@ -38,6 +41,7 @@ def get_config(arg=None):
       modalities="",  # extra 'domain=ct|mri|pet' for user-defined domains
       budget="",  # 'domain=N,...': train on the first N volumes of a domain (default: all)
       per_domain=24, heldout=4, phantom_size=128, phantom_seed=0,
+      phantom_counts="",  # 'domain=N,...': phantoms of a domain (default per_domain), so availability differs
       target_spacing=(), crop=96, batch_size=16, eval_crops=2,
       mixture="uniform",  # 'uniform' | 'size' | 'temperature' | 'json' (weights_file, e.g. allocation.json)
       temperature=1.0, weights_file="",

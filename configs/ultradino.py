@@ -6,8 +6,12 @@ Commands:
       --config.data.sources='folder:/data/fus=1'
   # CPU smoke (simulator + any folder), about 20 s on 2 cores after compilation:
   python -m m2dino_jax.main --config=configs/ultradino.py:smoke --workdir=/tmp/ultradino
-  # then start the multi-task model from the teacher:
+  # then start the multi-task model from the teacher (its DINOv2-kind architecture is adopted: learned position
+  # grid, qkv bias, LayerScale; the dense FFNs are upcycled into the MoE blocks):
   python -m m2dino_jax.main --config=configs/m2dino.py --workdir=runs/au --config.init_from=runs/ultradino/teacher
+  # the paper's evaluations of the frozen teacher (k-NN / linear macro F1, few-shot mDice), next to random init:
+  m2dino eval ssl --encoder runs/ultradino/teacher --baseline random --out runs/ultradino/eval_ssl.json
+  # released UltraDINO / DINOv2 .pth weights work wherever a checkpoint does (init_from, m2dino eval --encoder)
 
 Published values (UltraDINO's `ssl_default_config.yaml` + `vit{s,b}16_dinus_13m.yaml`, REFERENCE.md 1.2), kept as
 the defaults here: ViT-S/16 or B/16, grey input, 4 registers, drop-path 0.3, LayerScale 1e-5; DINO head 3 layers,
@@ -36,11 +40,14 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.trainer = "dino"
   c.seed = 0
+  # JAX persistent compilation cache: '' = auto ($M2DINO_COMPILE_CACHE, else ~/.cache/m2dino_jax/xla/HOST),
+  # 'off', or a folder (train/compile_cache.py)
+  c.compile_cache = ""
 
   c.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, kind="dinov2", pos_grid=14, in_chans=1, num_registers=4, drop_path=0.3,
       layerscale_init=1e-5, norm_eps=1e-6, query_bias=True, key_bias=True, value_bias=True,
-      dtype="float32"))  # dtype bfloat16: bf16 compute, fp32 weights
+      dtype="float32", attention="matmul"))  # dtype bfloat16: bf16 matmul inputs, fp32 accumulation and weights
   c.head = ml_collections.ConfigDict(dict(prototypes=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3))
   c.loss = ml_collections.ConfigDict(dict(
       dino_weight=1.0, ibot_weight=1.0, koleo_weight=0.1, student_temp=0.1,

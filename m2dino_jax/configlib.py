@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import errno
 import importlib.util
+import math
 from pathlib import Path
 
 import ml_collections
@@ -73,21 +75,44 @@ def coerce(key: str, raw: str, like):
       return raw
     if isinstance(like, (tuple, list)):
       val = ast.literal_eval(raw) if raw.startswith(("(", "[")) else [_literal(s) for s in raw.split(":")]
+      if not isinstance(val, (tuple, list)):
+        val = [val]
+      kinds = {type(x) for x in like}
+      if len(kinds) == 1 and kinds <= {int, float, str}:  # elements keep the default's element type
+        (kind,) = kinds
+        ok = kind is str or all(isinstance(x, kind) and not isinstance(x, bool)
+                                or (kind is float and isinstance(x, int) and not isinstance(x, bool)) for x in val)
+        if not ok:
+          raise ValueError(raw)
+        val = [kind(x) for x in val]
       return type(like)(val)
     if like is None:
       return _literal(raw)
-  except (ValueError, SyntaxError):
-    raise ConfigError(key, f"bad value {raw!r}; expected {type(like).__name__}") from None
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    raise ConfigError(key, f"bad value {raw!r}; expected {_kind(like)}") from None
   return _literal(raw)
+
+
+def _kind(like) -> str:
+  if isinstance(like, (tuple, list)) and like:
+    return f"a {type(like).__name__} of {type(like[0]).__name__} (e.g. {':'.join(map(str, like))})"
+  return type(like).__name__
 
 
 def load_module(path: str):
   p = Path(path)
   if not p.is_file():
     raise ConfigError("config", f"no config file {path}")
+  if p.suffix != ".py":
+    raise ConfigError("config", f"{path} is not a Python config file (configs/NAME.py)")
   spec = importlib.util.spec_from_file_location(f"m2dino_config_{p.stem}", p)
   mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  try:
+    spec.loader.exec_module(mod)
+  except SyntaxError as e:
+    raise ConfigError("config", f"{path} line {e.lineno}: syntax error ({e.msg})") from None
+  except (ImportError, NameError, AttributeError, TypeError, ValueError) as e:
+    raise ConfigError("config", f"{path} fails to load ({type(e).__name__}: {e})") from None
   if not hasattr(mod, "get_config"):
     raise ConfigError("config", f"{path} defines no get_config(arg)")
   return mod
@@ -112,6 +137,8 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
 def set_key(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
   """Sets config[dotted] from a string, coerced to the existing type; unknown keys raise."""
   parts = dotted.split(".")
+  if not all(parts):
+    raise ConfigError(dotted, "malformed key (empty part); use --config.group.key=value")
   node = config
   for i, part in enumerate(parts[:-1]):
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
@@ -128,3 +155,47 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
   value = coerce(dotted, raw, old)
   with node.unlocked():
     node[leaf] = value
+
+
+# Range checks on well-known keys (present in some configs only): (key, test, what is expected).
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+_RANGES = {
+    "optim.lr": _POSITIVE, "optim.min_lr": _NON_NEGATIVE, "optim.eps": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE, "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.head_lr_mult": _NON_NEGATIVE, "optim.layer_decay": _POSITIVE,
+    "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"), "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.batch_size": _AT_LEAST_1, "data.eval_batch_size": _AT_LEAST_1, "batch_size": _AT_LEAST_1,
+    "data.image_size": _AT_LEAST_1, "image_size": _AT_LEAST_1, "data.worker_count": _NON_NEGATIVE,
+    "log_every": _AT_LEAST_1, "eval_every": _NON_NEGATIVE, "steps_per_task": _AT_LEAST_1,
+    "checkpoint.every": _NON_NEGATIVE, "checkpoint.keep": _AT_LEAST_1, "monitor.every": _NON_NEGATIVE,
+    "epochs": _NON_NEGATIVE, "epoch_length": _NON_NEGATIVE,
+}
+
+
+def _leaves(config, prefix: str = ""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def check_ranges(config) -> None:
+  """Refuses out-of-range values of well-known keys and any NaN, naming the key (before anything is written)."""
+  for key, value in _leaves(config):
+    if isinstance(value, float) and math.isnan(value):
+      raise ConfigError(key, "is NaN")
+    if key in _RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+      test, expected = _RANGES[key]
+      if not test(value):
+        raise ConfigError(key, f"{value!r} is out of range; expected {expected}")
+
+
+def os_error_line(e: OSError) -> str:
+  """One line for an environment fault (read-only or full disk, missing folder) naming the path."""
+  what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+          errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or str(e))
+  path = e.filename or "(unknown path)"
+  return f"{path}: {what}"

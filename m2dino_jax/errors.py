@@ -52,3 +52,11 @@ class SolverError(M2DinoError):
 
 class NonFiniteError(M2DinoError):
   """The loss or gradients became NaN / Inf; names the step and task."""
+
+
+class CheckpointError(M2DinoError):
+  """A checkpoint cannot be written or does not fit the model; names the checkpoint folder."""
+
+  def __init__(self, path, message: str):
+    self.path = str(path)
+    super().__init__(f"{self.path}: {message}")

@@ -12,12 +12,20 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-  """Yields a temporary path next to `path`; renames it to `path` on success."""
+  """Yields a temporary path next to `path`; renames it to `path` on success. The file gets the mode an
+  ordinary open() would give it (0666 less the umask), not mkstemp's 0600."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.fchmod(fd, 0o666 & ~_umask())
   os.close(fd)
   try:
     yield Path(tmp)
@@ -47,6 +55,10 @@ def read_json(path, what: str = "file"):
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+  except UnicodeDecodeError:
+    raise DataError(path, "not valid JSON (not UTF-8 text)") from None
+  except RecursionError:
+    raise DataError(path, "not valid JSON (nested too deeply)") from None
   except OSError as e:
     raise DataError(path, f"cannot read {what}: {e}") from None
 

@@ -130,14 +130,36 @@ def one_torch_thread():
   torch.set_num_threads(before)
 
 
-def test_reference_step_follows_ours(one_torch_thread):
-  """Tiny model, MoE with capacity drops, cls head: equal losses before and after one AdamW update."""
+def _tiny_args(*extra):
   p = argparse.ArgumentParser()
   train.add_args(p)
-  args = p.parse_args(["--variant", "mu/16", "--size", "32", "--batch", "2", "--moe-layers", "last2",
-                       "--experts", "4", "--capacity-factor", "1.0"])
-  s = train._setup(args, moe_on=True)
+  return p.parse_args(["--variant", "mu/16", "--size", "32", "--batch", "2", "--moe-layers", "last2",
+                       "--experts", "4", "--capacity-factor", "1.0", *extra])
+
+
+def test_reference_step_follows_ours(one_torch_thread):
+  """Tiny model, MoE with capacity drops, cls head: equal losses before and after one AdamW update; the
+  JAX steps (which donate their state) leave the torch weights alone."""
+  s = train._setup(_tiny_args(), moe_on=True)
   assert s["params"]["jax"] == s["params"]["torch"]
-  losses = [(s["jax"](), s["torch"]()) for _ in range(2)]
-  np.testing.assert_allclose(*zip(*losses), rtol=2e-5)
-  assert abs(losses[0][0] - losses[1][0]) > 1e-3  # the update changed the model
+  before = {k: v.clone() for k, v in s["torch_model"].state_dict().items()}
+  jax_step, torch_step = s["fns"]["jax float32"], s["fns"]["torch float32"]
+  j0, j1 = jax_step(), jax_step()
+  for k, v in s["torch_model"].state_dict().items():
+    assert torch.equal(v, before[k]), k
+  t0, t1 = torch_step(), torch_step()
+  np.testing.assert_allclose([j0, j1], [t0, t1], rtol=2e-5)
+  assert abs(j0 - j1) > 1e-3  # the update changed the model
+
+
+def test_bf16_variants_track_fp32(one_torch_thread):
+  """The mixed-precision JAX step and torch autocast start from the fp32 loss (bf16 rounding only) and take
+  the same first update, and the earlier attention formulation computes the same step as the default."""
+  s = train._setup(_tiny_args(), moe_on=False, jax_variants=("float32", "float32/xla", "bfloat16"),
+                   torch_variants=("float32", "bfloat16"))
+  losses = {name: [fn(), fn()] for name, fn in s["fns"].items()}
+  np.testing.assert_allclose(losses["jax float32/xla"], losses["jax float32"], rtol=1e-6)
+  for impl in ("jax", "torch"):
+    np.testing.assert_allclose(losses[f"{impl} bfloat16"], losses[f"{impl} float32"], rtol=5e-3)
+  np.testing.assert_allclose(losses["jax bfloat16"], losses["torch bfloat16"], rtol=5e-3)
+  assert losses["jax bfloat16"] != losses["jax float32"]  # the bf16 variant really rounds

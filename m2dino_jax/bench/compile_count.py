@@ -71,7 +71,8 @@ def run(args) -> int:
   rows, compiled = [], {}
   for shape, groups in shapes.items():
     compiled[shape], seconds = programs(groups)
-    rows.append({"shape": shape, "train_programs": len(groups), "eval_programs": len(groups),
+    rows.append({"name": shape, "median_s": None, "shape": shape, "train_programs": len(groups),
+                 "eval_programs": len(groups),
                  "compile_s": float(np.sum(seconds)), "mean_compile_s": float(np.mean(seconds))})
 
   step_rows = []
@@ -100,5 +101,6 @@ def run(args) -> int:
   if step_rows:
     print("steady-state train step (the type program runs one branch of its switch):")
     common.print_table(step_rows, ["type", "task", "heads_in_type", "per_type_s", "per_head_s", "ratio"])
-  common.write_results(args.out, "train_compile", rows, steps=step_rows, compile_ratio=ratio)
+  common.write_results(args, "train_compile", rows, ratios={"compile_s_per_head_over_per_type": ratio},
+                       compile_s={r["shape"]: r["compile_s"] for r in rows}, steps=step_rows)
   return 0

@@ -17,6 +17,8 @@ from m2dino_jax.data import pipeline, records
 from m2dino_jax.tasks import registry
 
 TASKS = ("fetal_head", "breast_2cls", "thyroid_nodule_det", "fetal_femur")
+SMOKE = {"image_size": 32, "batch": 4, "batches": 2, "workers": [0], "source": "records", "source_size": 48,
+         "per_task": 2, "vit_variant": "mu/16", "vit_batch": 2, "vit_steps": 2, "sim_images": 0}
 
 
 def add_args(p) -> None:
@@ -27,6 +29,7 @@ def add_args(p) -> None:
   p.add_argument("--source", choices=("sonosynth", "records"), default="sonosynth")
   p.add_argument("--source-size", type=int, default=256, help="side of the source images")
   p.add_argument("--per-task", type=int, default=16, help="source images per task")
+  p.add_argument("--vit-variant", default="S/16", help="encoder of the consuming train step")
   p.add_argument("--vit-batch", type=int, default=8)
   p.add_argument("--vit-steps", type=int, default=3, help="timed train steps")
   p.add_argument("--sim-images", type=int, default=27, help="images for the simulator speed (0 = skip)")
@@ -76,12 +79,12 @@ def pipeline_rate(sources, image_size: int, batch: int, batches: int, workers: i
     next(it)
   dt = time.perf_counter() - t
   it.close()
-  return {"what": f"pipeline, {workers} workers", "images_per_s": batch * batches / dt,
-          "s_per_batch": dt / batches, "startup_s": first, "batch": batch}
+  return {"name": f"pipeline, {workers} workers", "images_per_s": batch * batches / dt,
+          "median_s": dt / batches, "startup_s": first, "batch": batch}
 
 
-def vit_train_rate(image_size: int, batch: int, steps: int) -> dict:
-  """Images/s of a jitted ViT-S/16 fwd + bwd + SGD step with a linear head (compile excluded)."""
+def vit_train_rate(image_size: int, batch: int, steps: int, variant: str = "S/16") -> dict:
+  """Images/s of a jitted ViT fwd + bwd + SGD step with a linear head (compile excluded)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -91,7 +94,7 @@ def vit_train_rate(image_size: int, batch: int, steps: int) -> dict:
 
   class Classifier(nnx.Module):
     def __init__(self, rngs):
-      self.encoder = vit.Encoder(vit.ViTConfig.from_config({"variant": "S/16"}), rngs=rngs)
+      self.encoder = vit.Encoder(vit.ViTConfig.from_config({"variant": variant}), rngs=rngs)
       self.head = nnx.Linear(self.encoder.cfg.dim, 8, rngs=rngs)
 
     def __call__(self, images):
@@ -121,23 +124,24 @@ def vit_train_rate(image_size: int, batch: int, steps: int) -> dict:
     loss.block_until_ready()
 
   timing = common.time_fn(run, warmup=1, repeats=steps)
-  return {"what": f"ViT-S/16 train step ({jax.default_backend()})",
-          "images_per_s": batch / timing["median_s"],
-          "s_per_batch": timing["median_s"], "startup_s": timing["warmup_s"], "batch": batch}
+  return {"name": f"ViT-{variant} train step ({jax.default_backend()})",
+          "images_per_s": batch / timing["median_s"], "median_s": timing["median_s"], "min_s": timing["min_s"],
+          "repeats": steps, "startup_s": timing["warmup_s"], "batch": batch}
 
 
 def simulator_rate(n: int, size: int) -> dict | None:
   if n <= 0:
     return None
   from m2dino_jax.data import sonosynth
-  return {"what": f"sonosynth simulator ({size} px, 1 thread)", "images_per_s": sonosynth.throughput(n, size),
+  rate = sonosynth.throughput(n, size)
+  return {"name": f"sonosynth simulator ({size} px, 1 thread)", "images_per_s": rate, "median_s": 1.0 / rate,
           "batch": 1}
 
 
-def run(args) -> None:
+def run(args) -> int:
   sources, source_name = _sources(args)
   rows = [pipeline_rate(sources, args.image_size, args.batch, args.batches, w) for w in args.workers]
-  train = vit_train_rate(args.image_size, args.vit_batch, args.vit_steps)
+  train = vit_train_rate(args.image_size, args.vit_batch, args.vit_steps, args.vit_variant)
   for r in rows:
     r["x_train_step"] = r["images_per_s"] / train["images_per_s"]
   rows.append(train)
@@ -146,17 +150,22 @@ def run(args) -> None:
     rows.append(sim)
   print(f"source: {source_name}, {args.per_task} per task x {len(sources)} tasks at {args.source_size} px; "
         f"output {args.image_size} px")
-  common.print_table(rows, ["what", "images_per_s", "x_train_step", "s_per_batch", "startup_s", "batch"])
+  common.print_table(rows, ["name", "images_per_s", "x_train_step", "median_s", "startup_s", "batch"])
   best = max(r["x_train_step"] for r in rows if "x_train_step" in r)
   print(f"best pipeline / train step = {best:.2f}x (goal >= 2x): {'met' if best >= 2 else 'NOT met'}")
-  common.write_results(args.out, "data", rows, source=source_name, image_size=args.image_size,
-                       goal_ratio=2.0, best_ratio=best)
+  common.write_results(args, "data", rows, ratios={"best_pipeline_over_train_step": best},
+                       compile_s={"train_step_first_call": train["startup_s"]}, source=source_name,
+                       shapes={"image_size": args.image_size, "batch": args.batch, "vit_batch": args.vit_batch,
+                               "vit_variant": args.vit_variant}, goal_ratio=2.0)
+  return 0
 
 
 if __name__ == "__main__":  # Grain workers are spawned: keep module import side-effect free
   import argparse
 
   parser = argparse.ArgumentParser()
-  parser.add_argument("--out", default="bench_data.json")
+  parser.add_argument("--out", default="bench_results/data.json")
+  parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--peak-tflops", type=float, default=0.0)
   add_args(parser)
   run(parser.parse_args())

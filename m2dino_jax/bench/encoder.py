@@ -2,16 +2,21 @@
 
 Both models are built from one random transformers DINOv3ViTModel (eval mode, fp32, eager
 attention); ours imports its weights, so both compute the same function (checked in the run).
-Timings exclude compilation; the ratio is taken in one run, side by side.
+Timings exclude compilation (reported apart) and are taken round-robin, so the ratio is measured in one
+run, side by side. FLOPs per image: the analytic encoder count (bench/flops.py), cross-checked with XLA's
+cost analysis of the compiled forward; MFU against the device's peak (bench/peaks.py).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
-from m2dino_jax.bench import common
+from m2dino_jax.bench import common, flops
+
+SMOKE = {"variant": "mu/16", "size": 32, "batch": 2, "repeats": 2, "torch_threads": 1}
 
 
 def add_args(p) -> None:
@@ -48,7 +53,9 @@ def run(args) -> int:
   xt = torch.from_numpy(x)
   xj = jnp.asarray(x.transpose(0, 2, 3, 1))
   gdef, state = nnx.split(ours)
-  fwd = jax.jit(lambda s, x: nnx.merge(gdef, s)(x)["patch_tokens"])
+  t0 = time.perf_counter()
+  fwd = jax.jit(lambda s, x: nnx.merge(gdef, s)(x)["patch_tokens"]).lower(state, xj).compile()
+  compile_s = time.perf_counter() - t0
 
   def run_jax():
     return jax.block_until_ready(fwd(state, xj))
@@ -58,15 +65,27 @@ def run(args) -> int:
       return hf(pixel_values=xt).last_hidden_state
 
   diff = float(np.abs(np.asarray(run_jax()) - run_torch()[:, 1 + args.registers:].numpy()).max())
+  fwd_flops = flops.vit_forward_flops(dim=spec["dim"], depth=spec["depth"], mlp_dim=spec["mlp_dim"],
+                                      patch=spec.get("patch", 16), image_size=args.size, channels=3,
+                                      prefix=1 + args.registers) * args.batch
+  xla = common.xla_flops(fwd)
+  times = common.time_interleaved({"jax (ours)": run_jax, "torch (transformers)": run_torch}, args.repeats)
   rows = []
-  for name, fn in (("jax (ours)", run_jax), ("torch (transformers)", run_torch)):
-    t = common.time_fn(fn, warmup=1, repeats=args.repeats)
-    rows.append({"impl": name, "batch": args.batch, "size": args.size, "s_per_batch": t["median_s"],
-                 "images_per_s": args.batch / t["median_s"], "first_call_s": t["warmup_s"]})
-  ratio = rows[0]["images_per_s"] / rows[1]["images_per_s"]
+  for name, t in times.items():
+    ours = name.startswith("jax")
+    rows.append({"name": name, "batch": args.batch, "size": args.size, "median_s": t["median_s"],
+                 "min_s": t["min_s"], "repeats": args.repeats, "gflop_per_img": fwd_flops / args.batch / 1e9,
+                 **common.throughput(args, images=args.batch, seconds=t["median_s"], flops=fwd_flops,
+                                     xla=xla if ours else None)})
+  ratio = rows[0]["images_per_s_per_device"] / rows[1]["images_per_s_per_device"]
   print(f"encoder {args.variant} at {args.size}px, batch {args.batch}, torch threads {torch.get_num_threads()}, "
         f"max |diff| {diff:.2e}")
-  common.print_table(rows, ["impl", "batch", "size", "s_per_batch", "images_per_s", "first_call_s"])
-  print(f"speed-up jax/torch: {ratio:.2f}x")
-  common.write_results(args.out, "encoder", rows, variant=args.variant, speedup=ratio, max_abs_diff=diff)
+  common.print_table(rows, ["name", "batch", "size", "median_s", "min_s", "images_per_s_per_device",
+                            "gflop_per_img", "tflops_per_device", "xla_tflops_per_device", "mfu"])
+  common.write_results(args, "encoder", rows, compile_s={"jax_forward": compile_s},
+                       ratios={"jax_over_torch_images_per_s": ratio,
+                               "xla_over_analytic_flops": xla / fwd_flops if xla else None},
+                       shapes={"batch": args.batch, "size": args.size, "variant": args.variant,
+                               "tokens": 1 + args.registers + (args.size // spec.get("patch", 16)) ** 2},
+                       max_abs_diff=diff, torch_threads=torch.get_num_threads())
   return 0

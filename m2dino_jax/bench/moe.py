@@ -25,6 +25,7 @@ import numpy as np
 
 from m2dino_jax.bench import common
 
+SMOKE = {"batch": 2, "tokens": 17, "dim": 32, "hidden": 64, "experts": 4, "repeats": 2, "devices": "1,2"}
 BACKENDS = (("dense", "auto"), ("dropless", "blocked"), ("dropless", "ragged_dot"),
             ("expert_parallel", "auto"))
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1}
@@ -80,8 +81,10 @@ def _moe_step(model, x, task_ids, cot, shardings=None):
     y, aux = nnx.merge(graphdef, state)(x, t, train=True)
     return jnp.sum(y * cot) + aux["aux_loss"], aux["drop_fraction"]
 
+  t0 = time.perf_counter()
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(
       state, x, task_ids, cot).compile()
+  compiled.compile_s = time.perf_counter() - t0
   step = lambda: jax.block_until_ready(compiled(state, x, task_ids, cot))
   drop = float(step()[0][1])
   return step, compiled, drop
@@ -118,34 +121,26 @@ def all_to_all_bytes(hlo_text: str) -> tuple[int, int]:
   return count, total
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict:
-  """Times several steps round-robin (after one warm-up each), so that a shared machine's changing load
-  hits them alike; returns {name: {'median_s', 'min_s'}}."""
-  for fn in fns.values():
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return {name: {"median_s": float(np.median(v)), "min_s": float(np.min(v))} for name, v in times.items()}
+time_interleaved = common.time_interleaved
 
 
 def _single_device_rows(s: dict) -> list[dict]:
   x, task_ids, cot = _inputs(s)
   active_gflop = 3 * 2 * 2 * s["batch"] * s["tokens"] * s["top_k"] * s["dim"] * s["hidden"] / 1e9
   steps = {f"dense FFN (width {s['top_k'] * s['hidden']})": _dense_ffn_step(s, x, cot)}
-  drops = {}
+  drops, compile_s = {}, {}
   for backend, grouped in BACKENDS:
     name = f"moe {backend}" + (f" ({grouped})" if backend == "dropless" else "")
     name += " (1 device)" if backend == "expert_parallel" else ""
-    steps[name], _, drops[name] = _moe_step(_moe(s, backend, grouped), x, task_ids, cot)
+    steps[name], compiled, drops[name] = _moe_step(_moe(s, backend, grouped), x, task_ids, cot)
+    compile_s[name] = compiled.compile_s
   times = time_interleaved(steps, s["repeats"])
   base = next(iter(times.values()))
-  return [{"impl": name, "s_per_step": t["median_s"], "min_s": t["min_s"],
+  return [{"name": name, "median_s": t["median_s"], "min_s": t["min_s"], "repeats": t["repeats"],
            "vs_dense": t["median_s"] / base["median_s"], "vs_dense_min": t["min_s"] / base["min_s"],
-           "drop_fraction": drops.get(name, 0.0), "active_gflop": active_gflop} for name, t in times.items()]
+           "drop_fraction": drops.get(name, 0.0), "active_gflop": active_gflop,
+           "tflops_per_device": active_gflop / 1e3 / t["median_s"], "compile_s": compile_s.get(name)}
+          for name, t in times.items()]
 
 
 def scaling_point(s: dict) -> dict:
@@ -168,7 +163,8 @@ def scaling_point(s: dict) -> dict:
   sent = nbytes * (n - 1) / n                       # the share of each buffer that leaves the device
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return {"devices": n, "s_per_step": t["median_s"], "all_to_all_ops": ops,
+  return {"name": f"expert_parallel on {n} device(s)", "devices": n, "median_s": t["median_s"],
+          "min_s": t["min_s"], "repeats": t["repeats"], "compile_s": compiled.compile_s, "all_to_all_ops": ops,
           "all_to_all_MB_per_device": nbytes / 2**20,
           "all_to_all_MB_sent_per_device": sent / 2**20, "drop_fraction": drop,
           "hlo_bytes_accessed_MB": float((cost or {}).get("bytes accessed", float("nan"))) / 2**20}
@@ -184,7 +180,7 @@ def _scaling_rows(s: dict, devices: list[int]) -> list[dict]:
     if proc.returncode != 0:
       raise RuntimeError(f"scaling point {n} devices failed:\n{proc.stderr[-3000:]}")
     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"  expert-parallel on {n} device(s): {rows[-1]['s_per_step']:.3f} s/step", flush=True)
+    print(f"  expert-parallel on {n} device(s): {rows[-1]['median_s']:.3g} s/step", flush=True)
   return rows
 
 
@@ -195,14 +191,21 @@ def run(args) -> int:
         f"{s['tokens']} tokens x batch {s['batch']}, capacity factor {s['capacity_factor']}, "
         f"fwd+bwd, {jax.default_backend()}")
   rows = _single_device_rows(s)
-  common.print_table(rows, ["impl", "s_per_step", "min_s", "vs_dense", "vs_dense_min", "drop_fraction",
-                            "active_gflop"])
-  best = min(rows[1:], key=lambda r: r["s_per_step"])
-  print(f"best back-end: {best['impl']} at {best['vs_dense']:.2f}x the dense FFN")
+  common.print_table(rows, ["name", "median_s", "min_s", "vs_dense", "vs_dense_min", "drop_fraction",
+                            "active_gflop", "compile_s"])
+  best = min(rows[1:], key=lambda r: r["median_s"])
+  print(f"best back-end: {best['name']} at {best['vs_dense']:.2f}x the dense FFN")
   devices = [int(d) for d in str(args.devices).split(",") if d.strip()]
   scaling = _scaling_rows(s, devices) if devices else []
   if scaling:
-    common.print_table(scaling, ["devices", "s_per_step", "all_to_all_ops", "all_to_all_MB_per_device",
+    common.print_table(scaling, ["name", "median_s", "all_to_all_ops", "all_to_all_MB_per_device",
                                  "all_to_all_MB_sent_per_device", "hlo_bytes_accessed_MB", "drop_fraction"])
-  common.write_results(args.out, "moe", rows, settings=s, best=best["impl"], scaling=scaling)
+  ratios = {f"{r['name']} / dense": r["vs_dense"] for r in rows[1:]}
+  if len(scaling) > 1:
+    ratios.update({f"expert_parallel {r['devices']} / {scaling[0]['devices']} devices":
+                   r["median_s"] / scaling[0]["median_s"] for r in scaling[1:]})
+  compile_s = {r["name"]: r["compile_s"] for r in rows + scaling if r.get("compile_s")}
+  common.write_results(args, "moe", rows + scaling, settings_used=s, best=best["name"], ratios=ratios,
+                       compile_s=compile_s, shapes={k: s[k] for k in ("batch", "tokens", "dim", "hidden", "experts",
+                                                                       "top_k")})
   return 0

@@ -24,6 +24,10 @@ from m2dino_jax.bench import common
 from m2dino_jax.scaling import allocate, measurements, powerlaw, reference, simulate, transfer
 from m2dino_jax.scaling.law import Law, predict_loss
 
+SMOKE = {"problems": 16, "domains": 3, "slsqp_starts": 1, "resamples": 8, "points": 8, "compare_resamples": 2,
+         "tasks": "allocate,fit",
+         "compare_budgets": 2, "repeats": 2}
+
 
 def add_args(p) -> None:
   p.add_argument("--problems", type=int, default=1000, help="allocation problems")
@@ -198,9 +202,13 @@ def _huber_losses(d, loss, weights, params):
 def run(args) -> int:
   tasks = {"allocate": bench_allocate, "fit": bench_fit, "transfer": bench_transfer, "compare": bench_compare}
   rows = [tasks[t](args) for t in args.tasks.split(",") if t]
+  for row in rows:
+    row["name"], row["median_s"] = row["task"], row["jax_s"]
   common.print_table(rows, ["task", "count", "compile_s", "jax_s", "reference_s", "speedup",
                             "speedup_with_compile", "max_rel_diff", "converged"])
   for row in rows:
-    print({k: v for k, v in row.items() if k not in ("compile_s", "jax_s", "reference_s")})
-  common.write_results(args.out, "scaling", rows, settings=vars(args) | {"func": None})
+    print({k: v for k, v in row.items() if k not in ("compile_s", "jax_s", "reference_s", "name", "median_s")})
+  common.write_results(args, "scaling", rows, ratios={f"{r['task']}_speedup_over_scipy": r["speedup"] for r in rows},
+                       compile_s={r["task"]: r["compile_s"] for r in rows},
+                       shapes={r["task"]: r["count"] for r in rows})
   return 0

@@ -27,6 +27,10 @@ SPEED_GOAL = 60.0  # images/s per core at 256 px
 _COLOURS = ((255, 64, 64), (64, 224, 64), (80, 140, 255), (255, 220, 0), (255, 0, 255))
 
 
+SMOKE = {"tasks": "fetal_head,breast_2cls,thyroid_nodule_det,fetal_femur", "sizes": [64], "images": 2,
+         "cnr_images": 2, "cnr_size": 128}
+
+
 def add_args(p) -> None:
   p.add_argument("--tasks", default="all", help="task ids (comma separated) or 'all'")
   p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sides to time")
@@ -156,5 +160,7 @@ def run(args) -> None:
     sheet = contact_sheet(args.contact_sheet, tasks, args.sheet_size, args.sheet_per_task, args.seed,
                           args.sheet_columns)
     print(f"wrote contact sheet {sheet}")
-  common.write_results(args.out, "sonosynth", rows, cnr=cnr, contact_sheet=sheet, clock="process_time",
-                       speed_goal=SPEED_GOAL, cnr_goal=CNR_GOAL)
+  rows = [{"name": f"{r['task']}@{r['size']}", "median_s": 1.0 / r["images_per_s"], **r} for r in rows] or \
+      [{"name": "border_cnr", "median_s": None}]
+  common.write_results(args, "sonosynth", rows, shapes={"sizes": list(args.sizes)}, cnr=cnr, contact_sheet=sheet,
+                       clock="process_time", speed_goal=SPEED_GOAL, cnr_goal=CNR_GOAL)

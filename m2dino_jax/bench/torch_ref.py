@@ -222,11 +222,13 @@ def make_optimizer(model: Reference, *, lr: float, head_lr_mult: float, weight_d
 
 
 def train_step(model: Reference, opt, pixels, task_ids, target, *, head_kind: str, num_classes: int,
-               clip_norm: float, task_weight: float = 1.0) -> float:
-  """One update; returns the loss before it (task_weight * task loss + MoE aux losses)."""
+               clip_norm: float, task_weight: float = 1.0, autocast: bool = False) -> float:
+  """One update; returns the loss before it (task_weight * task loss + MoE aux losses). `autocast`: the
+  forward (and so the backward) under torch.autocast bf16, parameters and AdamW state fp32."""
   opt.zero_grad(set_to_none=True)
-  pred, aux = model(pixels, task_ids)
-  loss = task_weight * task_loss(head_kind, pred, target, num_classes) + aux
+  with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    pred, aux = model(pixels, task_ids)
+    loss = task_weight * task_loss(head_kind, pred.float(), target, num_classes) + aux.float()
   loss.backward()
   if clip_norm > 0:
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)

@@ -13,11 +13,23 @@ FLOPs per image are counted analytically (matmuls only, fwd + bwd = 3 x fwd), th
 and also read from XLA's cost analysis of the compiled step (all ops, including MoE dispatch and the
 capacity padding of the dense back-end). Achieved GFLOP/s use the analytic count.
 
+Variants (`--jax`, `--torch`, all timed in the same round-robin): JAX `float32` / `bfloat16` (model.dtype:
+bf16 matmul inputs, fp32 accumulation, fp32 parameters and AdamW state), optionally `/xla` for the earlier
+attention formulation (model.attention='xla'); torch `float32` / `bfloat16` (torch.autocast bf16, fp32
+parameters). Every variant starts from the same weights; ratios pair each JAX variant with the torch
+variant of its precision.
+
+Times: wall seconds per step (median and min) and CPU seconds per step (median of the process's CPU time
+over the step, all threads). On a shared, oversubscribed machine the wall time mostly measures the other
+jobs; on one pinned core the CPU time is the work done, so the `cpu` ratio is the stable one there.
+The matmul rate of this CPU (one [tokens, dim] x [dim, mlp_dim] matmul, the step's largest shape, in JAX
+and torch, each precision) is measured in the same run, so the achieved GFLOP/s can be read against it.
+
 Threads: by default torch gets as many threads as JAX's cores. On an oversubscribed machine torch's
 OpenMP threads wait for each other far more than XLA's pool does (measured on the shared 2-core box:
-ViT-S torch step 26 s with 2 threads, 4.7 s with 1), which inflates the ratio; `--torch-threads 1`
-(and XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' for JAX) gives the
-single-core comparison.
+ViT-S torch step 26 s with 2 threads, 4.7 s with 1), which inflates the ratio. The single-core
+comparison pins the whole process to one core (XLA_FLAGS thread settings alone leave JAX on ~1.9 cores):
+  taskset -c 0 m2dino bench train --torch-threads 1 --modes dense --jax float32,bfloat16 --torch float32,bfloat16
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ import numpy as np
 from m2dino_jax.bench import common, compile_count
 
 DEFAULT_TASK = {"cls": "fetal_plane_cls", "seg": "cardiac_multi"}
+SMOKE = {"variant": "mu/16", "size": 32, "batch": 2, "repeats": 2, "experts": 4, "moe_layers": "last2",
+         "torch_threads": 1, "matmul_repeats": 1}
 
 
 def add_args(p) -> None:
@@ -50,6 +64,10 @@ def add_args(p) -> None:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--torch-threads", type=int, default=0, help="0 = the cores JAX uses (the fair default)")
+  p.add_argument("--jax", default="float32",
+                 help="JAX variants: model.dtype (float32 | bfloat16), optionally /xla for the earlier attention")
+  p.add_argument("--torch", default="float32", help="torch variants: float32 | bfloat16 (autocast)")
+  p.add_argument("--matmul-repeats", type=int, default=5, help="timed calls of the matmul-rate probe (0: skip)")
   p.add_argument("--compile", action="store_true",
                  help="instead: count and time the compiled programs of a multi-task model (bench/compile_count.py)")
   compile_count.add_args(p)
@@ -97,7 +115,7 @@ def _blocks(spec: str) -> tuple[int, ...]:
   return tuple(int(b) for b in spec.split(",") if b.strip())
 
 
-def _config(args, moe_on: bool):
+def _config(args, moe_on: bool, dtype: str = "float32", attention: str = "matmul"):
   import ml_collections
 
   from m2dino_jax.models.heads import default_heads_config
@@ -107,7 +125,7 @@ def _config(args, moe_on: bool):
   c.model = ml_collections.ConfigDict(dict(
       variant=args.variant, kind="dinov3", in_chans=args.channels, num_registers=args.registers,
       out_blocks=_blocks(args.out_blocks) if args.head == "seg" else (), drop_path=0.0, layerscale_init=1.0,
-      pos_embed_rescale=None, dtype="float32"))
+      pos_embed_rescale=None, dtype=dtype, attention=attention))
   c.moe = default_moe_config()
   c.moe.update(dict(enabled=moe_on, layers=args.moe_layers, num_experts=args.experts, top_k=args.top_k,
                     capacity_factor=args.capacity_factor, backend=args.moe_backend))
@@ -158,13 +176,24 @@ def _batch(args, task, rng):
   return batch
 
 
-def _setup(args, moe_on: bool):
-  """Both steps for one encoder kind, built on the same weights. Returns a dict of callables and facts."""
+def _variants(spec: str, allowed=("float32", "bfloat16"), suffixes=("", "/xla")) -> list[str]:
+  out = [v.strip() for v in spec.split(",") if v.strip()]
+  for v in out:
+    dtype, _, impl = v.partition("/")
+    if dtype not in allowed or ("/" + impl if impl else "") not in suffixes:
+      raise ValueError(f"unknown variant '{v}': use {allowed} (JAX: optionally /xla)")
+  return out
+
+
+def _setup(args, moe_on: bool, jax_variants=("float32",), torch_variants=("float32",)):
+  """Steps for one encoder kind, all on the same weights: {name: step()} (each returns the loss before its
+  update) and the facts of the model."""
   import jax
   import jax.numpy as jnp
   import torch
   from flax import nnx
 
+  from m2dino_jax.bench import torch_ref
   from m2dino_jax.models import convert, vit
   from m2dino_jax.tasks import registry
   from m2dino_jax.train import core, optim
@@ -172,48 +201,65 @@ def _setup(args, moe_on: bool):
 
   config = _config(args, moe_on)
   task = registry.get(args.task or DEFAULT_TASK[args.head])
-  encoder, heads = trainer.build_modules(config, [task], moe_on=moe_on, seed=args.seed)
   vit_cfg = vit.ViTConfig.from_config(config.model)
+  encoder, _ = trainer.build_modules(config, [task], moe_on=moe_on, seed=args.seed)
   moe_layers = [i for i, blk in enumerate(encoder.blocks) if blk.is_moe]
-  ref, opt = _torch_model(args, config, task, vit_cfg, moe_layers)
-
-  # our model gets the torch model's weights
-  convert.assign(encoder, ref.jax_encoder_params(vit_cfg), "torch reference")
-  convert.assign(heads[task.name], ref.head.jax_params(), "torch reference head")
-  enc_gdef, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
-  head_gdef, head_params = nnx.split(heads[task.name], nnx.Param)
-  o = config.optim
-  tx = optim.adam_tx(o)
-  settings = steps.Settings(
-      lr_schedule=optim.lr_schedule(o, 1000), tx=tx, head_lr_mult=float(o.head_lr_mult), clip_norm=float(o.clip_norm),
-      loss_cfg=config.loss, enc_scales=jax.tree.map(np.float32, optim.encoder_lr_scales(enc_params, o, vit_cfg.depth)))
-  state = core.TrainState(step=jnp.int32(0), params={"encoder": enc_params, "heads": {task.name: head_params}},
-                          opt_state={"encoder": tx.init(enc_params), "heads": {task.name: tx.init(head_params)}},
-                          rng=jnp.asarray(core.seed_data(args.seed)))
-  bound = steps.bound_inputs([task], {}, enc_rest)
+  ref, _ = _torch_model(args, config, task, vit_cfg, moe_layers)
+  # the exported weights are copies: the JAX step donates its state, so arrays sharing memory with torch's
+  # tensors would let each side write into the other's weights
+  enc_weights = {k: np.array(v, copy=True) for k, v in ref.jax_encoder_params(vit_cfg).items()}
+  head_weights = {k: np.array(v, copy=True) for k, v in ref.head.jax_params().items()}
+  torch_state = {k: v.clone() for k, v in ref.state_dict().items()}
   batch = _batch(args, task, np.random.default_rng(args.seed))
   jbatch = jax.tree.map(jnp.asarray, batch)
-  program = steps.train_program(enc_gdef, {task.name: head_gdef}, [task], settings)
+  fns, compile_s, xla_flops = {}, {}, 0.0
 
-  t0 = time.perf_counter()
-  compiled = jax.jit(program, donate_argnums=(0,)).lower(state, jbatch, bound).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  holder = {"state": state}
+  for variant in jax_variants:
+    dtype, _, impl = variant.partition("/")
+    config = _config(args, moe_on, dtype, impl or "matmul")
+    encoder, heads = trainer.build_modules(config, [task], moe_on=moe_on, seed=args.seed)
+    convert.assign(encoder, enc_weights, "torch reference")
+    convert.assign(heads[task.name], head_weights, "torch reference head")
+    enc_gdef, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
+    head_gdef, head_params = nnx.split(heads[task.name], nnx.Param)
+    o = config.optim
+    tx = optim.adam_tx(o)
+    settings = steps.Settings(
+        lr_schedule=optim.lr_schedule(o, 1000), tx=tx, head_lr_mult=float(o.head_lr_mult),
+        clip_norm=float(o.clip_norm), loss_cfg=config.loss,
+        enc_scales=jax.tree.map(np.float32, optim.encoder_lr_scales(enc_params, o, vit_cfg.depth)))
+    state = core.TrainState(step=jnp.int32(0), params={"encoder": enc_params, "heads": {task.name: head_params}},
+                            opt_state={"encoder": tx.init(enc_params), "heads": {task.name: tx.init(head_params)}},
+                            rng=jnp.asarray(core.seed_data(args.seed)))
+    bound = steps.bound_inputs([task], {}, enc_rest)
+    program = steps.train_program(enc_gdef, {task.name: head_gdef}, [task], settings)
+    t0 = time.perf_counter()
+    compiled = jax.jit(program, donate_argnums=(0,)).lower(state, jbatch, bound).compile()
+    compile_s[f"jax {variant}"] = time.perf_counter() - t0
+    if not xla_flops:
+      cost = compiled.cost_analysis()
+      xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
+    holder = {"state": state}
 
-  def jax_step():
-    holder["state"], metrics = compiled(holder["state"], jbatch, bound)
-    return float(jax.block_until_ready(metrics["loss"]))
+    def jax_step(compiled=compiled, holder=holder, bound=bound):
+      holder["state"], metrics = compiled(holder["state"], jbatch, bound)
+      return float(jax.block_until_ready(metrics["loss"]))
+    fns[f"jax {variant}"] = jax_step
 
   pixels = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
   task_ids = torch.from_numpy(batch["task_id"].astype(np.int64))
   target = torch.from_numpy(batch["label" if args.head == "cls" else "mask"].astype(np.int64))
+  for variant in torch_variants:
+    model = ref if variant == torch_variants[0] else _torch_model(args, config, task, vit_cfg, moe_layers)[0]
+    model.load_state_dict(torch_state)
+    opt = torch_ref.make_optimizer(model, lr=config.optim.lr, head_lr_mult=config.optim.head_lr_mult,
+                                   weight_decay=config.optim.weight_decay, betas=(config.optim.b1, config.optim.b2))
 
-  def torch_step():
-    from m2dino_jax.bench import torch_ref
-    return torch_ref.train_step(ref, opt, pixels, task_ids, target, head_kind=args.head,
-                                num_classes=task.num_classes, clip_norm=config.optim.clip_norm)
+    def torch_step(model=model, opt=opt, autocast=variant == "bfloat16"):
+      return torch_ref.train_step(model, opt, pixels, task_ids, target, head_kind=args.head,
+                                  num_classes=task.num_classes, clip_norm=config.optim.clip_norm,
+                                  autocast=autocast)
+    fns[f"torch {variant}"] = torch_step
 
   flops = train_flops_per_image(
       dim=vit_cfg.dim, depth=vit_cfg.depth, mlp_dim=vit_cfg.mlp_dim, patch=vit_cfg.patch, image_size=args.size,
@@ -222,8 +268,30 @@ def _setup(args, moe_on: bool):
       seg_channels=config.heads.seg_channels, seg_inputs=len(vit_cfg.out_blocks))
   params = {"jax": sum(x.size for x in jax.tree.leaves(enc_params)) + sum(x.size for x in jax.tree.leaves(head_params)),
             "torch": sum(p.numel() for p in ref.parameters())}
-  return {"jax": jax_step, "torch": torch_step, "compile_s": compile_s, "xla_flops": float(cost.get("flops", 0.0)),
-          "flops": flops, "task": task.name, "moe_layers": moe_layers, "params": params}
+  return {"fns": fns, "compile_s": compile_s, "xla_flops": xla_flops, "flops": flops, "task": task.name,
+          "moe_layers": moe_layers, "params": params, "torch_model": ref}
+
+
+def matmul_rates(m: int, k: int, n: int, repeats: int) -> dict:
+  """GFLOP/s of one [m, k] x [k, n] matmul in JAX and torch, fp32 and bf16 inputs (fp32 accumulation), timed
+  by CPU seconds (see the module docstring)."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  from m2dino_jax.bench import common
+  a = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
+  b = np.random.default_rng(1).standard_normal((k, n)).astype(np.float32)
+  fns = {}
+  for dtype in ("float32", "bfloat16"):
+    f = jax.jit(lambda x, y, dt=dtype: jnp.dot(x.astype(dt), y.astype(dt), preferred_element_type=jnp.float32))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    fns[f"jax {dtype}"] = lambda f=f, ja=ja, jb=jb: jax.block_until_ready(f(ja, jb))
+    tdt = getattr(torch, dtype)
+    ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)
+    fns[f"torch {dtype}"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
+  times = common.time_round_robin(fns, repeats)
+  return {name: 2 * m * k * n / t["cpu_s"] / 1e9 for name, t in times.items()}
 
 
 def run(args) -> int:
@@ -233,40 +301,61 @@ def run(args) -> int:
   import jax
   import torch
 
-  from m2dino_jax.bench.moe import time_interleaved
-
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(args.torch_threads or threads)
+  jax_variants, torch_variants = _variants(args.jax), _variants(args.torch, suffixes=("",))
   rows, extra = [], {}
   for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-    s = _setup(args, mode == "moe")
+    s = _setup(args, mode == "moe", jax_variants, torch_variants)
     if s["params"]["jax"] != s["params"]["torch"]:
       raise AssertionError(f"parameter counts differ: {s['params']}")
-    first = {"jax": s["jax"](), "torch": s["torch"]()}  # warm-up, and the check that both compute the same loss
-    times = time_interleaved({"jax": s["jax"], "torch": s["torch"]}, args.repeats)
+    first = {name: fn() for name, fn in s["fns"].items()}  # warm-up, and the check that all compute one loss
+    times = common.time_round_robin(s["fns"], args.repeats)
     fl = s["flops"]
-    for impl in ("jax", "torch"):
-      t = times[impl]["median_s"]
+    encoder = f"{args.variant} {'MoE ' + str(s['moe_layers']) if mode == 'moe' else 'dense'}"
+    for name, t in times.items():
       rows.append({
-          "encoder": f"{args.variant} {'MoE ' + str(s['moe_layers']) if mode == 'moe' else 'dense'}",
-          "impl": impl, "head": f"{args.head}:{s['task']}", "batch": args.batch, "s_per_step": t,
-          "min_s": times[impl]["min_s"], "images_per_s": args.batch / t,
-          "gflop_per_img": fl["train"] / 1e9, "gflop_per_s": fl["train"] * args.batch / t / 1e9,
-          "xla_gflop_per_img": s["xla_flops"] / args.batch / 1e9 if impl == "jax" else None,
-          "compile_s": s["compile_s"] if impl == "jax" else None, "first_loss": first[impl]})
-    ratio = rows[-2]["images_per_s"] / rows[-1]["images_per_s"]
-    extra[mode] = {"speedup_jax_over_torch": ratio, "loss_abs_diff": abs(first["jax"] - first["torch"]),
-                   "params": s["params"]["jax"], "flops": fl}
+          "name": f"{encoder} {name}", "median_s": t["median_s"], "encoder": encoder, "impl": name,
+          "head": f"{args.head}:{s['task']}", "batch": args.batch,
+          "s_per_step": t["median_s"], "min_s": t["min_s"], "cpu_s": t["cpu_s"],
+          "images_per_s": args.batch / t["median_s"],
+          "gflop_per_img": fl["train"] / 1e9, "gflop_per_s": fl["train"] * args.batch / t["median_s"] / 1e9,
+          "gflop_per_cpu_s": fl["train"] * args.batch / t["cpu_s"] / 1e9,
+          "xla_gflop_per_img": s["xla_flops"] / args.batch / 1e9 if name.startswith("jax") else None,
+          "compile_s": s["compile_s"].get(name), "first_loss": first[name]})
+    ratios = {}
+    for name in (n for n in times if n.startswith("jax")):
+      ref = f"torch {name.split()[1].split('/')[0]}"
+      if ref in times:
+        ratios[f"{name} / {ref}"] = {
+            "wall_median": times[ref]["median_s"] / times[name]["median_s"],
+            "wall_min": times[ref]["min_s"] / times[name]["min_s"],
+            "cpu": times[ref]["cpu_s"] / times[name]["cpu_s"],
+            "first_loss_abs_diff": abs(first[name] - first[ref])}
+    extra[mode] = {"ratios": ratios, "params": s["params"]["jax"], "flops": fl}
     del s
+  rates = {}
+  if args.matmul_repeats > 0:
+    c = _config(args, False)
+    from m2dino_jax.models import vit
+    v = vit.ViTConfig.from_config(c.model)
+    tokens = args.batch * (1 + v.num_registers + (args.size // v.patch) ** 2)
+    rates = matmul_rates(tokens, v.dim, v.mlp_dim, args.matmul_repeats)
   print(f"train step {args.variant} at {args.size}px x{args.channels}ch, batch {args.batch}, head {args.head}; "
         f"MoE E={args.experts} top-{args.top_k} {args.moe_layers} cf {args.capacity_factor} "
         f"(jax backend {args.moe_backend}, torch per-expert loop); {threads} cores, torch threads "
         f"{torch.get_num_threads()}, jax {jax.default_backend()}")
-  common.print_table(rows, ["encoder", "impl", "batch", "s_per_step", "min_s", "images_per_s", "gflop_per_img",
-                            "gflop_per_s", "xla_gflop_per_img", "compile_s", "first_loss"])
+  common.print_table(rows, ["encoder", "impl", "batch", "s_per_step", "min_s", "cpu_s", "images_per_s",
+                            "gflop_per_s", "gflop_per_cpu_s", "xla_gflop_per_img", "compile_s", "first_loss"])
   for mode, e in extra.items():
-    print(f"{mode}: speed-up jax/torch {e['speedup_jax_over_torch']:.2f}x, |first loss jax - torch| "
-          f"{e['loss_abs_diff']:.2e}, {e['params'] / 1e6:.1f} M params")
-  common.write_results(args.out, "train", rows, settings=vars(args) | {"func": None, "threads": threads},
-                       modes=extra)
+    for pair, r in e["ratios"].items():
+      print(f"{mode}: {pair}: speed-up {r['wall_median']:.2f}x (wall median), {r['wall_min']:.2f}x (wall min), "
+            f"{r['cpu']:.2f}x (cpu); |first loss diff| {r['first_loss_abs_diff']:.2e}")
+  if rates:
+    print("matmul rate of this CPU (GFLOP/s per CPU second, the step's largest matmul): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+  flat = {f"{mode} {pair} {k}": v for mode, e in extra.items() for pair, r in e["ratios"].items()
+          for k, v in r.items() if k != "first_loss_abs_diff"}
+  common.write_results(args, "train", rows, ratios=flat, compile_s={r["name"]: r["compile_s"] for r in rows},
+                       modes=extra, matmul_gflop_per_s=rates, threads=threads)
   return 0

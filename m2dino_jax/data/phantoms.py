@@ -23,6 +23,15 @@ from m2dino_jax.errors import ConfigError
 DOMAINS = tuple(volumes.DOMAINS)
 ABD_LABELS = ("background", "body", "liver", "kidney", "spine", "lesion")
 HEAD_LABELS = ("background", "scalp", "skull", "grey", "white", "csf", "lesion")
+PET_LABELS = ("background", "body", "hot_spot")
+CLASS_NAMES = ("absent", "present")  # the class label: a lesion / hot spot is present
+
+
+def label_names(domain: str) -> tuple[str, ...]:
+  """Names of the voxel labels of a phantom domain (index = label value)."""
+  if domain not in DOMAINS:
+    raise ConfigError("data.domain", f"no phantom for domain '{domain}'; phantoms: {', '.join(DOMAINS)}")
+  return PET_LABELS if domain == "hn_pet" else ABD_LABELS if domain.startswith("abd") else HEAD_LABELS
 
 # intensity per label: abdomen (bg, body, liver, kidney, spine, lesion); head (bg, scalp, skull, gm, wm, csf, les)
 _ABD = {"abd_ct": (-1000, 30, 60, 150, 600, 110), "abd_mri": (0, 300, 520, 220, 150, 120)}

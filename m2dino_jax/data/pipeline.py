@@ -1,17 +1,21 @@
 """Grain input pipelines: per-task datasets, a weighted task mixture, process shards, eval batches.
 
-Train stream (one per process), built so it is a pure function of (config, seed, process):
+Train stream (one per process), built so it is a pure function of (config, seed) and its process's
+slice of it:
 
-  per task:  plans = source indices of this process's shard -> shuffle(seed) -> repeat
-                     -> random_map(draw a per-example seed) -> batch(per-process batch)
+  per task:  plans = source indices -> shuffle(seed) -> repeat
+                     -> random_map(draw a per-example seed) -> batch(global batch)
   mixture:   grain.IterDataset.mix({task: plans}, {task: weight})   (one task per batch; a mapping,
              so a restored iterator may get new weights or tasks: task streams resume by name)
+  process:   keep rows [p * local, (p + 1) * local) of every global plan batch
   workers:   WorkerStrideIterDataset -> map(load records + transforms) -> mp_prefetch(worker_count)
 
 Plans are cheap (indices and seeds), the pixels are made after the stride, so the output is
 identical for 0, 1 or N workers (see mixture.py), and so is the checkpoint state (TrainIterator).
-Every process draws the same task at every step (same weights, same deterministic interleave),
-so a global batch holds one task: SPMD friendly.
+Every process walks the same global plan order and materialises only its rows, so the global batch
+of step s is the same for 1 or P processes (a P-process run equals a 1-process run), every process
+draws the same task at every step (SPMD friendly), and the iterator state is the same on every
+process: a checkpoint written by P processes resumes on Q processes at the same global position.
 
 Sources ('folder' | 'tfds' | 'synthetic') give, per task, a random-access sequence of Records;
 tests and tools may pass `sources={task: [Record, ...]}` directly.
@@ -246,16 +250,21 @@ def train_sizes(config, tasks, *, sources=None) -> dict[str, dict[str, int]]:
 # ----------------------------------------------------------------------------- train stream
 
 
-def _process_shard(n: int, process_index: int, process_count: int) -> np.ndarray:
-  """This process's indices of an n-example task: disjoint [p::P] (tiled first when n < P)."""
-  return (np.arange(max(n, process_count)) % n)[process_index::process_count]
-
-
 def _per_process(batch: int, process_count: int, key: str) -> int:
   if batch <= 0 or batch % process_count:
     raise ConfigError(key, f"global batch {batch} must be a positive multiple of the "
                       f"{process_count} processes")
   return batch // process_count
+
+
+class _ProcessRows(grain.transforms.Map):
+  """A global plan batch -> this process's contiguous rows (the rows its devices hold in the global batch)."""
+
+  def __init__(self, process_index: int, local_batch: int):
+    self.start, self.stop = process_index * local_batch, (process_index + 1) * local_batch
+
+  def map(self, plan):
+    return {k: v[self.start:self.stop] for k, v in plan.items()}
 
 
 class _DrawSeed(grain.transforms.RandomMap):
@@ -328,9 +337,10 @@ class TrainIterator(grain.DatasetIterator):
       self._it = None
 
 
-def _task_seeds(seed: int, task: registry.Task, process_index: int) -> tuple[int, int]:
-  """Independent 32-bit (shuffle, per-example) seeds of one task's stream on one process."""
-  shuffle_seed, example_seed = np.random.SeedSequence([seed, task.index, process_index]).generate_state(2)
+def _task_seeds(seed: int, task: registry.Task) -> tuple[int, int]:
+  """Independent 32-bit (shuffle, per-example) seeds of one task's global stream (the same on every
+  process; the trailing 0 keeps the streams of earlier single-process runs)."""
+  shuffle_seed, example_seed = np.random.SeedSequence([seed, task.index, 0]).generate_state(2)
   return int(shuffle_seed), int(example_seed)
 
 
@@ -359,17 +369,18 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
   weights = {t: float(w) for t, w in weights.items() if w > 0 and t in sizes}
   if not weights:
     raise ConfigError("mixture", "no task has a positive weight")
-  local_batch = _per_process(int(config.batch_size), process_count, "batch_size")
+  global_batch = int(config.batch_size)
+  local_batch = _per_process(global_batch, process_count, "batch_size")
   names = [t.name for t in tasks]
   plans = {}
   for i, task in enumerate(tasks):
     if task.name not in weights:
       continue
-    shuffle_seed, example_seed = _task_seeds(seed, task, process_index)
-    ds = (grain.MapDataset.source(_process_shard(sizes[task.name], process_index, process_count))
-          .shuffle(seed=shuffle_seed).repeat().random_map(_DrawSeed(i), seed=example_seed))
+    shuffle_seed, example_seed = _task_seeds(seed, task)
+    ds = (grain.MapDataset.source(np.arange(sizes[task.name])).shuffle(seed=shuffle_seed).repeat()
+          .random_map(_DrawSeed(i), seed=example_seed))
     if config.one_task_per_batch:
-      ds = ds.batch(local_batch, drop_remainder=True)
+      ds = ds.batch(global_batch, drop_remainder=True)
     plans[task.name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   pipe = transforms.Pipeline(config.transforms.train, config.image_size, config.channels)
   materialize = _Materialize(sources, names, pipe)
@@ -377,7 +388,9 @@ def make_train_iterator(config, tasks, *, seed: int | None = None, process_index
   def build(start_state: dict) -> grain.IterDataset:
     mixed = grain.IterDataset.mix(plans, {t: weights[t] for t in plans})
     if not config.one_task_per_batch:
-      mixed = mixed.batch(local_batch, drop_remainder=True)
+      mixed = mixed.batch(global_batch, drop_remainder=True)
+    if process_count > 1:
+      mixed = mixed.map(_ProcessRows(process_index, local_batch))
     ds = mixture.WorkerStrideIterDataset(mixed, start_state).map(materialize)
     return _parallelise(ds, int(config.worker_count), int(config.prefetch))
 

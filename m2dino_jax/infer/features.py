@@ -47,6 +47,8 @@ def preprocess(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
+  if config.init_from:
+    convert.adopt_architecture(config.model, config.init_from)
   cfg = vit.ViTConfig.from_config(config.model)
   model = vit.Encoder(cfg, rngs=nnx.Rngs(config.seed))
   if config.init_from:

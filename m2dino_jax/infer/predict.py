@@ -36,15 +36,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".dcm", ".mha", ".nii", ".gz"
 
 def run_models(run_dir) -> list[tuple[Path, list[str], bool]]:
   """(model folder, its tasks, moe on) of every model of a run."""
-  return [(m.parent, info["tasks"], bool(info["moe"]))
-          for m in sorted(Path(run_dir).glob("*/tasks.json")) for info in [fileio.read_json(m, "model file")]]
+  out = []
+  for m in sorted(Path(run_dir).glob("*/tasks.json")):
+    info = fileio.read_json(m, "model file")
+    if not (isinstance(info, dict) and isinstance(info.get("tasks"), list) and "moe" in info):
+      raise DataError(m, "not a model file: expected {\"model\", \"tasks\": [...], \"moe\"}")
+    out.append((m.parent, info["tasks"], bool(info["moe"])))
+  return out
 
 
 def load_config(run_dir) -> ml_collections.ConfigDict:
   cfg_file = Path(run_dir) / "config.json"
   if not cfg_file.is_file():
     raise M2DinoError(f"{run_dir}: not a training run (no config.json)")
-  return ml_collections.ConfigDict(fileio.read_json(cfg_file, "run config"))
+  obj = fileio.read_json(cfg_file, "run config")
+  if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("data"), dict)):
+    raise DataError(cfg_file, "not a training run's config (a JSON object with 'model' and 'data' expected)")
+  return ml_collections.ConfigDict(obj)
 
 
 class Model:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from m2dino_jax.cli import int_at_least
 from m2dino_jax.errors import M2DinoError
 
 
@@ -16,7 +17,7 @@ def register(sub) -> None:
   p.add_argument("--task", help="one task id, e.g. fetal_head (with --input)")
   p.add_argument("--input", nargs="+", help="image files or folders (with --task)")
   p.add_argument("--out", required=True, help="output folder (official layout)")
-  p.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
+  p.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per model call (default: %(default)s)")
   p.add_argument("--score", action="store_true",
                  help="with --data-root: score the output against the CSVs' targets as the official script does")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")

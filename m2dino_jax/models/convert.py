@@ -10,13 +10,20 @@ built from RGB weights sums the three patch-embedding channels, which gives the 
 feeding the grey image replicated to three channels.
 
 Our own encoder checkpoints (`save_encoder`) are an Orbax checkpoint of the Param state plus
-`encoder.json` (the ViTConfig), or a safetensors file with our dotted parameter names.
+`encoder.json` (the ViTConfig), or a safetensors file with our dotted parameter names. Meta DINOv2-format
+`.pth` state dicts (UltraDINO's released weights) are read by `models/dinov2_pth.py`.
+
+Every checkpoint knows its architecture (encoder.json, config.json, or the .pth shapes): `adopt_architecture`
+writes it into a config's `model` section before the model is built, so that `init_from` of a DINOv2-kind
+encoder (the UltraDINO teacher: learned position grid, qkv bias) works from a DINOv3-kind config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import sys
 from pathlib import Path
 
 import jax
@@ -25,7 +32,7 @@ from flax import nnx
 
 from m2dino_jax import fileio
 from m2dino_jax.errors import DataError
-from m2dino_jax.models import vit
+from m2dino_jax.models import dinov2_pth, vit
 
 # Older HF / Meta-style names -> the transformers 5.x names we map from.
 _ALIASES = (
@@ -46,9 +53,23 @@ _BLOCK = {"norm1": "norm1", "norm2": "norm2", "attention.q_proj": "attn.q", "att
           "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
 
 
+def _check_activation(hf: dict, gated: bool) -> None:
+  """Our FFNs are a GELU MLP or a SiLU-gated SwiGLU: any other pairing would load and silently compute another
+  function, so it is refused."""
+  act, want = hf.get("hidden_act", "gelu"), "silu" if gated else "gelu"
+  if act != want:
+    kind = "a gated MLP" if gated else "a plain MLP"
+    raise DataError("config.json", f"hidden_act {act!r} with {kind} is not implemented (only {want!r} is)")
+
+
 def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
   """Our ViTConfig from a transformers DINOv3ViTConfig / Dinov2Config dict (config.json)."""
   mtype = hf.get("model_type", "dinov3_vit")
+  needed = ("hidden_size", "num_attention_heads", "num_hidden_layers") + (
+      ("intermediate_size",) if str(mtype).startswith("dinov3") else ())
+  missing = [k for k in needed if k not in hf]
+  if missing:
+    raise DataError("config.json", f"missing {', '.join(missing)} (not a DINOv3 / DINOv2 config?)")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   common = dict(dim=d, depth=hf["num_hidden_layers"], heads=heads, patch=_int(hf.get("patch_size", 16)),
                 num_registers=hf.get("num_register_tokens", 0), in_chans=hf.get("num_channels", 3),
@@ -59,11 +80,12 @@ def config_from_hf(hf: dict, **overrides) -> vit.ViTConfig:
                key_bias=hf.get("key_bias", False), value_bias=hf.get("value_bias", True),
                proj_bias=hf.get("proj_bias", True), mlp_bias=hf.get("mlp_bias", True),
                norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 100.0))
-    if hf.get("hidden_act", "gelu") not in ("gelu", "silu"):
-      raise DataError("config.json", f"unsupported hidden_act {hf['hidden_act']!r}")
+    _check_activation(hf, gated=bool(hf.get("use_gated_mlp")))
   elif mtype.startswith("dinov2"):
     hidden = int(d * hf.get("mlp_ratio", 4))
     swiglu = bool(hf.get("use_swiglu_ffn", False))
+    if not swiglu:  # HF's DINOv2 SwiGLU FFN is SiLU whatever hidden_act says; its plain MLP follows hidden_act
+      _check_activation(hf, gated=False)
     if swiglu:
       hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
     qkv = hf.get("qkv_bias", True)
@@ -162,7 +184,7 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<par
       raise DataError(source, f"weight '{name}' has no place in this model")
     if tuple(target[name].shape) != tuple(np.shape(arr)):
       raise DataError(source, f"weight '{name}' has shape {np.shape(arr)}, model wants {target[name].shape}")
-    target[name][...] = jax.numpy.asarray(arr, target[name].dtype)
+    target[name].set_value(jax.numpy.asarray(arr, target[name].dtype))  # also over read-only host arrays
   missing = [n for n in target if n not in params]
   if strict and missing:
     raise DataError(source, f"no value for {len(missing)} params, e.g. {missing[:3]}")
@@ -172,11 +194,15 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<par
 def read_hf(path) -> tuple[dict, dict]:
   """(state dict, config dict) from a HF folder, or a .safetensors file with config.json beside it."""
   path = Path(path)
+  if not path.exists():
+    raise DataError(path, "no such file or folder")
   folder = path if path.is_dir() else path.parent
   cfg_file = folder / "config.json"
   if not cfg_file.is_file():
     raise DataError(cfg_file, "no config.json beside the weights")
   hf_cfg = fileio.read_json(cfg_file, "HF config")
+  if not isinstance(hf_cfg, dict):
+    raise DataError(cfg_file, "not a HF model config (a JSON object expected)")
   files = [path] if path.is_file() else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
   if not files:
     raise DataError(folder, "no *.safetensors (or *.bin) weights found")
@@ -192,10 +218,25 @@ def read_weights(path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
       from safetensors.numpy import load_file
       return load_file(str(path))
+    import pickle
+    import warnings
+
     import torch  # only for .bin / .pt, never executing pickle code
-    return {k: _np(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-  except (OSError, ValueError, RuntimeError) as e:
-    raise DataError(path, f"cannot read weights: {e}") from None
+    try:
+      with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line is enough
+        warnings.simplefilter("ignore")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+      raise DataError(path, "refused: loading it would run pickled code (only plain tensor files are read); "
+                      "convert it to .safetensors where it came from") from None
+    if not isinstance(state, dict):
+      raise DataError(path, f"not a state dict (a {type(state).__name__})")
+    return {k: _np(v) for k, v in state.items()}
+  except DataError:
+    raise
+  except Exception as e:  # any failure to parse a weights file (truncated, not a weights file) is bad input
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise DataError(path, f"cannot read weights ({first})") from None
 
 
 def encoder_from_hf(path_or_state, hf_config: dict | None = None, *, rngs: nnx.Rngs | None = None,
@@ -232,23 +273,28 @@ def save_encoder(model: vit.Encoder, out_dir, fmt: str = "orbax") -> Path:
 
 
 def load_encoder_params(path) -> tuple[vit.ViTConfig | None, dict[str, np.ndarray]]:
-  """Reads our saved encoder (folder or .safetensors) or a HF checkpoint; returns (config, params)."""
+  """Reads our saved encoder (folder or .safetensors), a HF checkpoint or a DINOv2-format .pth; returns
+  (config, params)."""
   path = Path(path)
   folder = path if path.is_dir() else path.parent
   ours = folder / "encoder.json"
   if ours.is_file():
     cfg = vit.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in fileio.read_json(ours, "encoder config").items()})
+                           for k, v in json.loads(ours.read_text()).items()})
     if (folder / "params").is_dir():
       import orbax.checkpoint as ocp
       with ocp.StandardCheckpointer() as ckptr:
         return cfg, dict(ckptr.restore((folder / "params").resolve()))
     return cfg, read_weights(folder / "encoder.safetensors")
+  if path.suffix in (".pth", ".pt") and path.is_file():
+    state = dinov2_pth.load_pth(path)
+    cfg = dinov2_pth.config_from_state(state, str(path))
+    return cfg, dinov2_pth.to_params(state, cfg, str(path))
   if (folder / "config.json").is_file():
     state, hf_cfg = read_hf(path)
     cfg = config_from_hf(hf_cfg)
     return cfg, hf_to_params(state, cfg, str(path))
-  raise DataError(path, "not an encoder checkpoint: expected encoder.json or a HF config.json")
+  raise DataError(path, "not an encoder checkpoint: expected encoder.json, a HF config.json or a DINOv2 .pth")
 
 
 def upcycle_moe(params: dict, model: vit.Encoder, source: str = "<params>") -> dict:
@@ -290,4 +336,69 @@ def init_encoder_from(model: vit.Encoder, path) -> vit.Encoder:
   if pe is not None and pe.shape[0] != want and model.cfg.in_chans == 1 and cfg is not None:
     params = dict(params, **{"patch_embed.kernel": pe.reshape(cfg.patch, cfg.patch, cfg.in_chans, -1)
                              .sum(axis=2).reshape(want, -1)})
-  return assign(model, params, str(path), strict=False)
+  try:
+    return assign(model, params, str(path), strict=False)
+  except DataError as e:
+    diff = architecture_diff(model.cfg, cfg) if cfg is not None else {}
+    if not diff:
+      raise
+    what = ", ".join(f"{k}: model {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items())
+    raise DataError(path, f"{str(e).split(': ', 1)[-1]}; the architectures differ ({what}); build the model from the "
+                    f"checkpoint's (convert.adopt_architecture, done by the trainers for init_from)") from None
+
+
+# The ViTConfig fields that the weights or the forward of a checkpoint fix; the rest (in_chans, drop_path,
+# dtype, out_blocks, pos_embed_rescale, the LayerScale init value) are the run's own.
+ARCH_FIELDS = ("kind", "dim", "depth", "heads", "mlp_dim", "ffn", "patch", "num_registers", "query_bias",
+               "key_bias", "value_bias", "proj_bias", "mlp_bias", "norm_eps")
+KIND_FIELDS = {"dinov2": ("pos_grid", "pos_antialias"), "dinov3": ("rope_theta",)}
+
+
+def architecture_diff(model_cfg: vit.ViTConfig, ckpt_cfg: vit.ViTConfig) -> dict[str, tuple]:
+  """{field: (model value, checkpoint value)} of the architecture fields that differ."""
+  out = {f: (getattr(model_cfg, f), getattr(ckpt_cfg, f))
+         for f in ARCH_FIELDS + KIND_FIELDS.get(ckpt_cfg.kind, ())
+         if getattr(model_cfg, f) != getattr(ckpt_cfg, f)}
+  if (model_cfg.layerscale_init is None) != (ckpt_cfg.layerscale_init is None):
+    out["layerscale_init"] = (model_cfg.layerscale_init, ckpt_cfg.layerscale_init)
+  return out
+
+
+def checkpoint_config(path) -> vit.ViTConfig:
+  """The architecture stored with a checkpoint (encoder.json, HF config.json, or read off a DINOv2 .pth)."""
+  path = Path(path)
+  folder = path if path.is_dir() else path.parent
+  if (folder / "encoder.json").is_file():
+    return vit.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in fileio.read_json(folder / "encoder.json", "encoder config").items()})
+  if path.suffix in (".pth", ".pt") and path.is_file():
+    return dinov2_pth.config_from_state(dinov2_pth.load_pth(path), str(path))
+  if (folder / "config.json").is_file():
+    return config_from_hf(fileio.read_json(folder / "config.json", "HF config"))
+  if not path.exists():
+    raise DataError(path, "no such checkpoint (init_from)")
+  raise DataError(path, "not an encoder checkpoint: expected encoder.json, a HF config.json or a DINOv2 .pth")
+
+
+def adopt_architecture(model_config, path, *, verbose: bool = True) -> dict[str, tuple]:
+  """Sets the architecture fields of a config's `model` section (a ConfigDict, locked or not) to those of the
+  checkpoint at `path`, keeping the run's own settings (in_chans, out_blocks, drop_path, dtype, ...). The
+  variant name follows when the sizes are a known variant. Returns {field: (old, new)} of what changed."""
+  ckpt = checkpoint_config(path)
+  ours = vit.ViTConfig.from_config(model_config)
+  diff = architecture_diff(ours, ckpt)
+  if not diff:
+    return {}
+  sizes = (ckpt.dim, ckpt.depth, ckpt.heads, ckpt.mlp_dim)
+  name = next((n for n, v in vit.VARIANTS.items() if tuple(v) == sizes), None)
+  with model_config.unlocked():
+    if "variant" in model_config:
+      model_config.variant = f"{name}/{ckpt.patch}" if name else ""
+    base = vit.ViTConfig.from_config(model_config)
+    for field in diff.keys() | set(ARCH_FIELDS + KIND_FIELDS.get(ckpt.kind, ())):
+      if field in model_config or getattr(base, field) != getattr(ckpt, field):
+        model_config[field] = getattr(ckpt, field)
+  if verbose:
+    print(f"[init_from] model architecture taken from {path}: "
+          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()), file=sys.stderr)
+  return diff

@@ -182,14 +182,61 @@ def _dense(din, dout, names, rngs):
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
 
 
-def _run_blocks(blocks, x, remat: bool):
-  for block in blocks:
+def _run_blocks(blocks, x, remat: bool, taps=()):
+  """Runs `blocks`; returns the output and the outputs of blocks taps[0], taps[1], ... (in that order)."""
+  seen = {}
+  for i, block in enumerate(blocks):
     if remat:
       x = nnx.remat(lambda blk, h: blk(h, None, 1)[0])(block, x)
     else:
       x = block(x, None, 1)[0]
     x = constrain(x)
-  return x
+    if i in taps:
+      seen[i] = x
+  return x, [seen[t] for t in taps]
+
+
+# The encoder's parameters (the same names in MAE3D and Encoder3D, so a MAE checkpoint's encoder is a subtree).
+ENCODER_KEYS = ("patch_embed", "cls_token", "blocks", "norm")
+# The settings that make two encoders' weights interchangeable (checked when fine-tuning from a checkpoint).
+ENCODER_SETTINGS = ("dim", "depth", "heads", "mlp_dim", "patch", "in_chans", "norm_eps")
+
+
+def _init_encoder(m: nnx.Module, cfg: MAE3DConfig, rngs: nnx.Rngs) -> None:
+  enc = cfg.encoder_vit()
+  m.patch_embed = _dense(cfg.patch_dim, cfg.dim, ("patch", "embed"), rngs)
+  m.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.dim)),
+                          sharding_names=(None, None, "embed"))
+  m.blocks = nnx.List([vit.Block(enc, 0.0, rngs=rngs) for _ in range(cfg.depth)])
+  m.norm = vit._norm(cfg.dim, cfg.norm_eps, rngs)
+
+
+def _encode(m: nnx.Module, cfg: MAE3DConfig, vol: jax.Array, ids_keep=None, taps=()):
+  """Shared by MAE3D and Encoder3D: (normed tokens [B, 1 + K, dim], raw outputs of the `taps` blocks)."""
+  if vol.shape[-1] != cfg.in_chans:
+    raise ValueError(f"expected {cfg.in_chans} channels, got {vol.shape[-1]}")
+  p = cfg.patch
+  grid = (vol.shape[1] // p, vol.shape[2] // p, vol.shape[3] // p)
+  x = m.patch_embed(patchify(vol.astype(cfg.dtype), p))
+  x = x + jnp.asarray(sincos_3d(cfg.dim, grid))[None].astype(x.dtype)
+  if ids_keep is not None:
+    x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+  cls = jnp.broadcast_to(m.cls_token[...], (x.shape[0], 1, cfg.dim)).astype(x.dtype)
+  x = constrain(jnp.concatenate([cls, x], axis=1))
+  x, tapped = _run_blocks(m.blocks, x, cfg.remat, taps)
+  return m.norm(x), tapped
+
+
+class Encoder3D(nnx.Module):
+  """The MAE's encoder alone (all patches, no masking), for fine-tuning: parameters named as in MAE3D."""
+
+  def __init__(self, cfg: MAE3DConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    _init_encoder(self, cfg, rngs)
+
+  def __call__(self, vol: jax.Array, taps=()) -> tuple[jax.Array, list[jax.Array]]:
+    """vol [B, D, H, W, C] -> (normed tokens [B, 1 + N, dim], CLS first; outputs of blocks `taps`)."""
+    return _encode(self, self.cfg, vol, None, tuple(taps))
 
 
 class MAE3D(nnx.Module):
@@ -197,12 +244,8 @@ class MAE3D(nnx.Module):
 
   def __init__(self, cfg: MAE3DConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    enc, dec = cfg.encoder_vit(), cfg.decoder_vit()
-    self.patch_embed = _dense(cfg.patch_dim, cfg.dim, ("patch", "embed"), rngs)
-    self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.dim)),
-                               sharding_names=(None, None, "embed"))
-    self.blocks = nnx.List([vit.Block(enc, 0.0, rngs=rngs) for _ in range(cfg.depth)])
-    self.norm = vit._norm(cfg.dim, cfg.norm_eps, rngs)
+    dec = cfg.decoder_vit()
+    _init_encoder(self, cfg, rngs)
     self.decoder_embed = _dense(cfg.dim, cfg.dec_dim, ("embed", "embed"), rngs)
     self.mask_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.dec_dim)),
                                 sharding_names=(None, None, "embed"))
@@ -219,16 +262,7 @@ class MAE3D(nnx.Module):
 
   def encode(self, vol: jax.Array, ids_keep: jax.Array | None = None) -> jax.Array:
     """vol [B, D, H, W, C] -> normed tokens [B, 1 + K, dim] (CLS first); all patches when ids_keep is None."""
-    cfg = self.cfg
-    if vol.shape[-1] != cfg.in_chans:
-      raise ValueError(f"expected {cfg.in_chans} channels, got {vol.shape[-1]}")
-    x = self.patch_embed(patchify(vol.astype(cfg.dtype), cfg.patch))
-    x = x + self._pos(cfg.dim, self._grid(vol)).astype(x.dtype)
-    if ids_keep is not None:
-      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
-    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, cfg.dim)).astype(x.dtype)
-    x = constrain(jnp.concatenate([cls, x], axis=1))
-    return self.norm(_run_blocks(self.blocks, x, cfg.remat))
+    return _encode(self, self.cfg, vol, ids_keep)[0]
 
   def decode(self, latent: jax.Array, ids_restore: jax.Array, grid) -> jax.Array:
     """Encoded tokens [B, 1 + K, dim] -> predicted patches [B, N, p^3 C] in patch order."""
@@ -240,7 +274,7 @@ class MAE3D(nnx.Module):
     seq = jnp.take_along_axis(seq, ids_restore[..., None], axis=1)
     seq = seq + self._pos(cfg.dec_dim, grid).astype(x.dtype)
     x = constrain(jnp.concatenate([x[:, :1], seq], axis=1))
-    x = self.decoder_norm(_run_blocks(self.decoder_blocks, x, cfg.remat))
+    x = self.decoder_norm(_run_blocks(self.decoder_blocks, x, cfg.remat)[0])
     return self.decoder_pred(x)[:, 1:]
 
   def __call__(self, vol: jax.Array, key: jax.Array, mask_ratio: float | None = None) -> dict:

@@ -8,6 +8,12 @@ the CLS and register tokens keep their values.
 
 During training DINOv3 may rescale all coordinates by a log-uniform factor in [1/r, r]
 (`pos_embed_rescale`); evaluation never does.
+
+`token_tables` + `apply_token_rope` are the fast form of the same rotation (bit-identical results): the
+tables cover every token (identity rows for CLS and registers, so no slicing and concatenation of the
+activations), `rotate_half`'s sign lives in the sine table, and an optimisation barrier keeps XLA from
+folding the cos / sin computation into each block's fusions (it recomputed them in every block, forward
+and backward).
 """
 
 from __future__ import annotations
@@ -54,3 +60,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, num_prefix: int) ->
   sin = sin[None, :, None, :].astype(x.dtype)
   patches = patches * cos + rotate_half(patches) * sin
   return jnp.concatenate([prefix, patches], axis=1)
+
+
+def token_tables(cos: jax.Array, sin: jax.Array, num_prefix: int) -> tuple[jax.Array, jax.Array]:
+  """Patch tables [N, head_dim] -> tables over all tokens [num_prefix + N, head_dim] for `apply_token_rope`:
+  prefix rows rotate by zero (cos 1, sin 0) and the first half of the sine carries rotate_half's sign."""
+  half = cos.shape[-1] // 2
+  cos = jnp.concatenate([jnp.ones((num_prefix, cos.shape[-1]), cos.dtype), cos])
+  sin = jnp.concatenate([-sin[:, :half], sin[:, half:]], axis=-1)
+  sin = jnp.concatenate([jnp.zeros((num_prefix, sin.shape[-1]), sin.dtype), sin])
+  # computed once per forward: without the barrier XLA duplicates the table math into every consumer
+  return jax.lax.optimization_barrier((cos, sin))
+
+
+def apply_token_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [..., T, head_dim] rotated by `token_tables` [T, head_dim]; equals `apply_rope` bit for bit (x * 1 +
+  y * 0 == x for finite values; the sign flip is exact)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos.astype(x.dtype) + jnp.concatenate([x2, x1], axis=-1) * sin.astype(x.dtype)

@@ -17,6 +17,7 @@ pure function of (params, batch, key).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -25,7 +26,9 @@ import ml_collections
 from flax import nnx
 
 from m2dino_jax.errors import ConfigError
-from m2dino_jax.models import interp, rope
+from m2dino_jax.models import interp, precision, rope
+
+ATTENTION = ("matmul", "xla")
 
 # name -> (width, depth, heads, mlp width). 'mu' is a tiny size for tests.
 VARIANTS = {
@@ -74,14 +77,21 @@ class ViTConfig:
   pos_grid: int = 37  # dinov2: learned position grid side (518 / 14)
   pos_antialias: bool = False  # dinov2: antialiased bicubic resize (HF Dinov2WithRegisters)
   out_blocks: tuple[int, ...] = ()  # block indices (0-based) whose outputs feed dense heads
-  dtype: str = "float32"  # compute dtype; params stay float32
+  # matmul precision: 'float32', or 'bfloat16' = bf16 matmul inputs with fp32 accumulation (models/precision.py);
+  # parameters, norms, softmax and the residual stream stay float32
+  dtype: str = "float32"
+  # 'matmul': attention as explicit batched matmuls in [B, heads, T, head_dim] with RoPE tables built once per
+  # forward (the fast form on CPU); 'xla': jax.nn.dot_product_attention with per-block RoPE (the earlier
+  # formulation, kept for comparison). Both compute the same function.
+  attention: str = "matmul"
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict | dict) -> ViTConfig:
     """Builds from a config dict; 'variant' (e.g. 'S/16') fills dim/depth/heads/mlp_dim/patch."""
     cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
     fields = {f.name for f in dataclasses.fields(cls)}
-    out = decode_variant(cfg.pop("variant")) if cfg.get("variant") else {}
+    variant = cfg.pop("variant", None)  # '' / None: sizes given field by field
+    out = decode_variant(variant) if variant else {}
     for k, v in cfg.items():
       if k not in fields:
         raise ConfigError(f"model.{k}", "unknown encoder setting")
@@ -92,6 +102,9 @@ class ViTConfig:
       raise ConfigError("model.heads", f"dim {c.dim} must split into {c.heads} heads of size % 4 == 0")
     if c.kind not in ("dinov3", "dinov2"):
       raise ConfigError("model.kind", f"'{c.kind}' is not 'dinov3' or 'dinov2'")
+    if c.attention not in ATTENTION:
+      raise ConfigError("model.attention", f"'{c.attention}' is not one of {ATTENTION}")
+    precision.check_dtype(c.dtype)
     if any(not 0 <= b < c.depth for b in c.out_blocks):
       raise ConfigError("model.out_blocks", f"{c.out_blocks} outside 0..{c.depth - 1}")
     return c
@@ -126,11 +139,20 @@ class LayerScale(nnx.Module):
     return x * self.gamma[...].astype(x.dtype)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU as torch writes it, x / 2 * (1 + erf(x / sqrt 2)). jax.nn.gelu(approximate=False)
+  goes through erfc, whose two-branch expansion costs XLA:CPU about twice as much forward and backward;
+  the two agree to ~1e-7 * |x|."""
+  return x * 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 class Mlp(nnx.Module):
   """GELU MLP (`mlp`) or SwiGLU (`swiglu`: silu(gate) * up)."""
 
-  def __init__(self, dim: int, hidden: int, kind: str = "mlp", bias: bool = True, *, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, kind: str = "mlp", bias: bool = True, *, dtype: str = "float32",
+               rngs: nnx.Rngs):
     self.kind = kind
+    self.dtype = dtype
     if kind == "swiglu":
       self.gate = _dense(dim, hidden, ("embed", "mlp"), bias=bias, rngs=rngs)
     elif kind != "mlp":
@@ -139,31 +161,69 @@ class Mlp(nnx.Module):
     self.down = _dense(hidden, dim, ("mlp", "embed"), bias=bias, rngs=rngs)
 
   def __call__(self, x):
+    dense = lambda layer, y: precision.linear(layer, y, self.dtype)
     if self.kind == "swiglu":
-      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-    return self.down(jax.nn.gelu(self.up(x), approximate=False))
+      return dense(self.down, jax.nn.silu(dense(self.gate, x)) * dense(self.up, x))
+    return dense(self.down, gelu(dense(self.up, x)))
+
+
+def _attention_dtype(dtype: str) -> str:
+  """Matmul precision of the attention core: `dtype`, except on CPU, where XLA turns the train step's
+  batched bf16 matmuls into fp32 ones wrapped in rounding conversions (measured: slower than plain fp32),
+  so there the core stays fp32."""
+  return "float32" if jax.default_backend() == "cpu" else dtype
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with separate q/k/v projections and optional RoPE on patch tokens."""
+  """Multi-head self-attention with separate q/k/v projections and optional RoPE on patch tokens.
+
+  `rope_cs` is what `Encoder.__call__` built for this attention kind: patch tables (cfg.attention 'xla') or
+  token tables (`rope.token_tables`, 'matmul')."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     d = cfg.dim
     self.heads = cfg.heads
+    self.impl = cfg.attention
+    self.dtype = cfg.dtype
     self.q = _dense(d, d, ("embed", "heads"), bias=cfg.query_bias, rngs=rngs)
     self.k = _dense(d, d, ("embed", "heads"), bias=cfg.key_bias, rngs=rngs)
     self.v = _dense(d, d, ("embed", "heads"), bias=cfg.value_bias, rngs=rngs)
     self.o = _dense(d, d, ("heads", "embed"), bias=cfg.proj_bias, rngs=rngs)
 
   def __call__(self, x, rope_cs=None, num_prefix: int = 0):
+    if self.impl == "xla":
+      return self._xla(x, rope_cs, num_prefix)
     b, t, d = x.shape
+    dh = d // self.heads
+    dense = lambda layer, y: precision.linear(layer, y, self.dtype)
+    # [B, T, D] -> [B, heads, T, head_dim]: batch dimensions leading, as the batched matmuls want them
+    # (one fused [D, 3D] projection measured 4-5% slower on CPU than three)
+    split = lambda y: y.reshape(b, t, self.heads, dh).transpose(0, 2, 1, 3)
+    q, k, v = split(dense(self.q, x)), split(dense(self.k, x)), split(dense(self.v, x))
+    if rope_cs is not None:
+      q, k = rope.apply_token_rope(q, *rope_cs), rope.apply_token_rope(k, *rope_cs)
+    # softmax(q k^T / sqrt(head_dim)) v with the scale on q (exact for head_dim 64, a power-of-two scale)
+    # and the normalisation after the value matmul: the [T, T] probabilities are never divided
+    adt = _attention_dtype(self.dtype)
+    logits = precision.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(dh ** -0.5, q.dtype), k, adt)
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits)
+    out = precision.einsum("bhqk,bhkd->bhqd", e, v, adt) / jnp.sum(e, axis=-1, keepdims=True)
+    return dense(self.o, out.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+  def _xla(self, x, rope_cs, num_prefix):
+    """The earlier formulation: [B, T, heads, head_dim] and jax.nn.dot_product_attention."""
+    b, t, d = x.shape
+    dense = lambda layer, y: precision.linear(layer, y, self.dtype)
     split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
-    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    q, k, v = split(dense(self.q, x)), split(dense(self.k, x)), split(dense(self.v, x))
     if rope_cs is not None:
       q = rope.apply_rope(q, *rope_cs, num_prefix)
       k = rope.apply_rope(k, *rope_cs, num_prefix)
+    if precision.is_mixed(self.dtype):  # bf16 operands: the logits and softmax are fp32 inside
+      q, k, v = q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
     out = jax.nn.dot_product_attention(q, k, v)  # scale head_dim ** -0.5, softmax over keys
-    return self.o(out.reshape(b, t, d))
+    return dense(self.o, out.reshape(b, t, d).astype(x.dtype))
 
 
 class Block(nnx.Module):
@@ -175,7 +235,8 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.norm2 = _norm(cfg.dim, cfg.norm_eps, rngs)
     self.is_moe = ffn is not None
-    self.mlp = ffn if ffn is not None else Mlp(cfg.dim, cfg.mlp_dim, cfg.ffn, cfg.mlp_bias, rngs=rngs)
+    self.mlp = ffn if ffn is not None else Mlp(cfg.dim, cfg.mlp_dim, cfg.ffn, cfg.mlp_bias, dtype=cfg.dtype,
+                                                rngs=rngs)
     use_ls = cfg.layerscale_init is not None
     self.ls1 = LayerScale(cfg.dim, cfg.layerscale_init) if use_ls else None
     self.ls2 = LayerScale(cfg.dim, cfg.layerscale_init) if use_ls else None
@@ -236,8 +297,8 @@ class Encoder(nnx.Module):
     if c != cfg.in_chans:
       raise ValueError(f"expected {cfg.in_chans} input channels, got {c}")
     h, w = hh // p, ww // p
-    x = images.astype(cfg.dtype).reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = self.patch_embed(x.reshape(b, h * w, p * p * c))
+    x = images.astype(jnp.float32).reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = precision.linear(self.patch_embed, x.reshape(b, h * w, p * p * c), cfg.dtype)
     if mask is not None:
       x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
     elif cfg.kind == "dinov3":
@@ -266,6 +327,8 @@ class Encoder(nnx.Module):
         key, rkey = jax.random.split(key)
       rope_cs = rope.rope_tables(h, w, cfg.dim // cfg.heads, cfg.rope_theta,
                                  rescale=cfg.pos_embed_rescale if train else None, key=rkey)
+      if cfg.attention == "matmul":
+        rope_cs = rope.token_tables(*rope_cs, self.num_prefix)
     if task_ids is None:
       task_ids = jnp.zeros((x.shape[0],), jnp.int32)
     keys = list(jax.random.split(key, cfg.depth)) if (train and key is not None) else [None] * cfg.depth

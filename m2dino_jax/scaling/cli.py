@@ -5,6 +5,7 @@
   m2dino scaling allocate --fits fits.json --budget B [--floor 0.05] [--strategy S] --out allocation.json
   m2dino scaling plot --fits fits.json [--measurements FILE] --out DIR
   m2dino scaling compare --law example:six_domain --budgets 5e3,...,4e4 --out DIR   strategies on measured loss
+  m2dino scaling sweep --config configs/scaling3d.py:smoke --workdir DIR   3D MAE pretraining grid, end to end
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2dino_jax.cli import int_at_least
 from m2dino_jax.errors import ConfigError, SolverError
 
 
@@ -199,7 +201,7 @@ def cmd_compare(args) -> int:
 
 
 def register(subparsers) -> None:
-  p = subparsers.add_parser("scaling", help="transfer-aware scaling laws: fit, allocate, plot, compare",
+  p = subparsers.add_parser("scaling", help="transfer-aware scaling laws: fit, allocate, plot, compare, sweep",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
   fmt = _Help
@@ -218,7 +220,7 @@ def register(subparsers) -> None:
   f = sub.add_parser("fit", help="fit self laws and transfer from measurements", formatter_class=fmt)
   f.add_argument("--measurements", required=True, help="measurements.jsonl")
   f.add_argument("--out", required=True, help="fits.json to write")
-  f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals")
+  f.add_argument("--bootstrap", type=int_at_least(0), default=200, help="bootstrap resamples for intervals")
   f.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap")
   f.add_argument("--huber-delta", type=float, default=0.05, help="Huber scale on log residuals")
   f.add_argument("--source", default="all", choices=("all", "single", "mixture"),
@@ -262,12 +264,15 @@ def register(subparsers) -> None:
   c.add_argument("--b-max", type=float, default=0.0,
                  help="extrapolation: fit on runs up to this budget, predict at 2-10x (0 = skip)")
   c.add_argument("--E", default="free", help=e_help)
-  c.add_argument("--bootstrap", type=int, default=64, help="bootstrap resamples of the fits")
+  c.add_argument("--bootstrap", type=int_at_least(0), default=64, help="bootstrap resamples of the fits")
   c.add_argument("--noise", type=float, default=None, help="relative loss noise (default: the law file's)")
   c.add_argument("--no-transfer", action="store_true", help="remove all transfer from the truth (a control)")
   c.add_argument("--seed", type=int, default=0, help="random seed of simulation and measurement")
   c.add_argument("--out", required=True, help="folder for report.md, report.json, PNGs and allocations/")
   c.set_defaults(func=cmd_compare)
+
+  from m2dino_jax.scaling import sweep
+  sweep.register(sub, fmt)
 
 
 def strategies_names():

@@ -2,7 +2,10 @@
 
 Every trainer (multitask, dino, mae) supplies a pure `step_fn(state, batch) -> (state, metrics)` and
 hooks; this loop owns the side effects: WORKDIR/metrics.jsonl, TensorBoard events, a progress line
-with ETA, checkpoint cadence, SIGTERM (save, then exit cleanly) and the finite-loss check.
+with ETA, checkpoint cadence, SIGTERM / SIGINT (save, then exit with EXIT_PREEMPTED) and the finite check:
+the loss and gradient norm of every step are kept on device and read (one transfer) before any log, eval or
+save, so a NaN between two log steps never reaches a checkpoint; on any exception the save in flight is
+waited for before the error propagates.
 """
 
 from __future__ import annotations
@@ -93,35 +96,83 @@ def _hms(s: float) -> str:
   return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
 
 
+# Exit status of a run stopped by SIGTERM / SIGINT after writing its checkpoint (EX_TEMPFAIL): restart-until-success
+# wrappers and schedulers rerun the same command, which resumes.
+EXIT_PREEMPTED = 75
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt: never caught by `except Exception`)
+  """SIGTERM / SIGINT outside the training loop (set-up, final evaluation): the run stops at once; the
+  checkpoints on disk are intact and a rerun resumes."""
+
+
 class PreemptionGuard:
-  """Turns SIGTERM into a flag the loop checks after each step (save, then exit)."""
+  """Turns SIGTERM and SIGINT into a flag the loop checks after each step (save, then exit)."""
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self._old = {}
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    for sig in _SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class InterruptGuard:
+  """Outside the loop, SIGTERM / SIGINT raise `Interrupted` (unwinding through the checkpointer's close)."""
+
+  def __init__(self):
+    self._old = {}
+
+  def __enter__(self):
+    for sig in _SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _check_finite(pending: list, checkpointer) -> None:
+  """Raises NonFiniteError naming the first step whose loss or gradient norm is NaN / Inf. `pending` holds
+  (step, label, loss, grad norm) of the steps since the last check as device values: one transfer here,
+  none per step."""
+  if not pending:
+    return
+  values = jax.device_get([(loss, gnorm) for _, _, loss, gnorm in pending])
+  for (step, label, _, _), (loss, gnorm) in zip(pending, values):
+    loss = float(np.asarray(loss)) if loss is not None else 0.0
+    gnorm = float(np.asarray(gnorm)) if gnorm is not None else 0.0
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      where = f" ({label})" if label else ""
+      last = checkpointer.last_good_message() if checkpointer is not None else "no checkpointing"
+      raise NonFiniteError(f"non-finite loss {loss} / grad norm {gnorm} at step {step}{where}; no state from "
+                           f"step {step} on was saved; {last}: lower the learning rate or check the data")
+  pending.clear()
 
 
 def check_finite(metrics: dict, step: int, label: str = "") -> None:
-  loss = float(np.asarray(metrics["loss"]))
-  gnorm = float(np.asarray(metrics.get("grad_norm", 0.0)))
-  if not (math.isfinite(loss) and math.isfinite(gnorm)):
-    where = f" ({label})" if label else ""
-    raise NonFiniteError(f"non-finite loss {loss} / grad norm {gnorm} at step {step}{where}; "
-                         "the last checkpoint is intact: lower the learning rate or check the data")
+  """Raises NonFiniteError when the metrics' loss or gradient norm is NaN / Inf."""
+  _check_finite([(step, label, metrics["loss"], metrics.get("grad_norm"))], None)
 
 
 def agreed(flag: bool) -> bool:
@@ -150,7 +201,7 @@ def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int,
 
   Returns (state, last_step, status) with status COMPLETED or PREEMPTED. Metrics may carry string labels
   (logged as they are). `checkpointer.save(step, state, force)` runs every `checkpoint_every` steps,
-  `evaluate(state, step)` every `eval_every`. SIGTERM stops the loop at a step that every process agrees on
+  `evaluate(state, step)` every `eval_every`. SIGTERM or SIGINT stops the loop at a step that every process agrees on
   (the flag is all-reduced at the log cadence in multi-process runs, every step otherwise), so the collective
   checkpoint that follows is written once, for the same step everywhere.
   """
@@ -158,25 +209,40 @@ def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int,
   step = start_step
   status = COMPLETED
   multi = jax.process_count() > 1
-  with PreemptionGuard() as guard:
-    while step < total_steps:
-      state, metrics = step_fn(state, next(batches))
-      step += 1
-      log_step = step % log_every == 0 or step == total_steps
-      if log_step:
-        metrics = jax.device_get(metrics)
+  pending = []  # (step, label, loss, grad norm) not yet checked for finiteness (device values)
+  try:
+    with PreemptionGuard() as guard:
+      while step < total_steps:
+        state, metrics = step_fn(state, next(batches))
+        step += 1
         label = _labels(metrics)
-        check_finite(metrics, step, label)
-        writer.write(step, metrics)
-        progress.update(step, f"loss {float(metrics['loss']):.4f}" + (f" ({label})" if label else ""))
-      for hook in AFTER_STEP_HOOKS:
-        hook(step, state, checkpointer)
-      if evaluate is not None and eval_every and step % eval_every == 0 and step != total_steps:
-        evaluate(state, step)
-      if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0:
-        checkpointer.save(step, state, force=False)
-      if (log_step or not multi) and agreed(guard.requested):
-        status = PREEMPTED
-        break
+        pending.append((step, label, metrics.get("loss"), metrics.get("grad_norm")))
+        log_step = step % log_every == 0 or step == total_steps
+        eval_step = evaluate is not None and eval_every and step % eval_every == 0 and step != total_steps
+        save_step = checkpointer is not None and checkpoint_every and step % checkpoint_every == 0
+        if log_step or eval_step or save_step:
+          _check_finite(pending, checkpointer)  # before anything reads or saves this state
+        if log_step:
+          metrics = jax.device_get(metrics)
+          writer.write(step, metrics)
+          progress.update(step, f"loss {float(metrics['loss']):.4f}" + (f" ({label})" if label else ""))
+        for hook in AFTER_STEP_HOOKS:
+          hook(step, state, checkpointer)
+        if eval_step:
+          evaluate(state, step)
+        if save_step:
+          checkpointer.save(step, state, force=False)
+        if (log_step or not multi) and agreed(guard.requested):
+          status = PREEMPTED
+          break
+      _check_finite(pending, checkpointer)
+  except BaseException:
+    progress.close()
+    if checkpointer is not None:  # never leave a save in flight behind an error (it would be lost)
+      try:
+        checkpointer.wait()
+      except Exception as e:  # report, but keep the original error
+        print(f"warning: {e}", file=sys.stderr)
+    raise
   progress.close()
   return state, step, status

@@ -33,6 +33,7 @@ from m2dino_jax.data import mixture, phantoms, volumes
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import mae3d
 from m2dino_jax.train import checkpointing, core, loop, optim
+from m2dino_jax.train import workdir as workdir_lib
 
 EVAL_SEED = 1234
 
@@ -65,17 +66,50 @@ class DomainData:
   available: int
 
 
-def load_domains(config) -> dict[str, DomainData]:
+def _data_key(config) -> str:
+  """What the prepared volumes depend on (not the budget): runs of a sweep with equal keys share them."""
+  d = config.data.to_dict()
+  return json.dumps({k: v for k, v in d.items() if k in (
+      "source", "files", "domains", "modalities", "per_domain", "phantom_counts", "heldout", "phantom_size",
+      "phantom_seed", "target_spacing", "crop")}, sort_keys=True, default=str)
+
+
+def load_domains(config, cache: dict | None = None) -> dict[str, DomainData]:
   """Phantoms (`data.source = 'phantoms'`) or volume files (`data.source = 'files'`, `data.files` =
-  'domain=GLOB,domain=GLOB'); the last `data.heldout` volumes of each domain are held out."""
+  'domain=GLOB,domain=GLOB'); the last `data.heldout` volumes of each domain are held out, and of the
+  others the first `data.budget[domain]` are used. `cache` (a dict a sweep passes from run to run) keeps
+  the prepared volumes of the last data settings, so runs that differ only in budget prepare them once."""
+  budget = _kv(config.data.budget, "data.budget", int)
+  key = _data_key(config)
+  if cache is not None and cache.get("data_key") == key:
+    full = cache["data"]
+  else:
+    full = _prepare_domains(config)
+    if cache is not None:
+      cache.update(data_key=key, data=full)
+  out = {}
+  for name, (train, held) in full.items():
+    n = budget.get(name, len(train))
+    if n < 0:
+      raise ConfigError("data.budget", f"domain '{name}': budget {n} < 0")
+    out[name] = DomainData(train[:min(n, len(train))], held, len(train))
+  unknown = sorted(set(budget) - set(full))
+  if unknown:
+    raise ConfigError("data.budget", f"domain(s) {unknown} are not in data.domains")
+  return out
+
+
+def _prepare_domains(config) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
   d = config.data
-  names, budget = _domains(config), _kv(d.budget, "data.budget", int)
+  names = _domains(config)
   mods = _kv(d.modalities, "data.modalities")
+  counts = _kv(d.phantom_counts, "data.phantom_counts", int)
   spacing = tuple(d.target_spacing) if d.target_spacing else None
   out = {}
   for name in names:
     if d.source == "phantoms":
-      recs = [phantoms.make_phantom(name, i, d.phantom_size, d.phantom_seed) for i in range(d.per_domain)]
+      n = counts.get(name, d.per_domain)
+      recs = [phantoms.make_phantom(name, i, d.phantom_size, d.phantom_seed) for i in range(n)]
     elif d.source == "files":
       globs = _kv(d.files, "data.files")
       if name not in globs:
@@ -92,9 +126,7 @@ def load_domains(config) -> dict[str, DomainData]:
       img = volumes.prepare(r, spacing)
       volumes.crop_origin(img.shape, d.crop, np.random.default_rng(0), r.path)  # too-small check, naming the file
       prepared.append(img)
-    train, held = prepared[:len(prepared) - d.heldout], prepared[len(prepared) - d.heldout:]
-    n = min(budget.get(name, len(train)), len(train))
-    out[name] = DomainData(train[:n], held, len(train))
+    out[name] = (prepared[:len(prepared) - d.heldout], prepared[len(prepared) - d.heldout:])
   return out
 
 
@@ -165,8 +197,8 @@ class Program:
                              rng=jnp.asarray(seed_key))
 
     shard = lambda abstract: core.replicate_unnamed(mesh_lib.state_shardings(abstract, mesh, rules), mesh)
-    with jax.set_mesh(mesh):
-      self.state = core.init_state(init, shard)
+    self._init = jax.jit(init, out_shardings=shard(jax.eval_shape(init)))
+    self.state = self.fresh_state()
     self.state_shardings = core.shardings_of(self.state)
     schedule, clip = optim.lr_schedule(config.optim, total_steps), float(config.optim.clip_norm)
     gdef = self.gdef
@@ -188,7 +220,13 @@ class Program:
       return nnx.merge(gdef, params)(image, jax.random.key(EVAL_SEED))["per_sample"]
 
     self._train_fn, self._eval_fn = train_step, eval_step
-    self._train, self._eval = None, jax.jit(eval_step)
+    # per-sample losses come back replicated, so every process can read all of them
+    self._train, self._eval = None, jax.jit(eval_step, out_shardings=mesh_lib.replicated(mesh))
+
+  def fresh_state(self) -> core.TrainState:
+    """A newly initialised, sharded state (the init program is compiled once per Program)."""
+    with jax.set_mesh(self.mesh):
+      return self._init()
 
   def step(self, state, batch: dict):
     """One sharded train step on a host batch (numpy) -> (state, metrics)."""
@@ -199,12 +237,14 @@ class Program:
       return self._train(state, batch)
 
   def heldout_loss(self, params, crops: np.ndarray) -> float:
-    """Mean per-sample masked loss over fixed crops (padded to the mesh's batch split, pads dropped)."""
+    """Mean per-sample masked loss over fixed crops (padded to the mesh's batch split, pads dropped). Every
+    process holds all crops and feeds its slice of them."""
     split = int(np.prod([mesh_lib.axis_size(self.mesh, a) for a in mesh_lib.batch_axes(self.mesh)]))
-    n = len(crops)
-    pad = (-n) % split
+    n, pc, pi = len(crops), jax.process_count(), jax.process_index()
+    pad = (-n) % int(np.lcm(split, pc))
     x = crops[np.arange(n + pad) % n]
-    x = mesh_lib.shard_batch(x, self.mesh, self.rules)
+    local = len(x) // pc
+    x = mesh_lib.shard_batch(x[pi * local:(pi + 1) * local], self.mesh, self.rules)
     with jax.set_mesh(self.mesh):
       per = np.asarray(jax.device_get(self._eval(params, x)))
     return float(per[:n].mean())
@@ -217,26 +257,45 @@ def measurement_row(run_id: str, step: int, data: dict[str, DomainData], weights
           "available": {n: float(v.available) for n, v in data.items()}}
 
 
-def train_and_evaluate(config, workdir: str) -> str:
+def _program_key(config) -> str:
+  """What the compiled programs depend on: runs with equal keys can share one Program."""
+  return json.dumps([config.model.to_dict(), config.optim.to_dict(), config.seed, config.total_steps,
+                     config.mesh.to_dict(), config.mesh_devices, config.sharding, config.data.crop,
+                     config.data.batch_size], sort_keys=True, default=str)
+
+
+def make_mesh(config):
+  devices = jax.devices()[:config.mesh_devices] if config.mesh_devices > 0 else None
+  return mesh_lib.make_mesh(config.mesh.to_dict(), devices), mesh_lib.get_rules(config.sharding)
+
+
+def train_and_evaluate(config, workdir: str, cache: dict | None = None) -> str:
   """Pretrains (resuming from WORKDIR/ckpt if present), evaluates per-domain held-out loss at each eval and
-  at the end, appends measurement rows. Returns loop.COMPLETED or loop.PREEMPTED."""
+  at the end, appends measurement rows. Returns loop.COMPLETED or loop.PREEMPTED.
+
+  `cache`: a dict that a caller running many pretrainings in one process (the scaling sweep) passes to every
+  run; runs with the same model / optimiser / mesh settings then reuse one compiled Program (a fresh state
+  each), and runs with the same data settings reuse the prepared volumes."""
   root = Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
   if (root / "done.json").is_file():
     print(f"[mae] {root} already finished; skipping", file=sys.stderr)
     return loop.COMPLETED
-  devices = jax.devices()[:config.mesh_devices] if config.mesh_devices > 0 else None
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
-  rules = mesh_lib.get_rules(config.sharding)
   total = int(config.total_steps)
-  data = load_domains(config)
+  data = load_domains(config, cache)
   weights = mixture_weights(config, data)
-  prog = Program(config, mesh, rules, total)
+  key = _program_key(config)
+  if cache is not None and cache.get("program_key") == key:
+    prog = cache["program"]
+    prog.state = prog.fresh_state()
+  else:
+    prog = Program(config, *make_mesh(config), total)
+    if cache is not None:
+      cache.update(program_key=key, program=prog)
   crops = {n: heldout_crops(config, v.heldout) for n, v in data.items()}
   run_id = config.run_id or root.name
   meas_path = Path(config.measurements) if config.measurements else root / "measurements.jsonl"
   if jax.process_index() == 0:
-    fileio.write_text(root / "config.json", config.to_json_best_effort(indent=2))
+    workdir_lib.write_config(root, config)  # the config has built the model and its data
   writer = loop.MetricWriter(root, tensorboard=config.tensorboard)
 
   def evaluate(state, step: int) -> dict:
@@ -252,21 +311,19 @@ def train_and_evaluate(config, workdir: str) -> str:
     return losses
 
   it = make_iterator(config, data, weights, total, jax.process_index(), jax.process_count())
-  ckpt = checkpointing.Checkpointer(root / "ckpt", keep=config.checkpoint.keep,
-                                    async_save=config.checkpoint.async_save, data_iter=it)
-  state, start = prog.state, 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(state.step)
-    print(f"[mae] resumed from step {start}", file=sys.stderr)
-  elif config.eval_at_start:
-    evaluate(state, 0)
-  state, step, status = loop.run(
-      state=state, batches=it, step_fn=prog.step, start_step=start, total_steps=total, writer=writer,
-      log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
-      checkpoint_every=config.checkpoint.every, checkpointer=ckpt, name="mae3d")
-  ckpt.save(step, state, force=True)
-  ckpt.close()
+  with checkpointing.Checkpointer(root / "ckpt", keep=config.checkpoint.keep,
+                                  async_save=config.checkpoint.async_save, data_iter=it) as ckpt:
+    state, resumed = ckpt.resume(prog.state)
+    start = 0 if resumed is None else int(state.step)
+    if resumed is not None:
+      print(f"[mae] resumed from step {start}", file=sys.stderr)
+    elif config.eval_at_start:
+      evaluate(state, 0)
+    state, step, status = loop.run(
+        state=state, batches=it, step_fn=prog.step, start_step=start, total_steps=total, writer=writer,
+        log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
+        checkpoint_every=config.checkpoint.every, checkpointer=ckpt, name="mae3d")
+    ckpt.save(step, state, force=True)
   if status == loop.PREEMPTED:
     print(f"[mae] preempted at step {step}: checkpoint written; rerun to resume", file=sys.stderr)
     return status

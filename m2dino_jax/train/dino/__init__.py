@@ -5,7 +5,7 @@
   data       the multi-crop + block-mask Grain stream over unlabelled sources
   step       the pure train step on the shared TrainState
   trainer    state, monitors, checkpoints and the teacher export (`train_and_evaluate`)
-  dinov2_io  import / export of Meta DINOv2-format `.pth` state dicts
+  (DINOv2-format `.pth` import / export: models/dinov2_pth.py)
 """
 
 from m2dino_jax.train.dino.trainer import train_and_evaluate

@@ -8,6 +8,7 @@ metrics.jsonl under 'monitor/', teacher/ (the teacher backbone as encoder.json +
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from m2dino_jax import mesh as mesh_lib
 from m2dino_jax.errors import ConfigError, M2DinoError
 from m2dino_jax.models import convert, dino_head, vit
 from m2dino_jax.train import checkpointing, core, loop
+from m2dino_jax.train import workdir as workdir_lib
 from m2dino_jax.train.dino import data as dino_data
 from m2dino_jax.train.dino import losses
 from m2dino_jax.train.dino import step as dino_step
@@ -28,6 +30,19 @@ from m2dino_jax.train.dino import step as dino_step
 
 class CollapseError(M2DinoError):
   """A collapse monitor fell below its threshold; names the monitor, its value and the step."""
+
+
+def monitor_values(s: dino_step.Settings, state, batch) -> dict:
+  """The collapse monitors (scalars) of `state` on `batch`."""
+  glob = dino_step.crop_major(batch["global"])
+  temp = s.teacher_temp(state.step)
+  teacher = state.extras["teacher"]
+  out = dino_step.forward(s, teacher, glob, train=False)
+  t_logits = dino_step.head_apply(s, teacher["head"], out["cls"])
+  targets = losses.teacher_targets(t_logits, state.extras["center"], temp, s.centering, s.sinkhorn_iters)
+  s_logits = dino_step.head_apply(s, state.params["head"], dino_step.forward(s, state.params, glob, train=False)["cls"])
+  return {"rankme": losses.rankme(out["cls"]), "teacher_entropy": losses.mean_entropy(targets),
+          "student_teacher_kl": losses.kl_divergence(targets, s_logits, s.student_temp)}
 
 
 def build_modules(config, seed: int):
@@ -57,6 +72,7 @@ class Run:
         config, self.enc_gdef, self.head_gdef, self.enc_rest, self.state.params, self.vit_cfg.depth, self.total,
         max_masked(config, self.vit_cfg.patch))
     self._step = None
+    self._monitor_fn = None
 
   def _init_state(self) -> None:
     config = self.config
@@ -96,22 +112,17 @@ class Run:
   # ------------------------------------------------------------------------- monitors
 
   def monitors(self, state, batch) -> dict:
-    """RankMe of the teacher's CLS embeddings, teacher entropy and student-teacher KL on a fixed batch."""
-    s = self.settings
-    glob = jnp.asarray(dino_step.crop_major(batch["global"]))
-    temp = s.teacher_temp(state.step)
-    teacher = state.extras["teacher"]
-    out = dino_step.forward(s, teacher, glob, train=False)
-    t_logits = dino_step.head_apply(s, teacher["head"], out["cls"])
-    targets = losses.teacher_targets(t_logits, state.extras["center"], temp, s.centering, s.sinkhorn_iters)
-    s_logits = dino_step.head_apply(s, state.params["head"],
-                                    dino_step.forward(s, state.params, glob, train=False)["cls"])
-    return {"rankme": float(losses.rankme(out["cls"])), "teacher_entropy": float(losses.mean_entropy(targets)),
-            "student_teacher_kl": float(losses.kl_divergence(targets, s_logits, s.student_temp))}
+    """RankMe of the teacher's CLS embeddings, teacher entropy and student-teacher KL on a fixed batch (one
+    compiled program on the sharded state; the batch is the global batch of every process's part)."""
+    batch = mesh_lib.shard_batch(batch, self.mesh, self.rules)
+    with jax.set_mesh(self.mesh):
+      if self._monitor_fn is None:
+        self._monitor_fn = jax.jit(functools.partial(monitor_values, self.settings))
+      out = self._monitor_fn(state, batch)
+    return {k: float(v) for k, v in out.items()}
 
   def evaluate(self, state, step: int) -> float:
-    with jax.set_mesh(self.mesh):
-      m = self.monitors(jax.device_get(state), self.monitor_batch)
+    m = self.monitors(state, self.monitor_batch)
     self.writer.write(step, m, prefix="monitor/")
     c = self.config.monitor
     for name, low in (("rankme", c.min_rankme), ("teacher_entropy", c.min_teacher_entropy)):
@@ -138,32 +149,27 @@ class Run:
     if done.is_file():
       print("[dino] already finished; skipping", file=sys.stderr)
       return loop.COMPLETED
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-      fileio.write_text(self.workdir / "config.json", cfg.to_json_best_effort(indent=2))
-      fileio.write_json(self.workdir / "encoder.json", dataclasses.asdict(self.vit_cfg))
     it = dino_data.make_iterator(cfg.data, patch=self.vit_cfg.patch, seed=cfg.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count())
     mon_it = dino_data.make_iterator(cfg.data, patch=self.vit_cfg.patch, seed=cfg.seed + 7919,
                                      process_index=jax.process_index(), process_count=jax.process_count())
     self.monitor_batch = next(mon_it)
-    ckpt = checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
-                                      async_save=cfg.checkpoint.async_save, data_iter=it)
-    start = 0
-    if ckpt.latest_step() is not None:
-      self.state = ckpt.restore(self.state)
-      start = int(self.state.step)
-      print(f"[dino] resumed from step {start}", file=sys.stderr)
-    self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
-    try:
+    if jax.process_index() == 0:  # the config has built the model and its data
+      workdir_lib.write_config(self.workdir, cfg)
+      fileio.write_json(self.workdir / "encoder.json", dataclasses.asdict(self.vit_cfg))
+    with checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
+                                    async_save=cfg.checkpoint.async_save, data_iter=it) as ckpt:
+      self.state, resumed = ckpt.resume(self.state)
+      start = 0 if resumed is None else int(self.state.step)
+      if resumed is not None:
+        print(f"[dino] resumed from step {start}", file=sys.stderr)
+      self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
       state, step, status = loop.run(
           state=self.state, batches=it, step_fn=self.step, start_step=start, total_steps=self.total,
           writer=self.writer, log_every=cfg.log_every, eval_every=cfg.monitor.every, evaluate=self.evaluate,
           checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name="dino")
       self.state = state
       ckpt.save(step, state, force=True)
-    finally:
-      ckpt.close()
     if status == loop.PREEMPTED:
       print(f"[dino] preempted at step {step}: checkpoint written; rerun the same command to resume",
             file=sys.stderr)

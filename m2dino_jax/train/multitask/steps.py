@@ -131,6 +131,7 @@ def train_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task], s: Set
                         opt_state={"encoder": opt_enc, "heads": new_opt}, extras=extras)
     return new, {"loss": total, "task_loss": loss, "moe_aux_loss": aux, "grad_norm": gnorm, "lr": lr, **metrics}
 
+  program.__name__ = program.__qualname__ = f"train_{tasks[0].type}"  # the name in compile logs
   return program
 
 
@@ -162,4 +163,5 @@ def eval_program(enc_gdef, head_gdefs: dict, tasks: list[registry.Task]):
     usage = jnp.stack([a["task_usage"] for a in moe_aux]) if moe_aux else None  # [MoE layers, tasks, E]
     return pred, usage
 
+  program.__name__ = program.__qualname__ = f"eval_{tasks[0].type}"
   return program

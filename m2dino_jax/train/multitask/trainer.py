@@ -25,6 +25,7 @@ from flax import nnx
 
 from m2dino_jax import fileio
 from m2dino_jax import mesh as mesh_lib
+from m2dino_jax.advise import adviceio
 from m2dino_jax.data import pipeline
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import convert, moe_dispatch, vit
@@ -32,6 +33,7 @@ from m2dino_jax.models import moe as moe_lib
 from m2dino_jax.tasks import registry, types
 from m2dino_jax.tasks import results as results_lib
 from m2dino_jax.train import checkpointing, core, loop, optim
+from m2dino_jax.train import workdir as workdir_lib
 from m2dino_jax.train.multitask import eval as multitask_eval
 from m2dino_jax.train.multitask import steps as multitask_steps
 from m2dino_jax.train.multitask import sweep as multitask_sweep
@@ -70,7 +72,13 @@ def moe_enabled(config) -> bool:
 
 def parse_groups(spec) -> dict[str, list[str]]:
   """CG groups from `config.groups` (see `registry.parse_groups`): '' = the default preset ('paper'), a
-  preset name ('paper' | 'organ' | 'type'), 'name:task+task;name:task' or a JSON file {name: [task, ...]}."""
+  preset name ('paper' | 'organ' | 'type'), 'name:task+task;name:task', a JSON file {name: [task, ...]} or an
+  advice.json from `m2dino advise fit` (its "groups")."""
+  advised = adviceio.read_groups(spec) if str(spec or "").strip().endswith(".json") else None
+  if advised is not None:
+    for members in advised.values():
+      registry.resolve(members)
+    return advised
   return registry.parse_groups(spec)
 
 
@@ -263,35 +271,36 @@ class _Run:
     if done_file.is_file():
       print(f"[{self.name}] already finished; skipping", file=sys.stderr)
       return loop.COMPLETED
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    fileio.write_json(self.workdir / "tasks.json", {
-        "model": self.name, "tasks": [t.name for t in self.tasks], "moe": self.moe_on,
-        "encoder": dataclasses.asdict(self.model.encoder_cfg), "parameters": self.param_counts,
-        "train_sizes": self.sizes})
     c = self.param_counts
     print(f"[{self.name}] trainable parameters: {c['trainable']:,} of {c['total']:,} (encoder "
           f"{c['encoder_trainable']:,} of {c['encoder_total']:,}, heads {c['heads']:,}); freeze="
           f"'{cfg.optim.freeze}'")
     it = pipeline.make_train_iterator(cfg.data, self.tasks, seed=cfg.seed, process_index=jax.process_index(),
                                       process_count=jax.process_count())
-    ckpt = checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
-                                      async_save=cfg.checkpoint.async_save, data_iter=it)
-    start = 0
+    if jax.process_index() == 0:  # written once the config has built the model and its data (validated)
+      workdir_lib.write_config(self.workdir.parent, cfg)
+      fileio.write_json(self.workdir / "tasks.json", {
+          "model": self.name, "tasks": [t.name for t in self.tasks], "moe": self.moe_on,
+          "encoder": dataclasses.asdict(self.model.encoder_cfg), "parameters": self.param_counts,
+          "train_sizes": self.sizes})
     best_file = self.workdir / "best" / "best.json"
     self.best_score = fileio.read_json(best_file, "best file")["score"] if best_file.is_file() else -math.inf
-    if ckpt.latest_step() is not None:
-      self.state = ckpt.restore(self.state)
-      start = int(self.state.step)
-      print(f"[{self.name}] resumed from step {start}", file=sys.stderr)
-    self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
-    state, step, status = loop.run(
-        state=self.state, batches=map(self.prepare, it), step_fn=self.step, start_step=start,
-        total_steps=self.total, writer=self.writer, log_every=cfg.log_every, eval_every=cfg.eval_every,
-        evaluate=self.evaluate, checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name=self.name)
-    self.state = state
-    it.close()
-    ckpt.save(step, state, force=True)
-    ckpt.close()
+    try:
+      with checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
+                                      async_save=cfg.checkpoint.async_save, data_iter=it) as ckpt:
+        self.state, resumed = ckpt.resume(self.state)
+        start = 0 if resumed is None else int(self.state.step)
+        if resumed is not None:
+          print(f"[{self.name}] resumed from step {start}", file=sys.stderr)
+        self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
+        state, step, status = loop.run(
+            state=self.state, batches=map(self.prepare, it), step_fn=self.step, start_step=start,
+            total_steps=self.total, writer=self.writer, log_every=cfg.log_every, eval_every=cfg.eval_every,
+            evaluate=self.evaluate, checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name=self.name)
+        self.state = state
+        ckpt.save(step, state, force=True)
+    finally:
+      it.close()
     if status == loop.PREEMPTED:
       print(f"[{self.name}] preempted at step {step}: checkpoint written; rerun the same command to resume",
             file=sys.stderr)
@@ -324,14 +333,14 @@ def _task_weights(spec: str, tasks) -> dict[str, float]:
 def train_and_evaluate(config, workdir: str) -> str:
   """Trains every model of the paradigm in turn and prints the per-task table. Returns loop.COMPLETED, or
   loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume). With
-  `sweep.fractions` set, runs the data-scale sweep (sweep.py) instead."""
+  `sweep.fractions` set, runs the data-scale sweep (sweep.py) instead. With `init_from`, the encoder's
+  architecture is the checkpoint's (e.g. a DINOv2-kind UltraDINO teacher), written into config.json."""
   if str(config.get("sweep", {}).get("fractions", "")).strip():
     return multitask_sweep.run(config, workdir, train_and_evaluate)
+  if config.init_from:
+    convert.adopt_architecture(config.model, config.init_from)
   _check(config)
   root = Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    fileio.write_text(root / "config.json", config.to_json_best_effort(indent=2))
   for name, tasks in plan_models(config):
     if _Run(config, root / name, name, tasks).train() == loop.PREEMPTED:
       return loop.PREEMPTED

@@ -6,19 +6,32 @@ Layout (dinov2/models/vision_transformer.py), after stripping a `teacher.backbon
   register_tokens [1, R, D]; mask_token [1, D]; norm.weight / .bias;
   blocks.{i}.norm1 / norm2, attn.qkv.weight [3D, D] (fused q | k | v), attn.qkv.bias, attn.proj,
   ls1.gamma / ls2.gamma, mlp.fc1 / mlp.fc2.
+Training checkpoints with `block_chunks` (FSDP) name blocks `blocks.{chunk}.{i}.`: the inner index is the
+global block index (the chunks are padded with Identity), so they are read as `blocks.{i}.`.
+The architecture can be read off the state dict (`config_from_state`): width, depth, patch, channels,
+registers, position grid, FFN width, qkv bias and LayerScale from the shapes; heads from the width
+(the DINOv2 sizes: 384 -> 6, 768 -> 12, 1024 -> 16, ...).
 Pickles are never executed: `torch.load(weights_only=True)` refuses anything but tensors and containers.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from m2dino_jax.errors import DataError
-from m2dino_jax.models import convert, vit
+from m2dino_jax.models import vit
 
 PREFIXES = ("teacher.backbone.", "student.backbone.", "backbone.", "module.")
+_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+def _np(t) -> np.ndarray:
+  if hasattr(t, "detach"):
+    t = t.detach().cpu().float().numpy()
+  return np.asarray(t, np.float32)
 
 
 def load_pth(path) -> dict[str, np.ndarray]:
@@ -35,14 +48,41 @@ def load_pth(path) -> dict[str, np.ndarray]:
     obj = {"teacher." + k: v for k, v in obj["teacher"].items()}
   if not isinstance(obj, dict):
     raise DataError(path, f"expected a state dict, got {type(obj).__name__}")
-  return {k: convert._np(v) for k, v in obj.items()}
+  return {k: _np(v) for k, v in obj.items()}
 
 
 def strip_prefix(state: dict) -> dict:
+  """Drops the first known prefix (`teacher.backbone.`, ...) and un-chunks `blocks.{chunk}.{i}.` names."""
   for prefix in PREFIXES:
     if any(k.startswith(prefix) for k in state):
-      return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-  return dict(state)
+      state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+      break
+  return {_CHUNKED.sub(r"blocks.\1.", k): v for k, v in state.items()}
+
+
+def config_from_state(state: dict, source: str = "<state dict>", **overrides) -> vit.ViTConfig:
+  """The `kind='dinov2'` ViTConfig of a DINOv2-format state dict, read off its shapes (`overrides` win)."""
+  sd = strip_prefix(state)
+  for name in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.fc1.weight"):
+    if name not in sd:
+      what = "SwiGLU FFNs are not supported" if name.startswith("blocks.0.mlp") and any(
+          ".mlp.w12." in k for k in sd) else f"no '{name}'"
+      raise DataError(source, f"not a DINOv2 ViT state dict ({what})")
+  w = np.shape(sd["patch_embed.proj.weight"])  # [D, C, p, p]
+  dim = int(w[0])
+  depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith(".norm1.weight"))
+  grid = int(round(np.sqrt(np.shape(sd["pos_embed"])[1] - 1)))
+  heads = {d: h for d, h in ((v[0], v[2]) for v in vit.VARIANTS.values())} | {1536: 24}
+  cfg = dict(kind="dinov2", dim=dim, depth=depth, heads=heads.get(dim, 0), mlp_dim=int(np.shape(
+      sd["blocks.0.mlp.fc1.weight"])[0]), patch=int(w[-1]), in_chans=int(w[1]),
+      num_registers=int(np.shape(sd["register_tokens"])[1]) if "register_tokens" in sd else 0,
+      pos_grid=grid, norm_eps=1e-6, layerscale_init=1e-5 if "blocks.0.ls1.gamma" in sd else None)
+  qkv = "blocks.0.attn.qkv.bias" in sd
+  cfg.update(query_bias=qkv, key_bias=qkv, value_bias=qkv)
+  cfg.update(overrides)
+  if not cfg["heads"]:
+    raise DataError(source, f"cannot tell the number of heads of a width-{dim} encoder; give heads=")
+  return vit.ViTConfig(**cfg)
 
 
 def to_params(state: dict, cfg: vit.ViTConfig, source: str = "<state dict>") -> dict[str, np.ndarray]:
@@ -112,6 +152,8 @@ def from_params(params: dict[str, np.ndarray], cfg: vit.ViTConfig, prefix: str =
 
 def save_pth(model: vit.Encoder, path, prefix: str = "teacher.backbone.") -> Path:
   import torch
+
+  from m2dino_jax.models import convert
   params = {k: np.asarray(v[...]) for k, v in convert.flat_params(model).items()}
   sd = {k: torch.from_numpy(v.copy()) for k, v in from_params(params, model.cfg, prefix).items()}
   path = Path(path)
@@ -119,8 +161,13 @@ def save_pth(model: vit.Encoder, path, prefix: str = "teacher.backbone.") -> Pat
   return path
 
 
-def encoder_from_pth(path, cfg: vit.ViTConfig, *, seed: int = 0) -> vit.Encoder:
-  """A ready `kind='dinov2'` encoder from a DINOv2 / UltraDINO `.pth` (the architecture comes from `cfg`)."""
+def encoder_from_pth(path, cfg: vit.ViTConfig | None = None, *, seed: int = 0) -> vit.Encoder:
+  """A ready `kind='dinov2'` encoder from a DINOv2 / UltraDINO `.pth` (architecture from `cfg`, or read off the
+  state dict)."""
   from flax import nnx
+
+  from m2dino_jax.models import convert
+  state = load_pth(path)
+  cfg = cfg or config_from_state(state, str(path))
   model = vit.Encoder(cfg, rngs=nnx.Rngs(seed))
-  return convert.assign(model, to_params(load_pth(path), cfg, str(path)), str(path))
+  return convert.assign(model, to_params(state, cfg, str(path)), str(path))

@@ -1,0 +1,1 @@
+"""Transfer-aware task aggregation: probe task affinities, fit laws, choose groups and weights (advice.json)."""

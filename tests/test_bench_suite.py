@@ -1,0 +1,174 @@
+"""The benchmark suite: FLOP counts by hand and against XLA, peaks and MFU, the JSON schema, smoke settings,
+the report, and (slow) `m2dino bench all --smoke` writing a valid result for every benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2dino_jax.bench import cli as bench_cli
+from m2dino_jax.bench import common, flops, peaks, report, train
+from m2dino_jax.errors import DataError
+from tests.util import ROOT
+
+
+def test_dino_and_mae_flops_by_hand():
+  # dim 8, 1 block, mlp 16, patch 4, grey, 1 register; global 8 px = 4 patches (6 tokens), local 4 px = 1 (3)
+  enc_global = 2 * 4 * 16 * 8 + (2 * 6 * 4 * 64 + 4 * 36 * 8 + 2 * 6 * 2 * 8 * 16)
+  enc_local = 2 * 1 * 16 * 8 + (2 * 3 * 4 * 64 + 4 * 9 * 8 + 2 * 3 * 2 * 8 * 16)
+  head = 2 * (8 * 10 + 10 * 10 + 10 * 3) + 2 * 3 * 5  # MLP 8-10-10-3, then 5 prototypes
+  assert (enc_global, enc_local, head) == (8320, 3616, 450)
+  f = flops.dino_step_flops(dim=8, depth=1, mlp_dim=16, patch=4, channels=1, registers=1, global_size=8,
+                            local_size=4, num_local=2, max_masked=2, hidden=10, bottleneck=3, prototypes=5, nlayers=3)
+  teacher = 2 * enc_global + 2 * (1 + 2) * head            # CLS + 2 masked patches per global crop
+  student = 2 * enc_global + 2 * enc_local + (2 + 2 + 2 * 2) * head
+  assert (f["teacher_fwd"], f["student_fwd"], f["train"]) == (teacher, student, teacher + 3 * student)
+  assert f["train"] == 101756
+
+  # 3D MAE: 4^3 crop, patch 2 -> 8 patches of 8 voxels, 2 kept; encoder dim 8 (1 block, mlp 16), decoder 4 (mlp 8)
+  m = flops.mae3d_step_flops(dim=8, depth=1, mlp_dim=16, patch=2, crop=4, in_chans=1, mask_ratio=0.75, dec_dim=4,
+                             dec_depth=1, dec_mlp_dim=8)
+  embed = 2 * 8 * 8 * 8                                             # all 8 patches, 8 -> 8
+  encoder = 2 * 3 * 4 * 64 + 4 * 9 * 8 + 2 * 3 * 2 * 8 * 16       # CLS + 2 kept
+  dec_embed = 2 * 3 * 8 * 4
+  decoder = 2 * 9 * 4 * 16 + 4 * 81 * 4 + 2 * 9 * 2 * 4 * 8      # CLS + 8
+  pred = 2 * 9 * 4 * 8
+  assert (m["patches"], m["kept"]) == (8, 2)
+  assert m["fwd"] == embed + encoder + dec_embed + decoder + pred == 8752 and m["train"] == 3 * 8752
+
+
+def test_encoder_flops_agree_with_the_train_benchmark_and_xla():
+  kw = dict(dim=64, depth=4, mlp_dim=256, patch=16, image_size=64, channels=1)
+  ours = flops.vit_forward_flops(**kw, prefix=3, moe_layers=(2, 3), experts=4, top_k=2)
+  assert ours == train.train_flops_per_image(**kw, registers=2, moe_layers=(2, 3), num_experts=4)["encoder_fwd"]
+  # XLA's count of a compiled forward (every op) sits a little above the matmul-only count
+  from m2dino_jax.models import vit
+  cfg = vit.ViTConfig.from_config({"variant": "mu/16", "in_chans": 1, "num_registers": 2})
+  gdef, state = nnx.split(vit.Encoder(cfg, rngs=nnx.Rngs(0)))
+  x = jnp.zeros((2, 64, 64, 1))
+  compiled = jax.jit(lambda s, x: nnx.merge(gdef, s)(x)["cls"]).lower(state, x).compile()
+  analytic = 2 * flops.vit_forward_flops(**kw, prefix=3)
+  ratio = common.xla_flops(compiled) / analytic
+  assert 1.0 <= ratio <= 1.25, ratio
+
+
+def test_mae_step_flops_against_xla():
+  from m2dino_jax.models import mae3d
+  cfg = mae3d.MAE3DConfig(dim=64, depth=2, heads=2, mlp_dim=256, patch=4, crop=16, dec_dim=32, dec_depth=1,
+                          dec_heads=2)
+  gdef, params = nnx.split(mae3d.MAE3D(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  vol = jnp.zeros((2, 16, 16, 16, 1))
+  loss = lambda p, v: nnx.merge(gdef, p)(v, jax.random.key(0))["loss"]
+  compiled = jax.jit(jax.grad(loss)).lower(params, vol).compile()
+  f = flops.mae3d_step_flops(dim=64, depth=2, mlp_dim=256, patch=4, crop=16, in_chans=1, mask_ratio=0.75,
+                             dec_dim=32, dec_depth=1, dec_mlp_dim=128)
+  ratio = common.xla_flops(compiled) / (2 * f["train"])
+  assert 1.0 <= ratio <= 1.3, ratio
+
+
+def test_peak_table_and_mfu(monkeypatch):
+  kinds = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5": 459, "TPU v5p": 459, "TPU v6 lite": 918,
+           "NVIDIA A100-SXM4-80GB": 312, "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989}
+  for kind, tflops in kinds.items():
+    assert peaks.table_peak(kind)[1] == tflops, kind
+  assert peaks.table_peak("cpu") is None
+  monkeypatch.delenv("M2DINO_PEAK_TFLOPS", raising=False)
+  h100 = peaks.device_peak("NVIDIA H100 80GB HBM3", "gpu")
+  assert h100 == {"peak_tflops_per_device": 989.0, "peak_source": "table: NVIDIA H100 SXM dense bf16",
+                  "peak_dtype": "bfloat16"}
+  assert peaks.device_peak("cpu", "cpu", override=2.5)["peak_tflops_per_device"] == 2.5
+  monkeypatch.setenv("M2DINO_PEAK_TFLOPS", "4")
+  assert peaks.device_peak("NVIDIA H100 80GB HBM3", "gpu")["peak_tflops_per_device"] == 4.0
+  monkeypatch.delenv("M2DINO_PEAK_TFLOPS")
+  cpu = peaks.device_peak("cpu", "cpu", smoke=True)
+  assert cpu["peak_source"].startswith("measured") and 1e-3 < cpu["peak_tflops_per_device"] < 100
+  # 989e12 FLOPs per step in 2 s on 4 H100s = 123.6 TFLOP/s per device = 12.5% MFU
+  assert peaks.mfu(989e12, 2.0, 4, 989.0) == pytest.approx(0.125)
+  args = argparse.Namespace(_device={"peak_tflops_per_device": 989.0})
+  t = common.throughput(args, images=64, seconds=2.0, flops=989e12, xla=1.1 * 989e12, devices=4)
+  assert t == pytest.approx({"images_per_s_per_device": 8.0, "tflops_per_device": 123.625,
+                             "xla_tflops_per_device": 1.1 * 123.625, "mfu": 0.125})
+
+
+def _result(name="demo", smoke=False, rows=None):
+  args = argparse.Namespace(smoke=smoke, out="x.json", repeats=3, func=print,
+                            _device={"backend": "cpu", "kind": "cpu", "count": 1, "local_count": 1,
+                                     "process_count": 1, "peak_tflops_per_device": 0.2,
+                                     "peak_source": "measured", "peak_dtype": "float32"})
+  rows = rows or [{"name": "jax", "median_s": 0.5, "images_per_s_per_device": 16.0, "mfu": np.float32(0.125),
+                   "tflops_per_device": 0.025}, {"name": "torch", "median_s": 1.0, "images_per_s_per_device": 8.0}]
+  return common.result(args, name, rows, shapes={"batch": 8}, ratios={"jax_over_torch": np.float64(2.0)},
+                       compile_s={"jax": 3.0})
+
+
+def test_result_schema():
+  obj = _result()
+  assert common.validate(obj) == []
+  assert obj["schema"] == "m2dino-bench/1" and obj["settings"] == {"smoke": False, "out": "x.json", "repeats": 3}
+  assert obj["rows"][0]["mfu"] == 0.125 and isinstance(obj["rows"][0]["mfu"], float)
+  assert obj["versions"]["jax"] == jax.__version__ and obj["device"]["kind"] == "cpu"
+  json.dumps(obj)  # plain JSON
+  bad = dict(obj, rows=[{"name": "x", "median_s": 0.0}])
+  assert common.validate(bad) == ["rows[0] 'x': median_s must be a positive number or null"]
+  assert common.validate({k: v for k, v in obj.items() if k != "device"}) == ["'device' missing or not dict"]
+  assert common.validate(dict(obj, rows=[{"median_s": 1.0}])) == ["rows[0]: no 'name'"]
+
+
+def test_smoke_settings_apply_unless_given():
+  from m2dino_jax.bench import mae
+  p = argparse.ArgumentParser()
+  p.add_argument("--smoke", action="store_true")
+  mae.add_args(p)
+  args = p.parse_args(["--smoke", "--batch", "6"])
+  bench_cli.apply_smoke(args, mae, p)
+  assert (args.variant, args.crop, args.batch, args.repeats) == ("mu/8", 16, 6, 2)
+  full = p.parse_args([])
+  bench_cli.apply_smoke(full, mae, p)
+  assert (full.variant, full.crop) == ("B/16", 96)
+  for name in bench_cli.BENCHMARKS:  # every benchmark has smoke settings naming real arguments
+    mod = bench_cli._load(name)
+    bp = argparse.ArgumentParser()
+    mod.add_args(bp)
+    dests = {a.dest for a in bp._actions}
+    assert mod.SMOKE and set(mod.SMOKE) <= dests, name
+
+
+def test_report_renders_the_results(tmp_path):
+  (tmp_path / "demo.json").write_text(json.dumps(_result()))
+  (tmp_path / "tiny.json").write_text(json.dumps(_result("tiny", smoke=True, rows=[{"name": "a", "median_s": None,
+                                                                                   "compile_s": 1.5}])))
+  out = tmp_path / "PERF.md"
+  assert report.run(argparse.Namespace(results=tmp_path, out=out)) == 0
+  text = out.read_text()
+  assert text.startswith("## Performance\n")
+  assert f"jax {jax.__version__}" in text and "- devices: 1 x cpu (cpu)" in text
+  assert "- peak for MFU: 0.2 TFLOP/s (measured)" in text
+  assert "- **smoke sizes** (tiny)" in text
+  assert ("| what | median s | images/s/device | TFLOP/s/device | MFU |\n|---|---|---|---|---|\n"
+          "| jax | 0.5 | 16 | 0.025 | 12.5% |\n| torch | 1 | 8 |  |  |") in text
+  assert "Ratios: jax_over_torch 2" in text and "Compile / first call (s): jax 3" in text
+  assert "### tiny (smoke)" in text and "| a | 1.5 |" in text
+  (tmp_path / "broken.json").write_text(json.dumps({"benchmark": "x"}))
+  with pytest.raises(DataError, match="broken.json.*not a m2dino-bench/1 result"):
+    report.load_results(tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_all_smoke_writes_valid_json_for_every_benchmark(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "m2dino_jax.cli", "bench", "all", "--smoke", "--out-dir",
+                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  written = sorted(p.stem for p in tmp_path.glob("*.json"))
+  assert written == sorted(bench_cli.BENCHMARKS)
+  for name in written:
+    obj = json.loads((tmp_path / f"{name}.json").read_text())
+    assert common.validate(obj) == [] and obj["smoke"] is True and obj["benchmark"] == name
+  assert "suite: encoder" in proc.stdout
