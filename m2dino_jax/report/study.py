@@ -54,9 +54,11 @@ def resolve_groups(runs: list[Run], spec: str | None) -> dict[str, list[str]]:
   if spec:
     return registry.parse_groups(spec)
   cg = next((r for r in runs if r.label == "cg"), None)
-  if cg is not None:
-    return groups_from_run(cg)
-  return registry.default_groups()
+  if cg is None:
+    return registry.default_groups()
+  preset = list(registry.default_groups())  # the CG run's groups in the preset's order where they match
+  rank = lambda g: (preset.index(g) if g in preset else len(preset), g)  # noqa: E731
+  return dict(sorted(groups_from_run(cg).items(), key=lambda kv: rank(kv[0])))
 
 
 def points(rows: list[Row], runs: list[Run], groups: dict[str, list[str]]) -> list[Point]:

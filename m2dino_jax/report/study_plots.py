@@ -83,7 +83,7 @@ def fig2_absolute(pts: list[Point], labels: list[str], path) -> Path:
       ax.axhline(CHANCE[metric], color="k", linestyle="--", linewidth=1, label="chance", zorder=3)
     arrow = "higher is better" if group[0].higher_is_better else "lower is better"
     ax.set_ylabel(f"{_unit(metric)}\n({arrow})", fontsize=9)
-    ax.set_title(f"{type_}", fontsize=10, pad=14)
+    ax.set_title(f"{type_}", fontsize=10, pad=18)
     ax.set_xticks(x, [_n_label(p) for p in group], rotation=30, ha="right", fontsize=7)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return _save(fig, path)
