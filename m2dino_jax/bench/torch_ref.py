@@ -106,7 +106,8 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
   """Bilinear, half-pixel centres, antialiased when shrinking (as jax.image.resize 'bilinear')."""
   if tuple(x.shape[-2:]) == tuple(size):
     return x
-  return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+  # fp32 (torch has no bf16 antialiased bilinear kernel): under autocast the next conv casts back to bf16
+  return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
 
 
 class SegHead(nn.Module):

@@ -28,7 +28,8 @@ and torch, each precision) is measured in the same run, so the achieved GFLOP/s 
 Threads: by default torch gets as many threads as JAX's cores. On an oversubscribed machine torch's
 OpenMP threads wait for each other far more than XLA's pool does (measured on the shared 2-core box:
 ViT-S torch step 26 s with 2 threads, 4.7 s with 1), which inflates the ratio. The single-core
-comparison pins the whole process to one core (XLA_FLAGS thread settings alone leave JAX on ~1.9 cores):
+comparison pins the whole process to one core (issue 17 measured the XLA_FLAGS thread settings alone
+leaving JAX on ~1.9 cores):
   taskset -c 0 m2dino bench train --torch-threads 1 --modes dense --jax float32,bfloat16 --torch float32,bfloat16
 """
 
