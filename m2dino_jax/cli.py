@@ -27,9 +27,29 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends "(default: X)" only where a default is worth showing: not on required options or flags, not
+  for None / '' / [] defaults, and not where the help already states its default (no doubled default)."""
+
+  def _get_help_string(self, action):
+    text, d = action.help or "", action.default
+    empty = d is None or d is argparse.SUPPRESS or (isinstance(d, str | list | tuple) and not d)
+    if action.required or action.nargs == 0 or empty or "default" in text:
+      return text
+    return super()._get_help_string(action)
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+  """`HelpFormatter` keeping the description's line breaks (module docstrings with usage lines)."""
+
+
 class Parser(argparse.ArgumentParser):
-  """An ArgumentParser whose errors are one line (no usage block; `--help` still shows it), exit status 2.
-  Subcommand parsers inherit the class."""
+  """An ArgumentParser whose errors are one line (no usage block; `--help` still shows it), exit status 2,
+  and whose help shows defaults by `HelpFormatter`. Subcommand parsers inherit the class."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    super().__init__(*args, **kwargs)
 
   def error(self, message):
     self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -64,7 +84,24 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         raise
       continue  # not built yet
     mod.register(sub)
+  describe(parser)
   return parser
+
+
+def subcommands(parser: argparse.ArgumentParser):
+  """(subparsers action, {name: parser}, {name: one-line help}) of each subcommand level under `parser`."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      yield action, action.choices, {a.dest: a.help for a in action._choices_actions}
+
+
+def describe(parser: argparse.ArgumentParser) -> None:
+  """Gives every subcommand without its own description its one-line help as description (recursively)."""
+  for _, choices, helps in subcommands(parser):
+    for name, sub in choices.items():
+      if not sub.description and helps.get(name):
+        sub.description = helps[name]
+      describe(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

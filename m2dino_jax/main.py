@@ -146,7 +146,9 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-  p = sub.add_parser("train", help="train from a config (same as python -m m2dino_jax.main)")
+  p = sub.add_parser("train", help="train from a config (same as python -m m2dino_jax.main)",
+                     description="Train from a config (same as python -m m2dino_jax.main); any config key can be "
+                     "overridden after the options with --config.KEY=VALUE, e.g. --config.total_steps=100.")
   add_arguments(p)
   p.set_defaults(func=run, overrides=[])
 

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from m2dino_jax import fileio
+from m2dino_jax.cli import RawHelpFormatter
 
 
 def _probe(args) -> int:
@@ -42,17 +42,17 @@ def _fit(args) -> int:
 
 def register(subparsers) -> None:
   p = subparsers.add_parser("advise", help="transfer-aware task grouping and sampling weights",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description=__doc__, formatter_class=RawHelpFormatter)
   sub = p.add_subparsers(dest="advise_command", metavar="STEP", required=True)
   pr = sub.add_parser("probe", help="lookahead affinities (and data-scaling points) -> probe.json")
   pr.add_argument("--config", required=True, help="configs/m2dino.py[:args]; --config.KEY=V overrides follow")
-  pr.add_argument("--out", required=True)
+  pr.add_argument("--out", required=True, help="output folder (probe.json, lookahead and scaling points)")
   pr.set_defaults(func=_probe)
   f = sub.add_parser("fit", help="probe.json -> advice.json (groups, weights, transfer matrix)")
-  f.add_argument("--probe", required=True)
-  f.add_argument("--out", required=True)
+  f.add_argument("--probe", required=True, help="probe.json written by 'm2dino advise probe'")
+  f.add_argument("--out", required=True, help="advice.json to write (groups, sampling weights, transfer matrix)")
   f.add_argument("--max-groups", type=int, default=0, help="group (model) budget; 0 = one per task at most")
-  f.add_argument("--seed", type=int, default=0)
+  f.add_argument("--seed", type=int, default=0, help="random seed of the grouping search")
   f.add_argument("--floor", type=float, default=0.05, help="least sampling weight per task within a group")
   f.add_argument("--beta", type=float, default=0.3, help="default self-law exponent where no scaling points fit")
   f.add_argument("--plot", default="", help="write the transfer-matrix heatmap (PNG) here")

@@ -10,7 +10,6 @@ values of its smoke size); results go to bench_results/NAME.json in the schema o
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import time
@@ -74,22 +73,21 @@ def register(sub) -> None:
     mod = _load(name)
     if mod is None:
       continue
-    bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
     _add_common(bp, name)
     mod.add_args(bp)
     bp.set_defaults(func=_runner(mod, bp))
     parsers[name] = (mod, bp)
   ap = bsub.add_parser("all", help="every benchmark in turn (--smoke for CI)")
-  ap.add_argument("--smoke", action="store_true")
-  ap.add_argument("--out-dir", default=RESULTS)
+  ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds; numbers not meaningful)")
+  ap.add_argument("--out-dir", default=RESULTS, help="folder for the JSON results (one file per benchmark)")
   ap.add_argument("--only", default="", help="comma list of benchmarks (default: all)")
   ap.add_argument("--skip", default="", help="comma list of benchmarks to leave out")
-  ap.add_argument("--peak-tflops", type=float, default=0.0)
+  ap.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s per device for MFU")
   ap.set_defaults(func=lambda args: run_all(args, parsers))
   rp = bsub.add_parser("report", help="README performance section (Markdown) from the JSON results")
   rp.add_argument("--results", default=RESULTS, help="folder of benchmark JSON files")
-  rp.add_argument("--out", default=f"{RESULTS}/PERFORMANCE.md")
+  rp.add_argument("--out", default=f"{RESULTS}/PERFORMANCE.md", help="Markdown file to write")
   rp.set_defaults(func=lambda args: importlib.import_module("m2dino_jax.bench.report").run(args))
 
 

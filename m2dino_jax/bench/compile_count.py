@@ -18,7 +18,7 @@ from m2dino_jax.bench import common
 def add_args(p) -> None:
   p.add_argument("--compile-config", default="configs/m2dino.py:paradigm=au,smoke",
                  help="the multi-task config whose model is compiled (all its tasks)")
-  p.add_argument("--compile-image-size", type=int, default=64)
+  p.add_argument("--compile-image-size", type=int, default=64, help="image side of the --compile model")
   p.add_argument("--step-repeats", type=int, default=5, help="timed steps per program (0: compile only)")
 
 

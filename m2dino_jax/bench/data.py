@@ -22,15 +22,15 @@ SMOKE = {"image_size": 32, "batch": 4, "batches": 2, "workers": [0], "source": "
 
 
 def add_args(p) -> None:
-  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--image-size", type=int, default=224, help="model image side after the transforms")
   p.add_argument("--batch", type=int, default=32, help="pipeline batch (one process)")
   p.add_argument("--batches", type=int, default=8, help="timed pipeline batches per worker count")
   p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="Grain worker counts to time")
-  p.add_argument("--source", choices=("sonosynth", "records"), default="sonosynth")
+  p.add_argument("--source", choices=("sonosynth", "records"), default="sonosynth", help="simulator or speckle records")
   p.add_argument("--source-size", type=int, default=256, help="side of the source images")
   p.add_argument("--per-task", type=int, default=16, help="source images per task")
   p.add_argument("--vit-variant", default="S/16", help="encoder of the consuming train step")
-  p.add_argument("--vit-batch", type=int, default=8)
+  p.add_argument("--vit-batch", type=int, default=8, help="batch of the consuming train step")
   p.add_argument("--vit-steps", type=int, default=3, help="timed train steps")
   p.add_argument("--sim-images", type=int, default=27, help="images for the simulator speed (0 = skip)")
 

@@ -20,17 +20,17 @@ SMOKE = {"variant": "mu/16", "batch": 4, "global_size": 32, "local_size": 16, "n
 
 
 def add_args(p) -> None:
-  p.add_argument("--variant", default="S/16")
+  p.add_argument("--variant", default="S/16", help="encoder variant, e.g. S/16, B/16")
   p.add_argument("--batch", type=int, default=8, help="global batch (images; each has 2 global + L local crops; "
                  "at 65,536 prototypes batch 32 needs ~15 GB on CPU)")
-  p.add_argument("--global-size", type=int, default=224)
-  p.add_argument("--local-size", type=int, default=96)
-  p.add_argument("--num-local", type=int, default=8)
-  p.add_argument("--prototypes", type=int, default=65536)
-  p.add_argument("--hidden", type=int, default=2048)
-  p.add_argument("--bottleneck", type=int, default=256)
+  p.add_argument("--global-size", type=int, default=224, help="global crop side")
+  p.add_argument("--local-size", type=int, default=96, help="local crop side")
+  p.add_argument("--num-local", type=int, default=8, help="local crops per image")
+  p.add_argument("--prototypes", type=int, default=65536, help="DINO / iBOT head prototypes")
+  p.add_argument("--hidden", type=int, default=2048, help="projection head hidden width")
+  p.add_argument("--bottleneck", type=int, default=256, help="projection head bottleneck width")
   p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=5, help="timed steps after the warm-up")
 
 
 def _config(args):

@@ -20,11 +20,11 @@ SMOKE = {"variant": "mu/16", "size": 32, "batch": 2, "repeats": 2, "torch_thread
 
 
 def add_args(p) -> None:
-  p.add_argument("--variant", default="S/16")
-  p.add_argument("--size", type=int, default=224)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--registers", type=int, default=4)
+  p.add_argument("--variant", default="S/16", help="encoder variant, e.g. S/16, B/16, mu/16")
+  p.add_argument("--size", type=int, default=224, help="image side in pixels")
+  p.add_argument("--batch", type=int, default=8, help="images per forward call")
+  p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up")
+  p.add_argument("--registers", type=int, default=4, help="register tokens of the encoder")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="PyTorch intra-op threads (0 = torch's default); on a busy machine 1 thread can be faster")
 

@@ -18,17 +18,17 @@ SMOKE = {"variant": "mu/8", "crop": 16, "batch": 4, "dec_dim": 32, "dec_depth": 
 
 
 def add_args(p) -> None:
-  p.add_argument("--variant", default="B/16")
-  p.add_argument("--crop", type=int, default=96)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--mask-ratio", type=float, default=0.75)
-  p.add_argument("--dec-dim", type=int, default=384)
-  p.add_argument("--dec-depth", type=int, default=4)
-  p.add_argument("--dec-heads", type=int, default=12)
-  p.add_argument("--sharding", default="fsdp", choices=("dp", "fsdp"))
+  p.add_argument("--variant", default="B/16", help="3D encoder variant, e.g. B/16")
+  p.add_argument("--crop", type=int, default=96, help="cubic crop side in voxels")
+  p.add_argument("--batch", type=int, default=16, help="volumes per step (global)")
+  p.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches masked")
+  p.add_argument("--dec-dim", type=int, default=384, help="decoder width")
+  p.add_argument("--dec-depth", type=int, default=4, help="decoder blocks")
+  p.add_argument("--dec-heads", type=int, default=12, help="decoder attention heads")
+  p.add_argument("--sharding", default="fsdp", choices=("dp", "fsdp"), help="mesh preset")
   p.add_argument("--remat", action="store_true", help="rematerialise blocks (memory for compute)")
   p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=5, help="timed steps after the warm-up")
 
 
 def run(args) -> int:

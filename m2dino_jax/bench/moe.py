@@ -32,14 +32,14 @@ _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "f64": 8, "s8": 1, "u8"
 
 
 def add_args(p) -> None:
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--tokens", type=int, default=197)
-  p.add_argument("--dim", type=int, default=384)
-  p.add_argument("--hidden", type=int, default=1536)
-  p.add_argument("--experts", type=int, default=8)
-  p.add_argument("--top-k", type=int, default=2)
-  p.add_argument("--capacity-factor", type=float, default=1.25)
-  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--batch", type=int, default=32, help="images per step")
+  p.add_argument("--tokens", type=int, default=197, help="tokens per image (197 = ViT-S/16 at 224)")
+  p.add_argument("--dim", type=int, default=384, help="model width")
+  p.add_argument("--hidden", type=int, default=1536, help="hidden width of each expert FFN")
+  p.add_argument("--experts", type=int, default=8, help="experts in the layer")
+  p.add_argument("--top-k", type=int, default=2, help="experts per token")
+  p.add_argument("--capacity-factor", type=float, default=1.25, help="capacity / even share")
+  p.add_argument("--repeats", type=int, default=7, help="timed steps after the warm-up")
   p.add_argument("--devices", default="1,2,4,8", help="expert-parallel scaling points ('' to skip)")
 
 

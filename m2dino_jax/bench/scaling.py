@@ -40,7 +40,7 @@ def add_args(p) -> None:
   p.add_argument("--compare-budgets", type=int, default=8, help="budgets in the compare task (5e3 to 4e4)")
   p.add_argument("--tasks", default="allocate,fit,transfer,compare", help="which comparisons to run")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats of each compiled call")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="random seed of the planted problems")
 
 
 def _problems(rng, count: int, n: int):

@@ -36,12 +36,12 @@ def add_args(p) -> None:
   p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sides to time")
   p.add_argument("--images", type=int, default=6, help="timed images per task and size")
   p.add_argument("--cnr-images", type=int, default=20, help="samples per segmentation task for the CNR (0 = skip)")
-  p.add_argument("--cnr-size", type=int, default=256)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cnr-size", type=int, default=256, help="image side for the CNR samples")
+  p.add_argument("--seed", type=int, default=0, help="simulator seed")
   p.add_argument("--contact-sheet", default=None, help="write a contact sheet PNG here")
-  p.add_argument("--sheet-size", type=int, default=128)
-  p.add_argument("--sheet-per-task", type=int, default=2)
-  p.add_argument("--sheet-columns", type=int, default=6)
+  p.add_argument("--sheet-size", type=int, default=128, help="contact sheet: image side")
+  p.add_argument("--sheet-per-task", type=int, default=2, help="contact sheet: samples per task")
+  p.add_argument("--sheet-columns", type=int, default=6, help="contact sheet: columns")
 
 
 def speed(tasks, sizes, images: int, seed: int = 0) -> list[dict]:

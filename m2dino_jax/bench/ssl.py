@@ -32,7 +32,7 @@ def add_args(p) -> None:
   p.add_argument("--batch", type=int, default=2, help="paper shape: images per device")
   p.add_argument("--smoke-batch", type=int, default=16, help="smoke shape: images per device")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (fp32 master)")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
   p.add_argument("--matmul-size", type=int, default=0, help="side of the matmul timed for the peak (0: auto)")
 
 

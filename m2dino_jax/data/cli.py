@@ -63,7 +63,6 @@ def register(sub) -> None:
   p = sub.add_parser("data", help="dataset commands: " + ", ".join(SUBCOMMANDS))
   dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
   for name, (help_text, add_args, run) in SUBCOMMANDS.items():
-    sp = dsub.add_parser(name, help=help_text, description=help_text,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp = dsub.add_parser(name, help=help_text, description=help_text)
     add_args(sp)
     sp.set_defaults(func=run)

@@ -189,7 +189,7 @@ def _parse_per_task(spec: str) -> dict[str, float | int]:
   for item in filter(None, (s.strip() for s in str(spec or "").split(","))):
     name, _, raw = (p.strip() for p in item.partition("="))
     if name not in registry.BY_NAME:
-      raise ConfigError("data.train_per_task", f"unknown task '{name}' in '{item}'")
+      raise ConfigError("data.train_per_task", f"unknown task '{name}' in '{item}'{registry.suggest(name)}")
     try:
       value: float | int = float(raw) if "." in raw else int(raw)
     except ValueError:

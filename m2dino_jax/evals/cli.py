@@ -24,14 +24,14 @@ def _common(p, dataset: str) -> None:
   p.add_argument("--dataset", default=dataset, help="synthetic | fetal_planes | jnu_ifm | fass")
   p.add_argument("--root", default="", help="dataset folder as released (real datasets)")
   p.add_argument("--task", default="", help="task id (default: the dataset's)")
-  p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--image-size", type=int, default=224, help="model image side in pixels")
+  p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
   p.add_argument("--synthetic-count", type=int, default=96, help="simulator images per split")
-  p.add_argument("--synthetic-size", type=int, default=256)
+  p.add_argument("--synthetic-size", type=int, default=256, help="side of the simulator images (dataset synthetic)")
   p.add_argument("--out-blocks", default="", help="blocks feeding the seg head (default 3,5,7,11 at depth 12)")
   p.add_argument("--baseline", choices=("none", "random"), default="none",
                  help="also evaluate random weights of the same architecture")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="random seed (splits, heads, simulator)")
   p.add_argument("--out", default="", help="JSON file (default eval_<command>.json)")
 
 
@@ -40,11 +40,11 @@ def _cls_args(p) -> None:
 
 
 def _seg_args(p) -> None:
-  p.add_argument("--shots", type=int, default=20)
-  p.add_argument("--splits", type=int, default=5)
-  p.add_argument("--steps", type=int, default=500)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--seg-channels", type=int, default=128)
+  p.add_argument("--shots", type=int, default=20, help="labelled training images per few-shot split")
+  p.add_argument("--splits", type=int, default=5, help="random few-shot splits averaged")
+  p.add_argument("--steps", type=int, default=500, help="training steps of the segmentation head")
+  p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the segmentation head")
+  p.add_argument("--seg-channels", type=int, default=128, help="channels of the segmentation head")
   p.add_argument("--seg-dataset", default="", help="ssl: dataset of the few-shot part (default: --dataset)")
   p.add_argument("--seg-root", default="", help="ssl: its folder (default: --root)")
 

@@ -17,7 +17,7 @@ def register(sub) -> None:
   p.add_argument("--task", help="one task id, e.g. fetal_head (with --input)")
   p.add_argument("--input", nargs="+", help="image files or folders (with --task)")
   p.add_argument("--out", required=True, help="output folder (official layout)")
-  p.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per model call (default: %(default)s)")
+  p.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per model call")
   p.add_argument("--score", action="store_true",
                  help="with --data-root: score the output against the CSVs' targets as the official script does")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -34,9 +34,9 @@ def run(args) -> int:
     print(f"predicted {sum(counts.values())} images of {len(counts)} tasks -> {args.out}")
     if args.score:
       from m2dino_jax.infer import challenge
-      for task, res in sorted(challenge.score(args.data_root, args.out).items()):
-        vals = "  ".join(f"{k}={v:.4f}" for k, v in res.items() if k != "n")
-        print(f"  {task:24s} n={res['n']:<5d} {vals}")
+      from m2dino_jax.tasks import table
+      scores = challenge.score(args.data_root, args.out, convention="official")
+      print(table.format_table(scores, "official metrics", convention="official"))
     return 0
   if not (args.task and args.input):
     raise M2DinoError("predict: give --data-root, or --task with --input")

@@ -11,7 +11,7 @@ def register(sub) -> None:
   src.add_argument("--hf", help="HF checkpoint folder (config.json + *.safetensors) or file")
   src.add_argument("--pth", help="Meta DINOv2 / UltraDINO .pth state dict (teacher.backbone. / backbone. prefix)")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--format", choices=("orbax", "safetensors"), default="orbax")
+  p.add_argument("--format", choices=("orbax", "safetensors"), default="orbax", help="checkpoint format written")
   p.add_argument("--in-chans", type=int, default=None, help="1 = grey input (sums RGB patch weights)")
   p.set_defaults(func=run)
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2dino_jax.cli import int_at_least
+from m2dino_jax.cli import HelpFormatter, RawHelpFormatter, int_at_least
 from m2dino_jax.errors import ConfigError, SolverError
 
 
@@ -48,15 +47,6 @@ def _ordered(mapping: dict[str, float], domains, key: str, default: float) -> np
   if unknown:
     raise ConfigError(key, f"unknown domain(s) {unknown}; domains are {list(domains)}")
   return np.array([mapping.get(d, default) for d in domains], np.float64)
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-  """Shows defaults only where there is one worth showing (not on required or empty options)."""
-
-  def _get_help_string(self, action):
-    if action.required or action.default in (None, "", False) or action.default is argparse.SUPPRESS:
-      return action.help
-    return super()._get_help_string(action)
 
 
 def _e_mode(text: str):
@@ -202,9 +192,9 @@ def cmd_compare(args) -> int:
 
 def register(subparsers) -> None:
   p = subparsers.add_parser("scaling", help="transfer-aware scaling laws: fit, allocate, plot, compare, sweep",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description=__doc__, formatter_class=RawHelpFormatter)
   sub = p.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
-  fmt = _Help
+  fmt = HelpFormatter
   law_help = "law file (law.json) or example:six_domain; see m2dino_jax/scaling/lawfile.py"
   e_help = ("the floor E of each self law: free (fitted), none (E = 0, the paper's pure power law), "
             "fixed:V or fixed:name=V,...")

@@ -28,6 +28,7 @@ Clinical groups (CG paradigm). The paper's full membership is not public; its Fi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from pathlib import Path
 
@@ -104,12 +105,19 @@ BY_NAME: dict[str, Task] = {t.name: t for t in TASKS}
 NUM_TASKS = len(TASKS)
 
 
-def get(name: str) -> Task:
-  """Looks a task up by its challenge id; unknown names raise a ConfigError listing the valid ones."""
+def suggest(name: str) -> str:
+  """"; did you mean 'x'?" for the closest task names (difflib), or "" when none is close."""
+  close = difflib.get_close_matches(str(name), list(BY_NAME), n=2, cutoff=0.6)
+  return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def get(name: str, key: str = "tasks") -> Task:
+  """Looks a task up by its challenge id; an unknown name raises a ConfigError naming the config `key` it
+  came from, suggesting the closest tasks and listing the valid ones."""
   try:
     return BY_NAME[name]
   except KeyError:
-    raise ConfigError("tasks", f"unknown task '{name}'; known: {', '.join(BY_NAME)}") from None
+    raise ConfigError(key, f"unknown task '{name}'{suggest(name)} (known: {', '.join(BY_NAME)})") from None
 
 
 def by_type(type_: str) -> list[Task]:
@@ -173,7 +181,7 @@ def parse_groups(spec) -> dict[str, list[str]]:
   for members in groups.values():
     for m in members:
       if m not in BY_NAME:
-        raise ConfigError("groups", f"unknown task '{m}' in the groups; known: {', '.join(BY_NAME)}")
+        raise ConfigError("groups", f"unknown task '{m}' in the groups{suggest(m)} (known: {', '.join(BY_NAME)})")
   return groups
 
 
@@ -186,11 +194,12 @@ def group_of(groups: dict[str, list[str]]) -> dict[str, str]:
   return {t: g for g, members in groups.items() for t in members}
 
 
-def resolve(names) -> list[Task]:
-  """Task names (list, or a string split on , + or :; "all" = every task) to Task objects, in registry order."""
+def resolve(names, key: str = "tasks") -> list[Task]:
+  """Task names (list, or a string split on , + or :; "all" = every task) to Task objects, in registry order;
+  an unknown name is a ConfigError naming `key` (the config key the names came from)."""
   if isinstance(names, str):
     names = [n.strip() for n in re.split(r"[,+:]", names) if n.strip()]
   if list(names) == ["all"]:
     return list(TASKS)
-  wanted = {get(n).name for n in names}
+  wanted = {get(n, key).name for n in names}
   return [t for t in TASKS if t.name in wanted]

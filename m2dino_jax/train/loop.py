@@ -10,6 +10,7 @@ waited for before the error propagates.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import signal
@@ -22,10 +23,29 @@ import jax
 import numpy as np
 
 from m2dino_jax.errors import NonFiniteError
+from m2dino_jax.tasks.results import COUNT_KEYS
+
+
+def tb_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+  """The TensorBoard scalars of one metrics.jsonl line: {tag: value}.
+
+  Train lines (prefix "") are tagged `train/<task>/<name>` when they carry a string "task" label (one task per
+  multi-task batch), else `train/<name>`; other lines keep `<prefix><name>` (e.g. eval/<task>/<metric>).
+  Example counts (`COUNT_KEYS`: n, n_train, ... as the last path part) are not curves and are left out, as are
+  strings, lists and non-finite values (they stay in metrics.jsonl).
+  """
+  task = metrics.get("task") if isinstance(metrics.get("task"), str) else None
+  base = prefix or ("train/" + (f"{task}/" if task else ""))
+  out = {}
+  for k, v in metrics.items():
+    if isinstance(v, float) and math.isfinite(v) and k.rsplit("/", 1)[-1] not in COUNT_KEYS:
+      out[base + k] = v
+  return out
 
 
 class MetricWriter:
-  """Appends JSON lines to WORKDIR/metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+  """Appends JSON lines to WORKDIR/metrics.jsonl (keys as given, with `prefix`) and scalars to TensorBoard
+  (tags by `tb_scalars`), process 0 only."""
 
   def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled and jax.process_index() == 0
@@ -44,9 +64,8 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **{prefix + k: v for k, v in clean.items()}}) + "\n")
     if self.tb is not None:
-      for k, v in clean.items():
-        if isinstance(v, float) and math.isfinite(v):
-          self.tb.add_scalar(prefix + k, v, step)
+      for tag, v in tb_scalars(clean, prefix).items():
+        self.tb.add_scalar(tag, v, step)
 
   def close(self) -> None:
     if self.tb is not None:
@@ -61,27 +80,42 @@ def _scalar(v):
 
 
 class Progress:
-  """A one-line progress bar with rate and ETA on stderr (a plain line every N steps when not a tty)."""
+  """A one-line progress bar with rate and ETA on stderr (a plain line every N steps when not a tty).
 
-  def __init__(self, total: int, start: int = 0, every: int = 10, name: str = "train"):
+  The rate is a moving average over the last `window` updates: (steps between the oldest and newest kept
+  update) / (time between them). The loop calls `step_done` after every step; the first one marks the end of
+  the first step, which carries the compilation, so the rate never counts compile time. `clock` (seconds,
+  default time.perf_counter) is injectable for tests. `rate` and `eta` hold the last estimate (NaN: none yet).
+  """
+
+  def __init__(self, total: int, start: int = 0, every: int = 10, name: str = "train", window: int = 5,
+               clock: Callable[[], float] | None = None):
     self.total, self.start, self.every, self.name = total, start, every, name
-    self.t0 = time.perf_counter()
+    self.clock = clock or time.perf_counter
+    self.marks: collections.deque = collections.deque(maxlen=window + 1)  # (step, time) of recent updates
+    self.rate, self.eta = math.nan, math.nan
     self.tty = sys.stderr.isatty()
     self.enabled = jax.process_index() == 0
+
+  def step_done(self, step: int) -> None:
+    """Called after every step: the first call marks the origin of the rate (after the compiling step)."""
+    if not self.marks:
+      self.marks.append((step, self.clock()))
 
   def update(self, step: int, info: str = "") -> None:
     if not self.enabled:
       return
-    done = step - self.start
+    self.marks.append((step, self.clock()))
+    (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+    self.rate = (s1 - s0) / (t1 - t0) if s1 > s0 and t1 > t0 else math.nan
+    self.eta = (self.total - step) / self.rate if self.rate > 0 else math.nan
     if not self.tty and step % self.every and step != self.total:
       return
-    elapsed = time.perf_counter() - self.t0
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
     frac = step / max(self.total, 1)
     bar = "#" * int(24 * frac)
-    line = (f"{self.name} [{bar:<24}] {step}/{self.total} {rate:.2f} step/s "
-            f"ETA {_hms(eta)} {info}")
+    rate = "--" if math.isnan(self.rate) else f"{self.rate:.2f}"
+    line = (f"{self.name} [{bar:<24}] {step}/{self.total} {rate} step/s "
+            f"ETA {_hms(self.eta)} {info}")
     print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
   def close(self) -> None:
@@ -215,6 +249,7 @@ def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int,
       while step < total_steps:
         state, metrics = step_fn(state, next(batches))
         step += 1
+        progress.step_done(step)
         label = _labels(metrics)
         pending.append((step, label, metrics.get("loss"), metrics.get("grad_norm")))
         log_step = step % log_every == 0 or step == total_steps

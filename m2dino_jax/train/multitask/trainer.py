@@ -30,7 +30,7 @@ from m2dino_jax.data import pipeline
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import convert, moe_dispatch, vit
 from m2dino_jax.models import moe as moe_lib
-from m2dino_jax.tasks import registry, types
+from m2dino_jax.tasks import registry, table, types
 from m2dino_jax.tasks import results as results_lib
 from m2dino_jax.train import checkpointing, core, loop, optim
 from m2dino_jax.train import workdir as workdir_lib
@@ -52,7 +52,7 @@ def plan_models(config) -> list[tuple[str, list[registry.Task]]]:
     return [(t.name, [t]) for t in tasks]
   if config.paradigm == "cg":
     spec = parse_groups(config.groups)
-    groups = {g: registry.resolve(names) for g, names in spec.items()}
+    groups = {g: registry.resolve(names, "groups") for g, names in spec.items()}
     chosen = {t.name for t in tasks}
     plan = [(g, [t for t in members if t.name in chosen]) for g, members in groups.items()]
     plan = [(g, ts) for g, ts in plan if ts]
@@ -77,7 +77,7 @@ def parse_groups(spec) -> dict[str, list[str]]:
   advised = adviceio.read_groups(spec) if str(spec or "").strip().endswith(".json") else None
   if advised is not None:
     for members in advised.values():
-      registry.resolve(members)
+      registry.resolve(members, "groups")
     return advised
   return registry.parse_groups(spec)
 
@@ -322,7 +322,7 @@ def _task_weights(spec: str, tasks) -> dict[str, float]:
   weights = {t.name: 1.0 for t in tasks}
   for item in filter(None, (s.strip() for s in str(spec or "").split(","))):
     name, _, w = item.partition("=")
-    registry.get(name.strip())
+    registry.get(name.strip(), "loss.task_weights")
     try:
       weights[name.strip()] = float(w)
     except ValueError:
@@ -349,11 +349,5 @@ def train_and_evaluate(config, workdir: str) -> str:
 
 
 def print_table(run) -> None:
-  print(f"\nper-task metrics ({run.label}):")
-  for task in registry.TASKS:
-    if task.name in run.tasks:
-      m = run.tasks[task.name]
-      vals = "  ".join(f"{k}={v:.4f}" for k, v in m.items()
-                       if isinstance(v, float) and k not in results_lib.COUNT_KEYS)
-      counts = "  ".join(f"{k}={int(m[k])}" for k in results_lib.COUNT_KEYS if k in m and math.isfinite(m[k]))
-      print(f"  {task.name:24s} {task.type:15s} {vals}  {counts}")
+  """The per-task table of a run's chosen eval files (`tasks.table`: n, units, better direction, type means)."""
+  print("\n" + table.format_table(run.tasks, f"per-task metrics ({run.label})"))

@@ -1,0 +1,121 @@
+"""The per-task metrics table printed on the console (after training, by `m2dino predict --score`).
+
+One block per task type, in the registry's type order, tasks in registry order:
+
+  per-task metrics (au); ↑ higher is better, ↓ lower is better
+  segmentation                n  n_train    dice ↑  hd [px] ↓
+    fetal_head               20       80    0.8123      12.35
+    lung                     10       40    0.5000      40.00
+  segmentation: mean of 2 tasks             0.6562      26.17
+  classification              n  n_train     auc ↑  accuracy ↑  f1_macro ↑  f1_weighted ↑     mcc ↑
+    lung_2cls                10       40       n/a      0.7000      0.4100         0.5800    0.0000
+  ...
+  hd and mre in px = pixels of the original image; n = evaluated images, n_train = training images
+  n/a = undefined (AUC with one class in the labels, ...); means skip n/a
+
+Conventions: metric columns are the type's standard metrics (`metrics.METRICS_BY_TYPE`) then any other
+numbers the results hold, sorted; HD and MRE are in pixels of the original image; NaN (undefined) prints as
+"n/a" with a footnote. The type mean is the official summary's "Average <metric>": the unweighted mean over
+the type's tasks with n > 0 (n/a skipped). Only task rows are indented by two spaces (headers, means and
+footnotes start at column 0), so a reader can pick the rows out.
+"""
+
+from __future__ import annotations
+
+import math
+
+from m2dino_jax.tasks import metrics, registry
+from m2dino_jax.tasks.results import COUNT_KEYS
+
+UNITS = {"hd": "px", "mre": "px"}
+ARROW = {True: "↑", False: "↓"}
+NA = "n/a"
+NA_WHY = ("AUC with one class in the labels, or a multiclass task missing a class; the official script scores "
+          "0.0 there")
+
+
+def header(metric: str) -> str:
+  """'dice ↑', 'hd [px] ↓': the metric's name, unit and better direction."""
+  unit = f" [{UNITS[metric]}]" if metric in UNITS else ""
+  arrow = ARROW.get(metrics.HIGHER_IS_BETTER.get(metric))
+  return f"{metric}{unit}" + (f" {arrow}" if arrow else "")
+
+
+def cell(v, metric: str = "") -> str:
+  """A metric value: 4 decimals (2 for pixel distances), NaN / None as "n/a"."""
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return NA
+  return f"{v:.{2 if metric in UNITS else 4}f}"
+
+
+def _count(v) -> str:
+  return NA if v is None or not math.isfinite(v) else str(int(v))
+
+
+def _type_of(task: str, values: dict) -> str:
+  if task in registry.BY_NAME:
+    return registry.BY_NAME[task].type
+  for type_, names in metrics.METRICS_BY_TYPE.items():
+    if names[0] in values:
+      return type_
+  return "other"
+
+
+def _order(task: str):
+  t = registry.BY_NAME.get(task)
+  return (0, t.index, task) if t else (1, 0, task)
+
+
+def type_means(task_metrics: dict[str, dict], type_: str, names: list[str]) -> tuple[dict[str, float], int]:
+  """({metric: mean over the type's tasks with n > 0, NaN skipped}, number of those tasks)."""
+  rows = [v for t, v in task_metrics.items() if _type_of(t, v) == type_ and v.get("n", 1) > 0]
+  out = {}
+  for name in names:
+    finite = [float(v[name]) for v in rows if isinstance(v.get(name), int | float) and math.isfinite(v[name])]
+    out[name] = sum(finite) / len(finite) if finite else math.nan
+  return out, len(rows)
+
+
+def format_table(task_metrics: dict[str, dict], title: str, convention: str = "default") -> str:
+  """The table of {task: {metric: value, n: count, ...}} (a `results.Run.tasks` or `TaskEvaluator.result()`
+  map); `convention` ('default' | 'official', `metrics.CONVENTIONS`) is named in the footnote."""
+  by_type: dict[str, list[str]] = {}
+  for task in sorted(task_metrics, key=_order):
+    by_type.setdefault(_type_of(task, task_metrics[task]), []).append(task)
+  rank = {t: i for i, t in enumerate(registry.TASK_TYPES)}
+  width = max([len(t) + 2 for t in task_metrics] + [len(t) for t in by_type] + [14])
+  lines = [f"{title}; ↑ higher is better, ↓ lower is better"]
+  any_na = False
+  for type_ in sorted(by_type, key=lambda t: rank.get(t, len(rank))):
+    tasks = by_type[type_]
+    standard = list(metrics.METRICS_BY_TYPE.get(type_, ()))
+    present = {k for t in tasks for k, v in task_metrics[t].items()
+               if isinstance(v, int | float) and k not in COUNT_KEYS}
+    names = [m for m in standard if m in present] + sorted(present - set(standard))
+    counts = [k for k in ("n", "n_train") if any(k in task_metrics[t] for t in tasks)]
+    heads = counts + [header(m) for m in names]
+    widths = [max(len(h), 7 if h in counts else 8) for h in heads]
+    lines.append(f"{type_:<{width}}" + "".join(f"  {h:>{w}}" for h, w in zip(heads, widths)))
+    for task in tasks:
+      v = task_metrics[task]
+      cells = [_count(v.get(k, math.nan)) for k in counts] + [cell(v.get(m, math.nan), m) for m in names]
+      any_na |= NA in cells[len(counts):]
+      lines.append(f"  {task:<{width - 2}}" + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths)))
+    means, k = type_means({t: task_metrics[t] for t in tasks}, type_, names)
+    label = f"{type_}: mean of {k} task{'s' if k != 1 else ''}"
+    pad = sum(w + 2 for w in widths[:len(counts)])
+    lines.append(f"{label:<{width + pad}}" + "".join(f"  {cell(means[m], m):>{w}}"
+                                                       for m, w in zip(names, widths[len(counts):])))
+  units = sorted({m for t in task_metrics.values() for m in t if m in UNITS})
+  notes = []
+  if units:
+    notes.append(f"{' and '.join(units)} in px = pixels of the original image")
+  notes.append("n = evaluated images" + (", n_train = training images" if any(
+      "n_train" in v for v in task_metrics.values()) else ""))
+  lines.append("; ".join(notes))
+  if any_na:
+    why = (NA_WHY if convention == "default" else "no evaluated images")
+    lines.append(f"n/a = undefined ({why}); means skip n/a")
+  if convention == "official":
+    lines.append(f"official convention: {metrics.CONVENTION_NOTE['official']}")
+  return "\n".join(lines)
