@@ -34,7 +34,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
   def _get_help_string(self, action):
     text, d = action.help or "", action.default
     empty = d is None or d is argparse.SUPPRESS or (isinstance(d, str | list | tuple) and not d)
-    if action.required or action.nargs == 0 or empty or "default" in text:
+    if action.required or action.nargs == 0 or empty or any(k in text for k in ("(default", "default:", "%(default")):
       return text
     return super()._get_help_string(action)
 

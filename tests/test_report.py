@@ -182,3 +182,40 @@ def test_report_without_baseline_has_values_but_no_deltas(tmp_path):
   assert list(rows[0]) == ["task", "type", "metric", "higher_is_better", "au"]
   assert {(r["task"], r["metric"]): float(r["au"]) for r in rows}[("FUGC", "mre")] == AU["FUGC"]["mre"]
   assert "No `ts` run was given" in written["markdown"].read_text()
+
+
+def test_bar_plot_shows_values_units_chance_counts_and_marks_na(tmp_path):
+  """bars.png's artists: values on the bars, y labels with units, AUC's chance line, n per task in the tick
+  labels, and AU's undefined AUC as a hatched "n/a" placeholder rather than a bar of height 0."""
+  from matplotlib.lines import Line2D
+
+  from m2dino_jax.report import plots
+  root = tmp_path / "runs"
+  for label, source in (("ts", TS), ("cg", CG), ("au", AU)):
+    results.write_eval(root / label / "eval", 1, label, source)
+  runs = [results.load_run(root / label, label) for label in ("ts", "cg", "au")]
+  rows = paradigm.build_rows(runs, "ts")
+  fig = plots.bars_figure(rows, ["ts", "cg", "au"], plots.eval_counts(runs))
+  axes = {ax.get_title().split(":")[0]: ax for ax in fig.axes}
+  assert list(axes) == ["segmentation", "classification", "detection", "regression"]
+  cls, reg = axes["classification"], axes["regression"]
+  # y labels with units, titles with the better direction
+  assert cls.get_ylabel() == "AUC (0-1)" and reg.get_ylabel() == "MRE (px, original image)"
+  assert axes["segmentation"].get_ylabel() == "Dice (0-1)"
+  assert "higher is better" in cls.get_title() and "lower is better" in reg.get_title()
+  # chance line at AUC 0.5 on the classification panel only
+  chance = [ln for ln in cls.get_lines() if isinstance(ln, Line2D) and list(ln.get_ydata()) == [0.5, 0.5]]
+  assert len(chance) == 1 and not [ln for ln in reg.get_lines() if ln.get_linestyle() == "--"]
+  # n per task in the tick labels (runs that differ show both)
+  assert [t.get_text() for t in cls.get_xticklabels()] == ["breast_2cls\nn=28/30"]
+  assert [t.get_text() for t in reg.get_xticklabels()] == ["FUGC\nn=12"]
+  # bars carry their values; AU's AUC is no bar at all, but a hatched placeholder with the text n/a
+  bars = {c.get_label(): [p.get_height() for p in c.patches] for c in cls.containers}
+  assert bars["ts"] == [0.75] and bars["cg"] == [0.9] and bars["au"] == []
+  texts = [t.get_text() for t in cls.texts]
+  assert "0.75" in texts and "0.90" in texts and texts.count("n/a") == 1
+  hatched = [p for p in cls.patches if p.get_hatch()]
+  assert len(hatched) == 1 and hatched[0].get_height() == pytest.approx(0.9) and not hatched[0].get_fill()
+  assert "n/a" not in [t.get_text() for t in cls.get_legend().get_texts()]
+  assert {t.get_text() for t in reg.texts} == {"5.0", "6.0", "4.0"}  # pixel values with one decimal
+  assert plots.bars_by_type(rows, ["ts", "cg", "au"], tmp_path / "bars.png").read_bytes()[:8] == PNG_MAGIC

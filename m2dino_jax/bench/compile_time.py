@@ -20,7 +20,7 @@ def add_args(p) -> None:
   p.add_argument("--variant", default="S/16", help="encoder variant, e.g. S/16")
   p.add_argument("--size", type=int, default=224, help="image side in pixels")
   p.add_argument("--batch", type=int, default=8, help="images per step")
-  p.add_argument("--tasks", default=TASKS, help="'+'-joined task ids (one per type by default)")
+  p.add_argument("--tasks", default=TASKS, help="'+'-joined task ids")
   p.add_argument("--moe", default="on", choices=("on", "off"), help="MoE blocks on or off")
 
 

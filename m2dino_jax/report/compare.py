@@ -58,7 +58,7 @@ def write_report(a: Analysis, out_dir) -> dict[str, Path]:
   written = {
       "markdown": fileio.write_text(out / "report.md", markdown),
       "csv": fileio.write_text(out / "report.csv", paradigm.to_csv(a.rows, labels)),
-      "bars": plots.bars_by_type(a.rows, labels, out / "bars.png"),
+      "bars": plots.bars_by_type(a.rows, labels, out / "bars.png", plots.eval_counts(a.runs)),
       "fig2_absolute": study_plots.fig2_absolute(a.points, labels, out / "fig2_absolute.png"),
   }
   optional = {

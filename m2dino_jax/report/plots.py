@@ -2,6 +2,12 @@
 
 Figures are built with matplotlib's object API (`Figure`, Agg canvas), so nothing touches pyplot's global
 state or needs a display; each PNG is written atomically.
+
+Bar conventions (`value_bars`, shared with the study figures): each bar carries its value; y labels name the
+metric with its unit and better direction; a dashed line marks chance where one exists independent of the
+data (`CHANCE`: AUC 0.5, MCC 0); an undefined value (NaN, "n/a") is a hollow hatched placeholder with the
+text "n/a", never a bar of height 0; tick labels carry the evaluated images per task (n, "a/b" when runs
+differ).
 """
 
 from __future__ import annotations
@@ -21,6 +27,60 @@ from m2dino_jax.tasks.results import MoeUsage, specialisation
 METRIC_UNITS = {"dice": "Dice (0-1)", "hd": "HD (px, original image)", "auc": "AUC (0-1)",
                 "accuracy": "accuracy (0-1)", "f1_macro": "macro F1 (0-1)", "f1_weighted": "weighted F1 (0-1)",
                 "mcc": "MCC (-1 to 1)", "iou": "box IoU (0-1)", "mre": "MRE (px, original image)"}
+# the value a predictor without information scores, where one exists independent of the data
+CHANCE = {"auc": 0.5, "mcc": 0.0}
+NA_HATCH = "///"
+NA_LABEL = "_n/a"  # placeholder bars' label (a leading '_' keeps them out of legends)
+
+
+def value_text(v: float, metric: str) -> str:
+  """A bar's value: 1 decimal for pixel distances (HD, MRE), 2 otherwise."""
+  return f"{v:.1f}" if "px" in METRIC_UNITS.get(metric, "") else f"{v:.2f}"
+
+
+def value_bars(ax, xs, values, width: float, *, label: str, metric: str, placeholder: float) -> None:
+  """Bars at `xs` with their values written on them; NaN values as hollow hatched placeholders of height
+  `placeholder` carrying the text "n/a" (so n/a never reads as 0)."""
+  xs, vals = np.asarray(xs, float), np.asarray(values, float)
+  ok = np.isfinite(vals)
+  bars = ax.bar(xs[ok], vals[ok], width, label=label, zorder=2)
+  ax.bar_label(bars, labels=[value_text(v, metric) for v in vals[ok]], fontsize=6, padding=1)
+  if not ok.all():
+    ax.bar(xs[~ok], np.full((~ok).sum(), placeholder), width, fill=False, hatch=NA_HATCH, edgecolor="0.55",
+           linewidth=0.6, label=NA_LABEL, zorder=2)
+    for x in xs[~ok]:
+      ax.text(x, placeholder / 2, "n/a", rotation=90, ha="center", va="center", fontsize=7, color="0.3")
+
+
+def placeholder_height(values) -> float:
+  """Height of the n/a placeholders of a panel: its largest finite value (1.0 when none)."""
+  finite = [abs(v) for v in values if math.isfinite(v)]
+  return max(finite) if finite and max(finite) > 0 else 1.0
+
+
+def chance_line(ax, metric: str) -> None:
+  if metric in CHANCE:
+    ax.axhline(CHANCE[metric], color="k", linestyle="--", linewidth=1, label=f"chance ({CHANCE[metric]:g})",
+               zorder=3)
+
+
+def direction(higher_is_better: bool | None) -> str:
+  return {True: "higher is better", False: "lower is better"}.get(higher_is_better, "")
+
+
+def n_text(counts) -> str:
+  """'n=12', or 'n=10/12' when the runs evaluated different numbers, 'n=n/a' when unknown."""
+  vals = sorted({int(v) for v in counts if v is not None and math.isfinite(v)})
+  return "n=" + ("/".join(map(str, vals)) or "n/a")
+
+
+def eval_counts(runs) -> dict[str, list[float]]:
+  """{task: [n of each run that evaluated it]} from `results.Run`s."""
+  out: dict[str, list[float]] = {}
+  for run in runs:
+    for task, values in run.tasks.items():
+      out.setdefault(task, []).append(values.get("n", math.nan))
+  return out
 
 
 def _save(fig: Figure, path) -> Path:
@@ -31,25 +91,36 @@ def _save(fig: Figure, path) -> Path:
   return Path(path)
 
 
-def bars_by_type(rows: list[Row], labels: list[str], path) -> Path:
-  """One panel per task type: each task's primary metric as a group of bars, one bar per run."""
+def bars_figure(rows: list[Row], labels: list[str], counts: dict[str, list[float]] | None = None) -> Figure:
+  """One panel per task type: each task's primary metric as a group of bars, one bar per run, by the bar
+  conventions of the module docstring; `counts` ({task: [n per run]}, `eval_counts`) labels the ticks."""
   primary = [r for r in rows if r.primary]
   types = list(dict.fromkeys(r.type for r in primary))
   most = max(sum(r.type == t for r in primary) for t in types)
-  fig = Figure(figsize=(max(6.0, 2.0 + 0.35 * most * len(labels)), 3.2 * len(types)))
+  fig = Figure(figsize=(max(6.0, 2.0 + 0.45 * most * len(labels)), 3.4 * len(types)))
   width = 0.8 / len(labels)
   for i, type_ in enumerate(types):
     ax = fig.add_subplot(len(types), 1, i + 1)
     group = [r for r in primary if r.type == type_]
+    metric = group[0].metric
     x = np.arange(len(group))
+    height = placeholder_height([r.values[lab] for r in group for lab in labels])
     for j, lab in enumerate(labels):
-      ax.bar(x + (j - (len(labels) - 1) / 2) * width, [r.values[lab] for r in group], width, label=lab)
-    arrow = "higher is better" if group[0].higher_is_better else "lower is better"
-    ax.set_title(f"{type_}: {group[0].metric} ({arrow})", fontsize=10)
-    ax.set_ylabel(METRIC_UNITS.get(group[0].metric, group[0].metric), fontsize=9)
-    ax.set_xticks(x, [r.task for r in group], rotation=30, ha="right", fontsize=8)
-    ax.legend(fontsize=8)
-  return _save(fig, path)
+      value_bars(ax, x + (j - (len(labels) - 1) / 2) * width, [r.values[lab] for r in group], width, label=lab,
+                 metric=metric, placeholder=height)
+    chance_line(ax, metric)
+    ax.set_title(f"{type_}: {metric} ({direction(group[0].higher_is_better)})", fontsize=10)
+    ax.set_ylabel(METRIC_UNITS.get(metric, metric), fontsize=9)
+    ticks = [f"{r.task}\n{n_text((counts or {}).get(r.task, []))}" if counts is not None else r.task for r in group]
+    ax.set_xticks(x, ticks, rotation=30, ha="right", fontsize=7)
+    ax.margins(y=0.12)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  return fig
+
+
+def bars_by_type(rows: list[Row], labels: list[str], path, counts: dict[str, list[float]] | None = None) -> Path:
+  """bars.png: `bars_figure` written atomically."""
+  return _save(bars_figure(rows, labels, counts), path)
 
 
 def _heatmap(ax, data: np.ndarray, row_names, col_names, *, cmap, vmin, vmax, fmt: str):

@@ -21,8 +21,6 @@ from m2dino_jax.tasks.results import Run, specialisation
 OTHER = "other"
 # axis labels with units, per metric
 UNITS = METRIC_UNITS
-# the value a predictor without information scores, where one exists independent of the data
-CHANCE = {"auc": 0.5, "mcc": 0.0}
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
   fig2_absolute.png   each task's primary metric per run, one panel per task type, tasks grouped by
                       clinical group (shaded bands, group names on top), n_train / n under each task,
-                      chance lines where one exists (AUC 0.5)
+                      chance lines where one exists (AUC 0.5), values on the bars and n/a
+                      as hatched placeholders (plots.value_bars)
   fig3_delta.png      Δ% vs the baseline per task and run, grouped by clinical group (positive = better,
                       HD / MRE inverted); n/a marked
   delta_vs_size.png   Δ% against training images per task (log x), one panel per run, one point per task
@@ -19,8 +20,9 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from m2dino_jax.report import plots
 from m2dino_jax.report.plots import _save
-from m2dino_jax.report.study import CHANCE, UNITS, Point
+from m2dino_jax.report.study import UNITS, Point
 from m2dino_jax.tasks import registry
 
 TYPE_COLOURS = {registry.SEGMENTATION: "tab:blue", registry.CLASSIFICATION: "tab:orange",
@@ -70,19 +72,14 @@ def fig2_absolute(pts: list[Point], labels: list[str], path) -> Path:
     ax = fig.add_subplot(len(types), 1, i + 1)
     group = [p for p in pts if p.type == type_]
     x = np.arange(len(group))
-    _group_bands(ax, group)
-    for j, lab in enumerate(labels):
-      vals = np.array([p.values.get(lab, math.nan) for p in group], float)
-      xs = x + (j - (len(labels) - 1) / 2) * width
-      ax.bar(xs, np.nan_to_num(vals), width, label=lab, zorder=2)
-      for xi, v in zip(xs, vals):
-        if math.isnan(v):
-          ax.text(xi, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
     metric = group[0].metric
-    if metric in CHANCE:
-      ax.axhline(CHANCE[metric], color="k", linestyle="--", linewidth=1, label="chance", zorder=3)
-    arrow = "higher is better" if group[0].higher_is_better else "lower is better"
-    ax.set_ylabel(f"{_unit(metric)}\n({arrow})", fontsize=9)
+    _group_bands(ax, group)
+    height = plots.placeholder_height([p.values.get(lab, math.nan) for p in group for lab in labels])
+    for j, lab in enumerate(labels):
+      plots.value_bars(ax, x + (j - (len(labels) - 1) / 2) * width, [p.values.get(lab, math.nan) for p in group],
+                       width, label=lab, metric=metric, placeholder=height)
+    plots.chance_line(ax, metric)
+    ax.set_ylabel(f"{_unit(metric)}\n({plots.direction(group[0].higher_is_better)})", fontsize=9)
     ax.set_title(f"{type_}", fontsize=10, pad=18)
     ax.set_xticks(x, [_n_label(p) for p in group], rotation=30, ha="right", fontsize=7)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

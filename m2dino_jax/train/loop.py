@@ -230,16 +230,17 @@ def _labels(metrics: dict) -> str:
 
 def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int, writer: MetricWriter,
         log_every: int = 10, eval_every: int = 0, evaluate: Callable | None = None,
-        checkpoint_every: int = 0, checkpointer=None, name: str = "train"):
+        checkpoint_every: int = 0, checkpointer=None, name: str = "train", clock: Callable[[], float] | None = None):
   """Runs steps start_step+1 .. total_steps of `step_fn(state, batch) -> (state, metrics)`.
 
   Returns (state, last_step, status) with status COMPLETED or PREEMPTED. Metrics may carry string labels
   (logged as they are). `checkpointer.save(step, state, force)` runs every `checkpoint_every` steps,
   `evaluate(state, step)` every `eval_every`. SIGTERM or SIGINT stops the loop at a step that every process agrees on
   (the flag is all-reduced at the log cadence in multi-process runs, every step otherwise), so the collective
-  checkpoint that follows is written once, for the same step everywhere.
+  checkpoint that follows is written once, for the same step everywhere. `clock` times the progress line
+  (default time.perf_counter; tests inject a fake one).
   """
-  progress = Progress(total_steps, start_step, every=log_every, name=name)
+  progress = Progress(total_steps, start_step, every=log_every, name=name, clock=clock)
   step = start_step
   status = COMPLETED
   multi = jax.process_count() > 1
