@@ -77,8 +77,8 @@ def test_trainer_prints_the_shared_table(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- TensorBoard
 
 def test_tensorboard_tags_per_task_without_counts(tmp_path):
-  train = {"task": "lung", "loss": 1.5, "grad_norm": 2.0}
-  assert loop.tb_scalars(train) == {"train/lung/loss": 1.5, "train/lung/grad_norm": 2.0}
+  train = {"task": "lung", "loss": 1.5, "grad_norm": 2.0, "lr": 1e-3}
+  assert loop.tb_scalars(train) == {"train/lung/loss": 1.5, "train/lung/grad_norm": 2.0, "train/lr": 1e-3}
   assert loop.tb_scalars({"loss": 1.0}) == {"train/loss": 1.0}  # single-task trainers (dino, mae)
   evals = {"score": 0.5, "lung/dice": 0.7, "lung/n": 10.0, "lung/n_train": 40.0, "lung/n_train_available": 50.0,
            "lung/hd": NAN}
@@ -94,7 +94,7 @@ def test_tensorboard_tags_per_task_without_counts(tmp_path):
   writer.tb = FakeTB()
   writer.write(3, train)
   writer.write(4, evals, prefix="eval/")
-  assert FakeTB.calls == [("train/lung/loss", 1.5, 3), ("train/lung/grad_norm", 2.0, 3),
+  assert FakeTB.calls == [("train/lung/loss", 1.5, 3), ("train/lung/grad_norm", 2.0, 3), ("train/lr", 1e-3, 3),
                           ("eval/score", 0.5, 4), ("eval/lung/dice", 0.7, 4)]
   lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert lines[0] == {"step": 3, **train}  # metrics.jsonl keeps its format (keys as given)

@@ -25,12 +25,15 @@ import numpy as np
 from m2dino_jax.errors import NonFiniteError
 from m2dino_jax.tasks.results import COUNT_KEYS
 
+RUN_WIDE = ("lr",)  # train metrics that belong to the run, not to the batch's task
+
 
 def tb_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
   """The TensorBoard scalars of one metrics.jsonl line: {tag: value}.
 
   Train lines (prefix "") are tagged `train/<task>/<name>` when they carry a string "task" label (one task per
-  multi-task batch), else `train/<name>`; other lines keep `<prefix><name>` (e.g. eval/<task>/<metric>).
+  multi-task batch), else `train/<name>`; the schedule's values (`RUN_WIDE`: lr) stay `train/<name>`, one curve.
+  Other lines keep `<prefix><name>` (e.g. eval/<task>/<metric>).
   Example counts (`COUNT_KEYS`: n, n_train, ... as the last path part) are not curves and are left out, as are
   strings, lists and non-finite values (they stay in metrics.jsonl).
   """
@@ -39,7 +42,7 @@ def tb_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
   out = {}
   for k, v in metrics.items():
     if isinstance(v, float) and math.isfinite(v) and k.rsplit("/", 1)[-1] not in COUNT_KEYS:
-      out[base + k] = v
+      out[("train/" if not prefix and k in RUN_WIDE else base) + k] = v
   return out
 
 
