@@ -203,3 +203,13 @@ def test_mistyped_task_on_the_command_line_is_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1
   assert "'tasks'" in err and "did you mean 'fetal_head'" in err
+
+
+def test_predict_score_prints_the_shared_table(tmp_path, monkeypatch, capsys):
+  from m2dino_jax.infer import challenge, predict
+  monkeypatch.setattr(predict, "predict_submission", lambda *a, **k: {t: int(v["n"]) for t, v in RESULTS.items()})
+  monkeypatch.setattr(challenge, "score", lambda *a, **k: RESULTS)
+  assert cli.main(["predict", "--workdir", str(tmp_path), "--data-root", str(tmp_path), "--out", str(tmp_path),
+                   "--score"]) == 0
+  out = capsys.readouterr().out
+  assert table.format_table(RESULTS, "official metrics", convention="official") in out
