@@ -216,6 +216,11 @@ def test_bar_plot_shows_values_units_chance_counts_and_marks_na(tmp_path):
   assert "0.75" in texts and "0.90" in texts and texts.count("n/a") == 1
   hatched = [p for p in cls.patches if p.get_hatch()]
   assert len(hatched) == 1 and hatched[0].get_height() == pytest.approx(0.9) and not hatched[0].get_fill()
-  assert "n/a" not in [t.get_text() for t in cls.get_legend().get_texts()]
+  legend = cls.get_legend()
+  assert [t.get_text() for t in legend.get_texts()] == ["ts", "cg", "au", "chance (0.5)", "n/a (undefined)"]
+  from matplotlib.colors import to_rgba
+  assert legend.legend_handles[2].get_facecolor() == to_rgba("C2")  # au keeps its colour without a finite bar
+  assert axes["detection"].containers[2].patches[0].get_facecolor() == to_rgba("C2")
+  assert [t.get_text() for t in reg.get_legend().get_texts()] == ["ts", "cg", "au"]
   assert {t.get_text() for t in reg.texts} == {"5.0", "6.0", "4.0"}  # pixel values with one decimal
   assert plots.bars_by_type(rows, ["ts", "cg", "au"], tmp_path / "bars.png").read_bytes()[:8] == PNG_MAGIC

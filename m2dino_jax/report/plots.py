@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from m2dino_jax import fileio
 from m2dino_jax.report.paradigm import Row
@@ -38,18 +40,21 @@ def value_text(v: float, metric: str) -> str:
   return f"{v:.1f}" if "px" in METRIC_UNITS.get(metric, "") else f"{v:.2f}"
 
 
-def value_bars(ax, xs, values, width: float, *, label: str, metric: str, placeholder: float) -> None:
+def value_bars(ax, xs, values, width: float, *, label: str, metric: str, placeholder: float,
+               color: str | None = None) -> None:
   """Bars at `xs` with their values written on them; NaN values as hollow hatched placeholders of height
-  `placeholder` carrying the text "n/a" (so n/a never reads as 0)."""
+  `placeholder` carrying the text "n/a" (so n/a never reads as 0). Give each run its `color` (e.g. 'C0'), so
+  a run with no finite bar in a panel keeps its colour in the legend."""
   xs, vals = np.asarray(xs, float), np.asarray(values, float)
   ok = np.isfinite(vals)
-  bars = ax.bar(xs[ok], vals[ok], width, label=label, zorder=2)
+  bars = ax.bar(xs[ok], vals[ok], width, label=label, color=color, zorder=2)
   ax.bar_label(bars, labels=[value_text(v, metric) for v in vals[ok]], fontsize=6, padding=1)
   if not ok.all():
     ax.bar(xs[~ok], np.full((~ok).sum(), placeholder), width, fill=False, hatch=NA_HATCH, edgecolor="0.55",
            linewidth=0.6, label=NA_LABEL, zorder=2)
     for x in xs[~ok]:
-      ax.text(x, placeholder / 2, "n/a", rotation=90, ha="center", va="center", fontsize=7, color="0.3")
+      ax.text(x, placeholder / 2, "n/a", rotation=90, ha="center", va="center", fontsize=8, color="0.2",
+              bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
 
 
 def placeholder_height(values) -> float:
@@ -60,8 +65,18 @@ def placeholder_height(values) -> float:
 
 def chance_line(ax, metric: str) -> None:
   if metric in CHANCE:
-    ax.axhline(CHANCE[metric], color="k", linestyle="--", linewidth=1, label=f"chance ({CHANCE[metric]:g})",
-               zorder=3)
+    ax.axhline(CHANCE[metric], color="k", linestyle="--", linewidth=1, zorder=3)
+
+
+def bar_legend(ax, labels: list[str], metric: str, any_na: bool) -> None:
+  """The legend of a `value_bars` panel: one colour per run ('C0', 'C1', ...), the chance line and the n/a
+  placeholder when drawn (built from proxies, so a run without a finite bar keeps its entry)."""
+  handles = [Patch(facecolor=f"C{j}", label=lab) for j, lab in enumerate(labels)]
+  if metric in CHANCE:
+    handles.append(Line2D([], [], color="k", linestyle="--", linewidth=1, label=f"chance ({CHANCE[metric]:g})"))
+  if any_na:
+    handles.append(Patch(fill=False, hatch=NA_HATCH, edgecolor="0.55", label="n/a (undefined)"))
+  ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def direction(higher_is_better: bool | None) -> str:
@@ -104,17 +119,18 @@ def bars_figure(rows: list[Row], labels: list[str], counts: dict[str, list[float
     group = [r for r in primary if r.type == type_]
     metric = group[0].metric
     x = np.arange(len(group))
-    height = placeholder_height([r.values[lab] for r in group for lab in labels])
+    values = [r.values[lab] for r in group for lab in labels]
+    height = placeholder_height(values)
     for j, lab in enumerate(labels):
       value_bars(ax, x + (j - (len(labels) - 1) / 2) * width, [r.values[lab] for r in group], width, label=lab,
-                 metric=metric, placeholder=height)
+                 metric=metric, placeholder=height, color=f"C{j}")
     chance_line(ax, metric)
     ax.set_title(f"{type_}: {metric} ({direction(group[0].higher_is_better)})", fontsize=10)
     ax.set_ylabel(METRIC_UNITS.get(metric, metric), fontsize=9)
     ticks = [f"{r.task}\n{n_text((counts or {}).get(r.task, []))}" if counts is not None else r.task for r in group]
     ax.set_xticks(x, ticks, rotation=30, ha="right", fontsize=7)
     ax.margins(y=0.12)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    bar_legend(ax, labels, metric, any(math.isnan(v) for v in values))
   return fig
 
 

@@ -74,15 +74,16 @@ def fig2_absolute(pts: list[Point], labels: list[str], path) -> Path:
     x = np.arange(len(group))
     metric = group[0].metric
     _group_bands(ax, group)
-    height = plots.placeholder_height([p.values.get(lab, math.nan) for p in group for lab in labels])
+    values = [p.values.get(lab, math.nan) for p in group for lab in labels]
+    height = plots.placeholder_height(values)
     for j, lab in enumerate(labels):
       plots.value_bars(ax, x + (j - (len(labels) - 1) / 2) * width, [p.values.get(lab, math.nan) for p in group],
-                       width, label=lab, metric=metric, placeholder=height)
+                       width, label=lab, metric=metric, placeholder=height, color=f"C{j}")
     plots.chance_line(ax, metric)
     ax.set_ylabel(f"{_unit(metric)}\n({plots.direction(group[0].higher_is_better)})", fontsize=9)
     ax.set_title(f"{type_}", fontsize=10, pad=18)
     ax.set_xticks(x, [_n_label(p) for p in group], rotation=30, ha="right", fontsize=7)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    plots.bar_legend(ax, labels, metric, any(math.isnan(v) for v in values))
   return _save(fig, path)
 
 
