@@ -39,7 +39,6 @@ def graph_edges(advice: dict, top: int | None = None) -> list[tuple[str, str, fl
 def transfer_graph(advice: dict, path: Path, top: int | None = None) -> Path:
   plt = _pyplot()
   order = [t for members in advice["groups"].values() for t in members]
-  group_of = {t: g for g, members in advice["groups"].items() for t in members}
   angles = np.linspace(0, 2 * np.pi, len(order), endpoint=False) + np.pi / 2
   pos = {t: (np.cos(a), np.sin(a)) for t, a in zip(order, angles)}
   edges = graph_edges(advice, top)
