@@ -58,5 +58,5 @@ def register(subparsers) -> None:
   f.add_argument("--floor", type=float, default=0.05, help="least sampling weight per task within a group")
   f.add_argument("--beta", type=float, default=0.3, help="default self-law exponent where no scaling points fit")
   f.add_argument("--plot", default="",
-                 help="write the transfer-matrix heatmap (PNG) here, and its directed graph next to it (NAME_graph.png)")
+                 help="write the transfer heatmap (PNG) here, and its directed graph next to it (NAME_graph.png)")
   f.set_defaults(func=_fit)
