@@ -28,6 +28,7 @@ all-background mask, AUC > 0.6, IoU / MRE better than the mean box / mean points
 
 import ml_collections
 
+from m2dino_jax.advise import adviceio
 from m2dino_jax.configlib import parse_arg
 from m2dino_jax.data.pipeline import default_data_config
 from m2dino_jax.errors import ConfigError
@@ -78,9 +79,7 @@ def get_config(arg=None):
   # challenge); the smoke variant uses equal sizes
   c.data.source.synthetic_count = 0
   if advised:
-    c.groups = arg.advice
-    c.data.mixture = "json"
-    c.data.weights_file = arg.advice
+    adviceio.apply(c, arg.advice)
 
   # `m2dino advise probe` (m2dino_jax/advise/probe.py): budget = program calls (steps + forward losses)
   c.advise = ml_collections.ConfigDict(dict(

@@ -159,3 +159,19 @@ def test_advised_config_needs_advice_and_trainer_reads_groups(tmp_path):
   bad = fileio.write_json(tmp_path / "bad.json", {"format": adviceio.FORMAT, "groups": {"g": ["nope"]}})
   with pytest.raises(ConfigError):
     trainer.parse_groups(str(bad))
+
+
+def test_transfer_graph_draws_the_strongest_off_diagonal_entries(tmp_path):
+  from m2dino_jax.advise import plot
+  rng = np.random.default_rng(3)
+  tasks = [f"t{i}" for i in range(5)]
+  m = rng.normal(size=(5, 5))
+  advice = {"tasks": tasks, "transfer": m.tolist(), "groups": {"a": tasks[:2], "b": tasks[2:]}}
+  off = [(abs(m[i, j]), tasks[j], tasks[i], m[i, j]) for i in range(5) for j in range(5) if i != j]
+  expect = [(s, d, v) for _, s, d, v in sorted(off, reverse=True)[:4]]
+  edges = plot.graph_edges(advice, top=4)
+  assert [(s, d) for s, d, _ in edges] == [(s, d) for s, d, _ in expect]
+  assert [v for *_, v in edges] == pytest.approx([v for *_, v in expect])
+  assert len(plot.graph_edges(advice)) == 10  # default: 2 x tasks
+  path = plot.transfer_graph(advice, tmp_path / "g.png")
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

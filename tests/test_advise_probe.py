@@ -39,6 +39,7 @@ def test_probe_fit_and_advised_config(tmp_path, capsys):
   rc = cli.main(["advise", "fit", "--probe", str(probe_path), "--out", str(advice_path), "--max-groups", "2",
                  "--plot", str(tmp_path / "transfer.png")])
   assert rc == 0 and (tmp_path / "transfer.png").stat().st_size > 0
+  assert (tmp_path / "transfer_graph.png").stat().st_size > 0
   advice = json.loads(advice_path.read_text())
   again = fit.advise(probe, max_groups=2)
   assert again["groups"] == advice["groups"] and again["weights"] == advice["weights"]

@@ -224,3 +224,50 @@ def test_bar_plot_shows_values_units_chance_counts_and_marks_na(tmp_path):
   assert [t.get_text() for t in reg.get_legend().get_texts()] == ["ts", "cg", "au"]
   assert {t.get_text() for t in reg.texts} == {"5.0", "6.0", "4.0"}  # pixel values with one decimal
   assert plots.bars_by_type(rows, ["ts", "cg", "au"], tmp_path / "bars.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _fake_sweep(root, dice: dict[str, dict[str, float]]):
+  """A one-fraction sweep folder whose runs score `dice[run][task]` (segmentation tasks, primary metric dice)."""
+  runs = []
+  for run, per_task in dice.items():
+    paradigm_ = "cg" if run == "advised" else run
+    results.write_eval(root / "frac1" / run / "eval", 1, paradigm_,
+                       {t: {"dice": d, "hd": 1.0, "n": 4, "n_train": 8} for t, d in per_task.items()})
+    runs.append({"fraction": 1.0, "paradigm": run, "path": f"frac1/{run}"})
+  (root / "sweep.json").write_text(json.dumps({"fractions": [1.0], "paradigms": list(dice), "runs": runs}))
+
+
+def test_seeds_report_gives_each_seed_and_the_spread(tmp_path, capsys):
+  ts = {"fetal_head": 0.5, "lung": 0.8}
+  _fake_sweep(tmp_path / "seed0", {"ts": ts, "au": {"fetal_head": 0.6, "lung": 0.8},
+                                   "advised": {"fetal_head": 0.55, "lung": 0.88}})
+  _fake_sweep(tmp_path / "seed1", {"ts": ts, "au": {"fetal_head": 0.4, "lung": 0.8},
+                                   "advised": {"fetal_head": 0.5, "lung": 0.96}})
+  out = tmp_path / "out"
+  assert cli.main(["report", "--sweep", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--out", str(out)]) == 0
+  assert "Paradigm change over seeds" in capsys.readouterr().out
+  rows = {(r["run"], r["tasks"]): r for r in csv.DictReader((out / "seeds.csv").open())}
+  # au: seed0 mean(+20%, 0%) = +10%, seed1 mean(-20%, 0%) = -10%; advised: +10%/+10% -> +10%, +0/+20 -> +10%
+  au, adv = rows[("au", "all")], rows[("advised", "all")]
+  assert [float(au["seed0"]), float(au["seed1"])] == pytest.approx([10.0, -10.0])
+  assert float(au["mean_delta_pct"]) == pytest.approx(0.0) and float(au["std_delta_pct"]) == pytest.approx(10.0)
+  assert float(adv["mean_delta_pct"]) == pytest.approx(10.0) and float(adv["std_delta_pct"]) == pytest.approx(0.0)
+  assert (out / "seed0" / "scale.md").is_file() and (out / "seed1" / "frac1" / "report.md").is_file()
+  assert "| 1 | au | all | +10.00% | -10.00% | +0.00% ± 10.00% |" in (out / "seeds.md").read_text()
+
+
+def test_sweep_plan_trains_the_advice_as_groups_and_weights(tmp_path):
+  from m2dino_jax import configlib
+  from m2dino_jax.errors import ConfigError
+  from m2dino_jax.train.multitask import sweep
+  spec = "configs/m2dino.py:smoke,tasks=fetal_head+lung"
+  c = configlib.load_config(spec, ["sweep.fractions=0.5,1.0", "sweep.paradigms=au,advised"])
+  with pytest.raises(ConfigError, match="advice"):
+    sweep.plan(c)
+  advice = tmp_path / "advice.json"
+  c = configlib.load_config(spec + f",advice={advice}", ["sweep.fractions=0.5,1.0", "sweep.paradigms=au,advised"])
+  plan = sweep.plan(c)
+  assert [(f, p) for f, p, _ in plan] == [(0.5, "au"), (0.5, "advised"), (1.0, "au"), (1.0, "advised")]
+  adv = plan[1][2]
+  assert (adv.paradigm, adv.groups, adv.data.mixture, adv.data.weights_file) == ("cg", str(advice), "json", str(advice))
+  assert plan[0][2].paradigm == "au" and plan[0][2].data.mixture == "uniform" and plan[1][2].data.train_fraction == 0.5

@@ -16,6 +16,16 @@ from m2dino_jax.errors import ConfigError
 FORMAT = "m2dino-advice/1"
 
 
+def apply(config, path) -> None:
+  """Makes `config` train the advice at `path`: CG with its groups and, within each model, its sampling weights
+  (configs/m2dino.py:paradigm=advised and the data-scale sweep's 'advised' paradigm)."""
+  config.paradigm = "cg"
+  config.advice = str(path)
+  config.groups = str(path)
+  config.data.mixture = "json"
+  config.data.weights_file = str(path)
+
+
 def is_advice(obj) -> bool:
   return isinstance(obj, dict) and obj.get("format") == FORMAT
 

@@ -32,7 +32,9 @@ def _fit(args) -> int:
   fileio.write_json(Path(args.out), advice)
   if args.plot:
     from m2dino_jax.advise import plot
-    plot.transfer_heatmap(advice, Path(args.plot))
+    heatmap = plot.transfer_heatmap(advice, Path(args.plot))
+    graph = plot.transfer_graph(advice, heatmap.with_name(heatmap.stem + "_graph.png"))
+    print(f"plots: {heatmap}, {graph}")
   g = advice["grouping"]
   print(f"groups ({g['method']}, score {g['score']:.4g}, upper bound {g['upper_bound']:.4g}):")
   for name, members in advice["groups"].items():
@@ -55,5 +57,6 @@ def register(subparsers) -> None:
   f.add_argument("--seed", type=int, default=0, help="random seed of the grouping search")
   f.add_argument("--floor", type=float, default=0.05, help="least sampling weight per task within a group")
   f.add_argument("--beta", type=float, default=0.3, help="default self-law exponent where no scaling points fit")
-  f.add_argument("--plot", default="", help="write the transfer-matrix heatmap (PNG) here")
+  f.add_argument("--plot", default="",
+                 help="write the transfer heatmap (PNG) here, and its directed graph next to it (NAME_graph.png)")
   f.set_defaults(func=_fit)

@@ -1,6 +1,6 @@
 """`m2dino report --runs ts=DIR cg=DIR au=DIR --out DIR`: compare the paradigms' evaluation results.
 `m2dino report --sweep DIR --out DIR`: the same per training fraction of a data-scale sweep, and the change
-against data size over all fractions.
+against data size over all fractions; `--sweep DIR1 DIR2 ...` (one sweep per seed) adds the spread over seeds.
 
 Writes OUT/report.md and OUT/report.csv (every task's metrics per run, % change vs the baseline signed so
 that positive = better) and PNG plots: bars.png (primary metric per task, by task type),
@@ -38,8 +38,11 @@ def _parse_runs(specs: list[str]) -> dict[str, Path]:
 def run(args) -> int:
   if bool(args.runs) == bool(args.sweep):
     raise M2DinoError("report: give either --runs LABEL=DIR ... or --sweep DIR")
-  if args.sweep:
-    written = sweep_report.make_sweep_report(Path(args.sweep), args.out, args.baseline, args.groups)
+  if args.sweep and len(args.sweep) > 1:
+    written = sweep_report.make_seeds_report([Path(s) for s in args.sweep], args.out, args.baseline, args.groups)
+    print((Path(args.out) / "seeds.md").read_text(), end="")
+  elif args.sweep:
+    written = sweep_report.make_sweep_report(Path(args.sweep[0]), args.out, args.baseline, args.groups)
     print((Path(args.out) / "scale.md").read_text(), end="")
   else:
     written = make_report(_parse_runs(args.runs), args.out, args.baseline, args.groups)
@@ -54,8 +57,9 @@ def register(subparsers) -> None:
                             "CSV tables, % change vs the baseline (positive = better) and PNG plots.")
   p.add_argument("--runs", nargs="+", metavar="LABEL=DIR",
                  help="runs to compare, e.g. ts=runs/ts cg=runs/cg au=runs/au")
-  p.add_argument("--sweep", default=None, metavar="DIR",
-                 help="a data-scale sweep folder (configs/m2dino.py:scale) instead of --runs")
+  p.add_argument("--sweep", nargs="+", default=None, metavar="DIR",
+                 help="a data-scale sweep folder (configs/m2dino.py:scale) instead of --runs; several folders "
+                 "(one per seed) add seeds.md: each seed's mean change and the spread over seeds")
   p.add_argument("--groups", default=None,
                  help="clinical groups: a preset (paper, organ, type), 'name:task+task;...' or a JSON file "
                  "(default: the CG run's models, else 'paper')")

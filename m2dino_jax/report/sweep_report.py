@@ -7,6 +7,11 @@ report to OUT/frac<F>/ and, over all fractions:
   scale.csv         one line per (fraction, task, run): group, type, metric, value, Δ%, n_train, n
   delta_vs_size.png Δ% against training images, every (task, fraction) a point, trend per task type
   scale_curve.png   mean Δ% against the training fraction per run, overall and per task type
+  scale.json        the curve's numbers: {"baseline", "fractions", "mean_delta_pct": {run: {fraction: {all|type: Δ%}}}}
+
+Several sweeps of the same plan (one per seed: `make_seeds_report`) get their own reports in OUT/<sweep name>/ and
+seeds.md / seeds.csv: per fraction and run, the mean Δ% over all tasks (and per task type) of each seed, their
+mean and standard deviation, so a difference between paradigms can be read against the seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ def make_sweep_report(root: Path, out_dir, baseline: str | None = None, groups: 
         lines.append(f"| {name} | {lab} | " + " | ".join(cells) + " |")
     lines.append("")
   written["scale_md"] = fileio.write_text(out / "scale.md", "\n".join(lines))
+  written["scale_json"] = fileio.write_json(out / "scale.json", {
+      "baseline": base, "fractions": fractions,
+      "mean_delta_pct": {lab: {f"{f:g}": v for f, v in per.items()} for lab, per in curve.items()}})
   written["scale_csv"] = fileio.write_text(out / "scale.csv", buf.getvalue())
   for kind, path in (("delta_vs_size", study_plots.delta_vs_size(pooled, base, out / "delta_vs_size.png")),
                      ("scale_curve", study_plots.scale_curve(curve, base, out / "scale_curve.png"))):
@@ -108,3 +116,45 @@ def make_sweep_report(root: Path, out_dir, baseline: str | None = None, groups: 
 
 def _int(v) -> str:
   return "" if v is None or not math.isfinite(v) else str(int(v))
+
+
+def make_seeds_report(roots: list[Path], out_dir, baseline: str | None = None, groups: str | None = None) -> dict:
+  """One sweep report per root (OUT/<root name>/) and seeds.md / seeds.csv over the roots (module docstring)."""
+  out = Path(out_dir)
+  names = [Path(r).name for r in roots]
+  if len(set(names)) != len(names):
+    raise M2DinoError(f"report --sweep: the sweep folders need distinct names (one per seed), got {names}")
+  written: dict[str, Path] = {}
+  curves = {}
+  for root, name in zip(roots, names):
+    for kind, path in make_sweep_report(Path(root), out / name, baseline, groups).items():
+      written[f"{name}/{kind}"] = path
+    curves[name] = fileio.read_json(out / name / "scale.json", "sweep summary")
+  bases = {c["baseline"] for c in curves.values()}
+  if len(bases) != 1:
+    raise M2DinoError(f"report --sweep: the sweeps have different baselines {sorted(bases)}")
+  cells: dict[tuple, dict[str, float]] = {}  # (fraction, run, all|type) -> {sweep: mean Δ%}
+  for name, c in curves.items():
+    for lab, per in c["mean_delta_pct"].items():
+      for fraction, by_key in per.items():
+        for key, v in by_key.items():
+          cells.setdefault((fraction, lab, key), {})[name] = v
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["fraction", "run", "tasks", "mean_delta_pct", "std_delta_pct", "seeds", *names])
+  lines = ["# Paradigm change over seeds", "",
+           f"Mean Δ% of the primary metric vs `{bases.pop()}` over all tasks (positive = better, HD and MRE inverted) "
+           f"per seed ({', '.join(names)}), then the mean ± standard deviation over the seeds.", "",
+           "| fraction | run | tasks | " + " | ".join(names) + " | mean ± sd |", "|" + "---|" * (4 + len(names))]
+  for (fraction, lab, key), per_seed in cells.items():
+    values = [per_seed.get(n, math.nan) for n in names]
+    finite = [v for v in values if math.isfinite(v)]
+    mean = _mean(finite)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite)) if finite else math.nan
+    w.writerow([fraction, lab, key, repr(mean), repr(sd), len(finite), *map(repr, values)])
+    spread = "n/a" if math.isnan(sd) else f"{sd:.2f}%"
+    lines.append(f"| {fraction} | {lab} | {key} | " + " | ".join(_fmt(v, pct=True) for v in values)
+                 + f" | {_fmt(mean, pct=True)} ± {spread} |")
+  written["seeds_md"] = fileio.write_text(out / "seeds.md", "\n".join(lines) + "\n")
+  written["seeds_csv"] = fileio.write_text(out / "seeds.csv", buf.getvalue())
+  return written

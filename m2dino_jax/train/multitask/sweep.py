@@ -3,9 +3,10 @@
   python -m m2dino_jax.main --config=configs/m2dino.py:scale,smoke --workdir=runs/scale
   m2dino report --sweep runs/scale --out runs/scale/report
 
-`config.sweep.fractions` (e.g. '0.1,0.3,1.0') and `config.sweep.paradigms` (default 'ts,cg,au'): for each
-fraction, each paradigm trains into WORKDIR/frac<F>/<paradigm>/ with `data.train_fraction = F` and every
-other knob as configured. The subsets are those of `data.pipeline.train_subset`: the same examples for every
+`config.sweep.fractions` (e.g. '0.1,0.3,1.0') and `config.sweep.paradigms` (default 'ts,cg,au'; 'advised' adds
+the groups and weights of `config.advice`, an advice.json from `m2dino advise fit`): for each fraction, each
+paradigm trains into WORKDIR/frac<F>/<paradigm>/ with `data.train_fraction = F` and every other knob as
+configured. The subsets are those of `data.pipeline.train_subset`: the same examples for every
 paradigm at a fraction, nested across fractions. WORKDIR/sweep.json indexes the runs; a rerun skips the
 models already finished and resumes the interrupted one.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import jax
 
 from m2dino_jax import fileio
+from m2dino_jax.advise import adviceio
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.tasks import results as results_lib
 from m2dino_jax.train import loop
@@ -35,11 +37,17 @@ def parse_fractions(spec) -> list[float]:
   return sorted(fractions)
 
 
-def parse_paradigms(spec) -> list[str]:
+ADVISED = "advised"
+
+
+def parse_paradigms(spec, advice: str = "") -> list[str]:
   paradigms = [p.strip() for p in str(spec).split(",") if p.strip()]
-  bad = [p for p in paradigms if p not in results_lib.PARADIGMS]
+  allowed = (*results_lib.PARADIGMS, ADVISED)
+  bad = [p for p in paradigms if p not in allowed]
   if not paradigms or bad or len(set(paradigms)) != len(paradigms):
-    raise ConfigError("sweep.paradigms", f"'{spec}': a comma list of distinct {results_lib.PARADIGMS}")
+    raise ConfigError("sweep.paradigms", f"'{spec}': a comma list of distinct {allowed}")
+  if ADVISED in paradigms and not advice:
+    raise ConfigError("advice", f"sweep.paradigms '{spec}' has '{ADVISED}': give advice=PATH (`m2dino advise fit`)")
   return paradigms
 
 
@@ -51,9 +59,12 @@ def plan(config) -> list[tuple[float, str, object]]:
   """[(fraction, paradigm, config)] of the sweep, fractions ascending; each config a modified copy."""
   out = []
   for fraction in parse_fractions(config.sweep.fractions):
-    for paradigm in parse_paradigms(config.sweep.paradigms):
+    for paradigm in parse_paradigms(config.sweep.paradigms, config.get("advice", "")):
       sub = config.copy_and_resolve_references()
-      sub.paradigm = paradigm
+      if paradigm == ADVISED:
+        adviceio.apply(sub, config.advice)
+      else:
+        sub.paradigm = paradigm
       sub.data.train_fraction = fraction
       sub.sweep.fractions = ""
       out.append((fraction, paradigm, sub))
