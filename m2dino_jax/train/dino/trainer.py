@@ -2,7 +2,7 @@
 
 WORKDIR layout: ckpt/ (state + Grain iterator, resumable), metrics.jsonl, tb/, monitor.jsonl lines in
 metrics.jsonl under 'monitor/', teacher/ (the teacher backbone as encoder.json + params/, what
-`--config.init_from=WORKDIR/teacher` of configs/m2dino.py takes), done.json.
+`--config.init_from=WORKDIR/teacher --config.init_from_adopt=True` of configs/m2dino.py takes), done.json.
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ class Run:
     self.writer.close()
     if jax.process_index() == 0:
       fileio.write_json(done, {"step": step, "teacher": str(path)})
-    print(f"[dino] teacher backbone written to {path} (use --config.init_from={path})", file=sys.stderr)
+    print(f"[dino] teacher backbone written to {path} (use --config.init_from={path} --config.init_from_adopt=True)",
+          file=sys.stderr)
     return status
 
 

@@ -330,15 +330,21 @@ def _task_weights(spec: str, tasks) -> dict[str, float]:
   return weights
 
 
+def resolve_config(config) -> None:
+  """The config's final form before anything is built or compared (main.py calls it before the workdir's config
+  check): the `init_from` policy (convert.apply_init_from; idempotent)."""
+  convert.apply_init_from(config)
+
+
 def train_and_evaluate(config, workdir: str) -> str:
   """Trains every model of the paradigm in turn and prints the per-task table. Returns loop.COMPLETED, or
   loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume). With
   `sweep.fractions` set, runs the data-scale sweep (sweep.py) instead. With `init_from`, the encoder's
-  architecture is the checkpoint's (e.g. a DINOv2-kind UltraDINO teacher), written into config.json."""
+  architecture must be the checkpoint's, or with `init_from_adopt` becomes it (e.g. a DINOv2-kind UltraDINO
+  teacher), written into config.json (`resolve_config`; main.py applies it before the workdir's config check)."""
+  resolve_config(config)
   if str(config.get("sweep", {}).get("fractions", "")).strip():
     return multitask_sweep.run(config, workdir, train_and_evaluate)
-  if config.init_from:
-    convert.adopt_architecture(config.model, config.init_from)
   _check(config)
   root = Path(workdir)
   for name, tasks in plan_models(config):
