@@ -285,25 +285,16 @@ class _Run:
           "train_sizes": self.sizes})
     best_file = self.workdir / "best" / "best.json"
     self.best_score = fileio.read_json(best_file, "best file")["score"] if best_file.is_file() else -math.inf
+    self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
     try:
-      with checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
-                                      async_save=cfg.checkpoint.async_save, data_iter=it) as ckpt:
-        self.state, resumed = ckpt.resume(self.state)
-        start = 0 if resumed is None else int(self.state.step)
-        if resumed is not None:
-          print(f"[{self.name}] resumed from step {start}", file=sys.stderr)
-        self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
-        state, step, status = loop.run(
-            state=self.state, batches=map(self.prepare, it), step_fn=self.step, start_step=start,
-            total_steps=self.total, writer=self.writer, log_every=cfg.log_every, eval_every=cfg.eval_every,
-            evaluate=self.evaluate, checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name=self.name)
-        self.state = state
-        ckpt.save(step, state, force=True)
+      state, step, status = loop.train(
+          workdir=self.workdir, state=self.state, batches=map(self.prepare, it), data_iter=it, step_fn=self.step,
+          total_steps=self.total, writer=self.writer, checkpoint=cfg.checkpoint, log_every=cfg.log_every,
+          eval_every=cfg.eval_every, evaluate=self.evaluate, name=self.name)
+      self.state = state
     finally:
       it.close()
     if status == loop.PREEMPTED:
-      print(f"[{self.name}] preempted at step {step}: checkpoint written; rerun the same command to resume",
-            file=sys.stderr)
       return status
     self.evaluate(state, step)
     self.writer.close()
