@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(variant=arg.variant, kind="dinov3", in_chans=1, num_registers=4,
                                            out_blocks=(3, 5, 7, 11)))
   c.init_from = ""  # HF folder / our encoder checkpoint; empty = random init
+  c.init_from_adopt = False  # True: build the encoder with the checkpoint's architecture (else it must match)
   c.input = ""  # folder of PNG/JPG/DICOM; empty = pydicom's bundled ultrasound files
   c.image_size = arg.size
   c.batch_size = 4

@@ -63,6 +63,9 @@ def get_config(arg=None):
       # 'bfloat16': bf16 matmul inputs with fp32 accumulation, fp32 weights and AdamW state (models/precision.py)
       dtype="float32", attention="matmul"))
   c.init_from = ""  # HF DINOv3/DINOv2 folder, UltraDINO / our encoder checkpoint
+  # init_from policy: False = the model.* architecture must equal the checkpoint's (a difference is refused naming
+  # the keys); True = the checkpoint's architecture is taken into model.* (the UltraDINO teacher hand-off)
+  c.init_from_adopt = False
 
   c.moe = default_moe_config()
   c.moe.enabled = arg.paradigm != "ts" or arg.scale  # TS turns it off in any case

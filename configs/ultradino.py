@@ -6,9 +6,11 @@ Commands:
       --config.data.sources='folder:/data/fus=1'
   # CPU smoke (simulator + any folder), about 20 s on 2 cores after compilation:
   python -m m2dino_jax.main --config=configs/ultradino.py:smoke --workdir=/tmp/ultradino
-  # then start the multi-task model from the teacher (its DINOv2-kind architecture is adopted: learned position
-  # grid, qkv bias, LayerScale; the dense FFNs are upcycled into the MoE blocks):
-  python -m m2dino_jax.main --config=configs/m2dino.py --workdir=runs/au --config.init_from=runs/ultradino/teacher
+  # then start the multi-task model from the teacher (init_from_adopt=True takes its DINOv2-kind architecture:
+  # learned position grid, qkv bias, LayerScale; the dense FFNs are upcycled into the MoE blocks; without it a
+  # config that differs from the checkpoint is refused naming the keys):
+  python -m m2dino_jax.main --config=configs/m2dino.py --workdir=runs/au --config.init_from=runs/ultradino/teacher \
+      --config.init_from_adopt=True
   # the paper's evaluations of the frozen teacher (k-NN / linear macro F1, few-shot mDice), next to random init:
   m2dino eval ssl --encoder runs/ultradino/teacher --baseline random --out runs/ultradino/eval_ssl.json
   # released UltraDINO / DINOv2 .pth weights work wherever a checkpoint does (init_from, m2dino eval --encoder)

@@ -27,7 +27,9 @@ from m2dino_jax.errors import ConfigError, M2DinoError
 EXIT_BAD_INPUT, EXIT_PREEMPTED = 2, 75  # loop.EXIT_PREEMPTED (not imported here: JAX loads lazily)
 
 # trainer name -> module exposing train_and_evaluate(config, workdir) (registry; imported lazily). It returns
-# a status ("completed" / "preempted"); a preempted run has written its checkpoint and exits with 75.
+# a status ("completed" / "preempted"); a preempted run has written its checkpoint and exits with 75. A module may
+# also expose resolve_config(config): the config's final form (e.g. the architecture adopted from init_from), applied
+# before the workdir's config check so that a rerun of the same command compares equal and resumes.
 TRAINERS = {
     "multitask": "m2dino_jax.train.multitask",
     "dino": "m2dino_jax.train.dino",
@@ -113,6 +115,8 @@ def run(args) -> int:
   # reported after the run, so that a bad input stays one line
   cache_dir = compile_cache.enable(config.get("compile_cache", ""), log=False)
   trainer = get_trainer(config.trainer)
+  if hasattr(trainer, "resolve_config"):  # e.g. init_from_adopt: the config as the run will store it
+    trainer.resolve_config(config)
   import jax
   lock = workdir_lib.WorkdirLock(args.workdir)
   error = None

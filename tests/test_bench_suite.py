@@ -123,22 +123,51 @@ def test_result_schema():
 
 
 def test_smoke_settings_apply_unless_given():
-  from m2dino_jax.bench import mae
+  from m2dino_jax.bench import mae3d
   p = argparse.ArgumentParser()
   p.add_argument("--smoke", action="store_true")
-  mae.add_args(p)
-  args = p.parse_args(["--smoke", "--batch", "6"])
-  bench_cli.apply_smoke(args, mae, p)
-  assert (args.variant, args.crop, args.batch, args.repeats) == ("mu/8", 16, 6, 2)
+  mae3d.add_args(p)
+  args = p.parse_args(["--smoke", "--repeats", "6"])
+  bench_cli.apply_smoke(args, mae3d, p)
+  assert (args.shapes, args.devices, args.repeats) == ("smoke", 0, 6)
   full = p.parse_args([])
-  bench_cli.apply_smoke(full, mae, p)
-  assert (full.variant, full.crop) == ("B/16", 96)
+  bench_cli.apply_smoke(full, mae3d, p)
+  assert (full.shapes, full.devices, full.repeats) == ("smoke,default", 8, 3)
   for name in bench_cli.BENCHMARKS:  # every benchmark has smoke settings naming real arguments
     mod = bench_cli._load(name)
     bp = argparse.ArgumentParser()
     mod.add_args(bp)
     dests = {a.dest for a in bp._actions}
     assert mod.SMOKE and set(mod.SMOKE) <= dests, name
+
+
+def test_one_benchmark_per_step_and_the_old_names_are_aliases():
+  """`dino` measured the step `ssl` measures, `mae` the one of `mae3d`: one module each, the old names run them."""
+  assert {"ssl", "mae3d"} <= set(bench_cli.BENCHMARKS) and not {"dino", "mae"} & set(bench_cli.BENCHMARKS)
+  p = argparse.ArgumentParser()
+  bench_cli.register(p.add_subparsers())
+  for alias, name in (("dino", "ssl"), ("mae", "mae3d")):
+    args = p.parse_args(["bench", alias, "--smoke"])
+    assert args.out == f"bench_results/{name}.json", alias
+  assert p.parse_args(["bench", "dino"]).shapes == "smoke,paper"
+
+
+def test_benchmark_flops_are_the_shared_counts():
+  """bench ssl and bench mae3d count with bench/flops.py (no second formula to drift)."""
+  import ml_collections
+
+  from m2dino_jax.bench import mae3d, ssl
+  from m2dino_jax.models import mae3d as mae3d_model
+  cfg = mae3d_model.MAE3DConfig(dim=8, depth=1, heads=2, mlp_dim=16, patch=2, crop=4, dec_dim=4, dec_depth=1,
+                                dec_heads=2, dec_mlp_ratio=2)
+  m = mae3d.mae_flops_per_volume(cfg)
+  assert (m["train"], m["tokens_encoder"], m["tokens_decoder"]) == (3 * 8752, 3, 9)  # test_dino_and_mae_flops_by_hand
+  c = ml_collections.ConfigDict(dict(
+      model=dict(dim=8, depth=1, heads=2, mlp_dim=16, patch=4, in_chans=1, num_registers=1, kind="dinov2",
+                 pos_grid=2),
+      data=dict(global_size=8, local_size=4, num_local=2),
+      head=dict(prototypes=5, hidden_dim=10, bottleneck_dim=3, nlayers=3)))
+  assert ssl.step_flops_per_image(c, max_masked=2)["total"] == 101756  # the by-hand count above
 
 
 def test_report_renders_the_results(tmp_path):

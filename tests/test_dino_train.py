@@ -130,7 +130,8 @@ def test_teacher_starts_the_multitask_trainer_bit_equal(pretrained, tmp_path):
     convert.init_encoder_from(dinov3, teacher)
   work = tmp_path / "mt"
   assert cli.main(["train", "--config=configs/m2dino.py:paradigm=au,smoke,tasks=fetal_plane_cls",
-                   f"--workdir={work}", f"--config.init_from={teacher}", "--config.total_steps=1",
+                   f"--workdir={work}", f"--config.init_from={teacher}", "--config.init_from_adopt=True",
+                   "--config.total_steps=1",
                    "--config.optim.freeze=all_but_heads", "--config.data.image_size=64",
                    "--config.data.source.synthetic_count=8", "--config.data.batch_size=4",
                    "--config.data.eval_batch_size=8", "--config.tensorboard=False",

@@ -5,8 +5,9 @@ loss, clipping, AdamW) for each shape in --shapes ('smoke' = configs/mae3d.py:sm
 ViT-B/16 on 96^3 crops), on the local devices with the batch split over 'data'. Compilation is timed on its
 own (ahead of time); the step is timed after a warm-up (--repeats; the default shape on a CPU may want 1).
 Per device: voxels/s = batch * crop^3 / step time / devices. FLOPs per volume are counted analytically
-(matmuls, fwd + bwd = 3 x fwd; the encoder sees 1 + (1 - mask) N tokens, the decoder 1 + N) and read from
-XLA's cost analysis; MFU is reported where the device's peak is known (--peak-tflops overrides).
+(bench/flops.mae3d_step_flops: matmuls, fwd + bwd = 3 x fwd; the encoder sees 1 + (1 - mask) N tokens, the decoder
+1 + N) and read from XLA's cost analysis; MFU is taken against the device's peak (bench/peaks.py: the vendor table
+on accelerators, a measured fp32 matmul on CPU, or --peak-tflops). `m2dino bench mae` is an alias.
 
 Memory: in a subprocess with --devices simulated CPU devices (XLA_FLAGS), the same step compiled under
   data   data=D (parameters and optimiser state replicated)
@@ -28,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m2dino_jax.bench import common
+from m2dino_jax.bench import common, flops
 
-# dense bf16 peak TFLOP/s per device kind (for MFU); CPUs have none
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0}
 MESHES = {"data": ({"data": -1}, "dp"), "fsdp": ({"data": 2, "fsdp": -1}, "fsdp"),
           "fsdp+tensor": ({"data": 2, "fsdp": -1, "tensor": 2}, "fsdp")}
 
@@ -59,18 +58,11 @@ def _config(shape: str, args, batch: int):
 
 
 def mae_flops_per_volume(cfg) -> dict:
-  """Matmul FLOPs of one volume's forward and of a train step (3 x forward); cfg: mae3d.MAE3DConfig."""
-  n = cfg.num_patches
-  t_enc, t_dec = 1 + int(n * (1 - cfg.mask_ratio)), 1 + n
-
-  def blocks(t, d, mlp, depth):
-    return depth * (2 * t * 4 * d * d + 2 * t * 2 * d * mlp + 4 * t * t * d)
-
-  enc = 2 * n * cfg.patch_dim * cfg.dim + blocks(t_enc, cfg.dim, cfg.mlp_dim, cfg.depth)
-  dec = (2 * t_enc * cfg.dim * cfg.dec_dim + blocks(t_dec, cfg.dec_dim, cfg.dec_dim * cfg.dec_mlp_ratio, cfg.dec_depth)
-         + 2 * n * cfg.dec_dim * cfg.patch_dim)
-  return {"encoder_fwd": enc, "decoder_fwd": dec, "train": 3 * (enc + dec), "tokens_encoder": t_enc,
-          "tokens_decoder": t_dec}
+  """flops.mae3d_step_flops of a mae3d.MAE3DConfig: one volume's forward and train step (3 x forward)."""
+  f = flops.mae3d_step_flops(dim=cfg.dim, depth=cfg.depth, mlp_dim=cfg.mlp_dim, patch=cfg.patch, crop=cfg.crop,
+                             in_chans=cfg.in_chans, mask_ratio=cfg.mask_ratio, dec_dim=cfg.dec_dim,
+                             dec_depth=cfg.dec_depth, dec_mlp_dim=cfg.dec_dim * cfg.dec_mlp_ratio)
+  return {**f, "tokens_encoder": 1 + f["kept"], "tokens_decoder": 1 + f["patches"]}
 
 
 def _batch(config, rng):
@@ -101,12 +93,6 @@ def _program(config, axes, preset):
   return mae.Program(config, mesh, mesh_lib.get_rules(preset), 1000)
 
 
-def _cost_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def throughput(shape: str, args) -> dict:
   import jax
 
@@ -124,20 +110,19 @@ def throughput(shape: str, args) -> dict:
     jax.block_until_ready(m["loss"])
 
   t = common.time_fn(step, warmup=1, repeats=args.repeats)
-  flops = mae_flops_per_volume(model_cfg)
+  fl = mae_flops_per_volume(model_cfg)
   vox = batch * config.data.crop ** 3
   sec = t["median_s"]
-  kind = jax.devices()[0].device_kind
-  peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
-  achieved = flops["train"] * batch / sec / ndev
-  xla = _cost_flops(compiled)
+  xla = common.xla_flops(compiled)
+  rates = common.throughput(args, images=batch, seconds=sec, flops=fl["train"] * batch, xla=xla, devices=ndev)
   return {"shape": shape, "variant": config.model.variant, "crop": config.data.crop, "batch": batch,
-          "devices": ndev, "device_kind": kind, "dtype": args.dtype, "remat": args.remat,
+          "devices": ndev, "device_kind": jax.devices()[0].device_kind, "dtype": args.dtype, "remat": args.remat,
           "compile_s": compile_s, "step_s": sec, "warmup_s": t["warmup_s"],
-          "volumes_per_s_per_device": batch / sec / ndev, "voxels_per_s_per_device": vox / sec / ndev,
-          "train_gflop_per_volume": flops["train"] / 1e9, "xla_gflop_per_step": None if xla is None else xla / 1e9,
-          "achieved_tflops_per_device": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None,
-          "tokens_encoder": flops["tokens_encoder"], "tokens_decoder": flops["tokens_decoder"]}
+          "volumes_per_s_per_device": rates["images_per_s_per_device"], "voxels_per_s_per_device": vox / sec / ndev,
+          "train_gflop_per_volume": fl["train"] / 1e9, "xla_gflop_per_step": None if xla is None else xla / 1e9,
+          "tflops_per_device": rates["tflops_per_device"], "xla_tflops_per_device": rates["xla_tflops_per_device"],
+          "mfu": rates["mfu"],
+          "tokens_encoder": fl["tokens_encoder"], "tokens_decoder": fl["tokens_decoder"]}
 
 
 def memory_rows(shape: str, args) -> list[dict]:
@@ -186,7 +171,7 @@ def run(args) -> int:
   rows = [throughput(s, args) for s in shapes]
   common.print_table(rows, ["shape", "variant", "crop", "batch", "devices", "compile_s", "step_s",
                             "volumes_per_s_per_device", "voxels_per_s_per_device", "train_gflop_per_volume",
-                            "achieved_tflops_per_device", "mfu"])
+                            "tflops_per_device", "mfu"])
   memory = []
   if args.devices > 0:
     memory = _memory_subprocess(args)

@@ -8,12 +8,12 @@ global and the local crops, DINO + iBOT + KoLeo, clipping, AdamW, EMA teacher an
 The batch is one real multi-crop batch of simulator images (data pipeline), reused for every timed step; the step
 is compiled ahead of time (compile time reported on its own), then timed after a warm-up.
 
-FLOPs per image are counted analytically (matmuls only; backward = 2 x forward): the encoder (bench/train.py's
-count: patch embedding, q/k/v/o, attention, FFN) on 2 global crops (student fwd + bwd, teacher fwd) and the local
+FLOPs per image are counted analytically (bench/flops.dino_step_flops; matmuls only; backward = 2 x forward): the
+encoder (patch embedding, q/k/v/o, attention, FFN) on 2 global crops (student fwd + bwd, teacher fwd) and the local
 crops (student fwd + bwd), and the DINO head MLP + prototype layer on the CLS tokens of every crop and on the
 iBOT patch tokens (2 x max_masked per image, the static bound the step computes). XLA's cost analysis of the
-compiled step (all ops) is reported beside it. The machine's matmul rate (a square f32 / bf16 matmul, timed in the
-same run) gives the fraction of it the step achieves.
+compiled step (all ops) is reported beside it. MFU is taken against the device's peak (bench/peaks.py: the vendor
+table on accelerators, a measured fp32 matmul on CPU, or --peak-tflops). `m2dino bench dino` is an alias.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from m2dino_jax.bench import common
+from m2dino_jax.bench import common, flops
 
-SMOKE = {"shapes": "smoke", "repeats": 1, "smoke_batch": 4, "matmul_size": 256}
+SMOKE = {"shapes": "smoke", "repeats": 1, "smoke_batch": 4}
 
 
 def add_args(p) -> None:
@@ -33,7 +33,6 @@ def add_args(p) -> None:
   p.add_argument("--smoke-batch", type=int, default=16, help="smoke shape: images per device")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (fp32 master)")
   p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
-  p.add_argument("--matmul-size", type=int, default=0, help="side of the matmul timed for the peak (0: auto)")
 
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ultradino.py"
@@ -50,41 +49,19 @@ def _config(shape: str, args, devices: int):
   return c
 
 
-def head_flops(dim: int, hidden: int, bottleneck: int, prototypes: int, nlayers: int = 3) -> int:
-  """Forward matmul FLOPs of the DINO head per token."""
-  dims = [dim] + [hidden] * (nlayers - 1) + [bottleneck, prototypes]
-  return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
-
-
 def step_flops_per_image(config, max_masked: int) -> dict:
-  """Analytic matmul FLOPs of one image's share of the DINOv2 step (see the module docstring)."""
-  from m2dino_jax.bench.train import train_flops_per_image
+  """Analytic matmul FLOPs of one image's share of the DINOv2 step (flops.dino_step_flops; see the docstring)."""
   from m2dino_jax.models import vit
-  v = vit.ViTConfig.from_config(config.model)
-  d = config.data
-
-  def encoder(size: int) -> int:
-    return train_flops_per_image(dim=v.dim, depth=v.depth, mlp_dim=v.mlp_dim, patch=v.patch, image_size=size,
-                                 channels=v.in_chans, registers=v.num_registers, num_classes=0)["encoder_fwd"]
-
-  h = config.head
-  per_token = head_flops(v.dim, h.hidden_dim, h.bottleneck_dim, h.prototypes, h.nlayers)
-  glob, loc, n_loc = encoder(d.global_size), encoder(d.local_size), int(d.num_local)
-  student = 3 * (2 * glob + n_loc * loc + per_token * (2 + n_loc + 2 * max_masked))
-  teacher = 2 * glob + per_token * (2 + 2 * max_masked)
-  return {"student": student, "teacher": teacher, "total": student + teacher,
-          "encoder_global_fwd": glob, "encoder_local_fwd": loc, "head_per_token": per_token}
-
-
-def matmul_rate(dtype: str, size: int) -> float:
-  """GFLOP/s of a jitted square matmul on the default device (median of 5 after a warm-up)."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: a @ b)
-  t = common.time_fn(lambda: jax.block_until_ready(f(a, b)), warmup=1, repeats=5)
-  return 2 * size ** 3 / t["median_s"] / 1e9
+  v, d, h = vit.ViTConfig.from_config(config.model), config.data, config.head
+  f = flops.dino_step_flops(dim=v.dim, depth=v.depth, mlp_dim=v.mlp_dim, patch=v.patch, channels=v.in_chans,
+                            registers=v.num_registers, global_size=d.global_size, local_size=d.local_size,
+                            num_local=int(d.num_local), max_masked=max_masked, hidden=h.hidden_dim,
+                            bottleneck=h.bottleneck_dim, prototypes=h.prototypes, nlayers=h.nlayers)
+  encoder = lambda size: flops.vit_forward_flops(dim=v.dim, depth=v.depth, mlp_dim=v.mlp_dim, patch=v.patch,
+                                                 image_size=size, channels=v.in_chans, prefix=1 + v.num_registers)
+  return {"student": 3 * f["student_fwd"], "teacher": f["teacher_fwd"], "total": f["train"],
+          "encoder_global_fwd": encoder(d.global_size), "encoder_local_fwd": encoder(d.local_size),
+          "head_per_token": flops.dino_head_flops(v.dim, h.hidden_dim, h.bottleneck_dim, h.prototypes, h.nlayers)}
 
 
 def bench_shape(shape: str, args) -> dict:
@@ -126,22 +103,18 @@ def bench_shape(shape: str, args) -> dict:
       "gflop_per_img": fl["total"] / 1e9, "gflop_per_s": fl["total"] * b / t["median_s"] / 1e9,
       "xla_gflop_per_img": float(cost.get("flops", 0.0)) / b / 1e9 if cost else None,
       "compile_s": compile_s, "init_s": init_s, "first_loss": first_loss, "max_masked": run.settings.max_masked,
-      "flops": fl}
+      "flops": fl, **common.throughput(args, images=b, seconds=t["median_s"], flops=fl["total"] * b,
+                                       xla=common.xla_flops(compiled), devices=devices)}
 
 
 def run(args) -> int:
   import jax
   rows = [bench_shape(s.strip(), args) for s in args.shapes.split(",") if s.strip()]
-  size = args.matmul_size or (8192 if jax.default_backend() == "gpu" else 2048)
-  peak = matmul_rate(args.dtype, size)
-  for r in rows:
-    r["matmul_gflop_per_s"] = peak
-    r["fraction_of_matmul"] = r["gflop_per_s"] / peak / r["devices"]
+  dev = common.device_of(args)
   print(f"UltraDINO step on {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"{args.dtype}; {size}^2 matmul: {peak:.1f} GFLOP/s per device")
+        f"{args.dtype}; peak {dev['peak_tflops_per_device']} TFLOP/s per device ({dev['peak_source']})")
   common.print_table(rows, ["shape", "encoder", "crops", "prototypes", "batch", "s_per_step", "images_per_s_per_device",
-                            "gflop_per_img", "xla_gflop_per_img", "gflop_per_s", "fraction_of_matmul", "compile_s"])
+                            "gflop_per_img", "xla_gflop_per_img", "tflops_per_device", "mfu", "compile_s"])
   rows = [{"name": r["shape"], "median_s": r["s_per_step"], **r} for r in rows]
-  common.write_results(args, "ssl", rows, compile_s={r["name"]: r["compile_s"] for r in rows},
-                       matmul_gflop_per_s=peak, matmul_size=size)
+  common.write_results(args, "ssl", rows, compile_s={r["name"]: r["compile_s"] for r in rows})
   return 0

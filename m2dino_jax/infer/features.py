@@ -46,9 +46,13 @@ def preprocess(img: np.ndarray, size: int) -> np.ndarray:
   return ((img - 0.1842924807) / 0.2187705424)[..., None].astype(np.float32)
 
 
+def resolve_config(config) -> None:
+  """The `init_from` policy (convert.apply_init_from): the architecture must match, or init_from_adopt takes it."""
+  convert.apply_init_from(config)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  if config.init_from:
-    convert.adopt_architecture(config.model, config.init_from)
+  resolve_config(config)
   cfg = vit.ViTConfig.from_config(config.model)
   model = vit.Encoder(cfg, rngs=nnx.Rngs(config.seed))
   if config.init_from:

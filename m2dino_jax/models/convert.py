@@ -13,9 +13,17 @@ Our own encoder checkpoints (`save_encoder`) are an Orbax checkpoint of the Para
 `encoder.json` (the ViTConfig), or a safetensors file with our dotted parameter names. Meta DINOv2-format
 `.pth` state dicts (UltraDINO's released weights) are read by `models/dinov2_pth.py`.
 
-Every checkpoint knows its architecture (encoder.json, config.json, or the .pth shapes): `adopt_architecture`
-writes it into a config's `model` section before the model is built, so that `init_from` of a DINOv2-kind
-encoder (the UltraDINO teacher: learned position grid, qkv bias) works from a DINOv3-kind config.
+Every checkpoint knows its architecture (encoder.json, config.json, or the .pth shapes). The `init_from` policy
+(`apply_init_from`, run by the trainers before the workdir's config check):
+  init_from=PATH                              strict: every architecture field of the config must equal the
+                                              checkpoint's, else a ConfigError naming the keys (model.rope_theta,
+                                              model.norm_eps, model.num_registers, model.ffn, model.key_bias, ...
+                                              sizes as model.variant) with both values;
+  init_from=PATH + init_from_adopt=True       `adopt_architecture` writes the checkpoint's architecture into the
+                                              config's `model` section before the model is built (the UltraDINO
+                                              hand-off: a DINOv2-kind teacher into a DINOv3-kind config). It only
+                                              reads the checkpoint, so a rerun of the same command adopts the same
+                                              values and resumes.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from m2dino_jax import fileio
-from m2dino_jax.errors import DataError
+from m2dino_jax.errors import ConfigError, DataError
 from m2dino_jax.models import dinov2_pth, vit
 
 # Older HF / Meta-style names -> the transformers 5.x names we map from.
@@ -344,7 +352,7 @@ def init_encoder_from(model: vit.Encoder, path) -> vit.Encoder:
       raise
     what = ", ".join(f"{k}: model {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items())
     raise DataError(path, f"{str(e).split(': ', 1)[-1]}; the architectures differ ({what}); build the model from the "
-                    f"checkpoint's (convert.adopt_architecture, done by the trainers for init_from)") from None
+                    f"checkpoint's (--config.init_from_adopt=True, convert.adopt_architecture)") from None
 
 
 # The ViTConfig fields that the weights or the forward of a checkpoint fix; the rest (in_chans, drop_path,
@@ -402,3 +410,47 @@ def adopt_architecture(model_config, path, *, verbose: bool = True) -> dict[str,
     print(f"[init_from] model architecture taken from {path}: "
           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()), file=sys.stderr)
   return diff
+
+
+_SIZE_FIELDS = ("dim", "depth", "heads", "mlp_dim", "patch")
+
+
+def _config_key(model_config, field: str) -> str:
+  """The config key that sets `field`: the sizes come from `model.variant` unless given field by field."""
+  if field in _SIZE_FIELDS and field not in model_config and model_config.get("variant"):
+    return "model.variant"
+  return f"model.{field}"
+
+
+def check_architecture(model_config, path) -> None:
+  """Refuses a config whose encoder architecture differs from the checkpoint's at `path`: a ConfigError naming
+  every differing config key with the config's and the checkpoint's values."""
+  diff = architecture_diff(vit.ViTConfig.from_config(model_config), checkpoint_config(path))
+  if not diff:
+    return
+  keys = list(dict.fromkeys(_config_key(model_config, f) for f in diff))
+  listed = "; ".join(f"{_config_key(model_config, f)}"
+                     + ("" if _config_key(model_config, f).endswith(f".{f}") else f" ({f})")
+                     + f": config {a!r}, checkpoint {b!r}" for f, (a, b) in diff.items())
+  raise ConfigError(", ".join(keys), f"differs from the init_from checkpoint {path} ({listed}); set the config to "
+                    "the checkpoint's values, or pass --config.init_from_adopt=True to build the model with the "
+                    "checkpoint's architecture")
+
+
+def apply_init_from(config, *, verbose: bool = True) -> dict[str, tuple]:
+  """The `init_from` policy on a run's config, before its model is built and before the workdir's config check:
+  strict by default (`check_architecture`), or with `init_from_adopt=True` the checkpoint's architecture written
+  into `config.model` (`adopt_architecture`; deterministic, so a rerun of the same command resumes). Returns
+  {field: (old, new)} of what adoption changed ({} when strict or nothing differed). Idempotent."""
+  path = config.get("init_from", "")
+  adopt = config.get("init_from_adopt", False)
+  if not isinstance(adopt, bool):
+    raise ConfigError("init_from_adopt", f"{adopt!r} is not True or False")
+  if not path:
+    if adopt:
+      raise ConfigError("init_from_adopt", "is True but init_from is empty: there is no checkpoint to adopt")
+    return {}
+  if adopt:
+    return adopt_architecture(config.model, path, verbose=verbose)
+  check_architecture(config.model, path)
+  return {}

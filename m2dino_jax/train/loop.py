@@ -1,7 +1,8 @@
 """The shared training loop: metrics logging, progress, NaN guard, preemption, eval and checkpoints.
 
-Every trainer (multitask, dino, mae) supplies a pure `step_fn(state, batch) -> (state, metrics)` and
-hooks; this loop owns the side effects: WORKDIR/metrics.jsonl, TensorBoard events, a progress line
+Every trainer (multitask, dino, mae, mae_finetune) supplies a pure `step_fn(state, batch) -> (state, metrics)` and
+hooks, and calls `train` (checkpoint folder, resume, the loop, the final or preemption save); `run` is the loop
+itself. They own the side effects: WORKDIR/metrics.jsonl, TensorBoard events, a progress line
 with ETA, checkpoint cadence, SIGTERM / SIGINT (save, then exit with EXIT_PREEMPTED) and the finite check:
 the loss and gradient norm of every step are kept on device and read (one transfer) before any log, eval or
 save, so a NaN between two log steps never reaches a checkpoint; on any exception the save in flight is
@@ -24,6 +25,7 @@ import numpy as np
 
 from m2dino_jax.errors import NonFiniteError
 from m2dino_jax.tasks.results import COUNT_KEYS
+from m2dino_jax.train import checkpointing
 
 RUN_WIDE = ("lr",)  # train metrics that belong to the run, not to the batch's task
 
@@ -284,4 +286,36 @@ def run(*, state, batches, step_fn: Callable, start_step: int, total_steps: int,
         print(f"warning: {e}", file=sys.stderr)
     raise
   progress.close()
+  return state, step, status
+
+
+def train(*, workdir, state, batches, step_fn: Callable, total_steps: int, writer: MetricWriter, checkpoint,
+          data_iter=None, log_every: int = 10, eval_every: int = 0, evaluate: Callable | None = None,
+          eval_at_start: bool = False, name: str = "train", label: str | None = None):
+  """A trainer's run on the shared core: opens WORKDIR/ckpt (a Checkpointer with the `checkpoint` config section's
+  keep / async_save, saving `data_iter`'s state, default `batches`), resumes from its newest intact step
+  ("[label] resumed from step N") or else, with `eval_at_start`, evaluates step 0, runs the loop (`run`, saving
+  every `checkpoint.every` steps), writes the final (or preemption) checkpoint and closes the checkpointer.
+
+  Returns (state, last step, status) as `run` does. On PREEMPTED it prints "[label] preempted at step N: checkpoint
+  written; rerun the same command to resume" and closes `writer`; on COMPLETED the trainer goes on (final eval,
+  exports) and closes the writer itself."""
+  label = name if label is None else label
+  with checkpointing.Checkpointer(Path(workdir) / "ckpt", keep=checkpoint.keep, async_save=checkpoint.async_save,
+                                  data_iter=batches if data_iter is None else data_iter) as ckpt:
+    state, resumed = ckpt.resume(state)
+    start = 0 if resumed is None else int(state.step)
+    if resumed is not None:
+      print(f"[{label}] resumed from step {start}", file=sys.stderr)
+    elif eval_at_start and evaluate is not None:
+      evaluate(state, 0)
+    state, step, status = run(
+        state=state, batches=batches, step_fn=step_fn, start_step=start, total_steps=total_steps, writer=writer,
+        log_every=log_every, eval_every=eval_every, evaluate=evaluate, checkpoint_every=checkpoint.every,
+        checkpointer=ckpt, name=name)
+    ckpt.save(step, state, force=True)
+  if status == PREEMPTED:
+    print(f"[{label}] preempted at step {step}: checkpoint written; rerun the same command to resume",
+          file=sys.stderr)
+    writer.close()
   return state, step, status

@@ -311,21 +311,11 @@ def train_and_evaluate(config, workdir: str, cache: dict | None = None) -> str:
     return losses
 
   it = make_iterator(config, data, weights, total, jax.process_index(), jax.process_count())
-  with checkpointing.Checkpointer(root / "ckpt", keep=config.checkpoint.keep,
-                                  async_save=config.checkpoint.async_save, data_iter=it) as ckpt:
-    state, resumed = ckpt.resume(prog.state)
-    start = 0 if resumed is None else int(state.step)
-    if resumed is not None:
-      print(f"[mae] resumed from step {start}", file=sys.stderr)
-    elif config.eval_at_start:
-      evaluate(state, 0)
-    state, step, status = loop.run(
-        state=state, batches=it, step_fn=prog.step, start_step=start, total_steps=total, writer=writer,
-        log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
-        checkpoint_every=config.checkpoint.every, checkpointer=ckpt, name="mae3d")
-    ckpt.save(step, state, force=True)
+  state, step, status = loop.train(
+      workdir=root, state=prog.state, batches=it, step_fn=prog.step, total_steps=total, writer=writer,
+      checkpoint=config.checkpoint, log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
+      eval_at_start=config.eval_at_start, name="mae3d", label="mae")
   if status == loop.PREEMPTED:
-    print(f"[mae] preempted at step {step}: checkpoint written; rerun to resume", file=sys.stderr)
     return status
   losses = evaluate(state, step)
   checkpointing.save_params(root / "final" / "params", state.params)

@@ -365,23 +365,11 @@ def train_and_evaluate(config, workdir: str, cache: dict | None = None) -> str:
     return result
 
   it = make_iterator(config, train, total, jax.process_index(), jax.process_count())
-  ckpt = checkpointing.Checkpointer(root / "ckpt", keep=config.checkpoint.keep,
-                                    async_save=config.checkpoint.async_save, data_iter=it)
-  state, start = prog.fresh_state(config.init_from), 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(state.step)
-    print(f"[finetune] resumed from step {start}", file=sys.stderr)
-  elif config.eval_at_start:
-    evaluate(state, 0)
-  state, step, status = loop.run(
-      state=state, batches=it, step_fn=prog.step, start_step=start, total_steps=total, writer=writer,
-      log_every=config.log_every, eval_every=config.eval_every, evaluate=evaluate,
-      checkpoint_every=config.checkpoint.every, checkpointer=ckpt, name=f"finetune-{config.task}")
-  ckpt.save(step, state, force=True)
-  ckpt.close()
+  state, step, status = loop.train(
+      workdir=root, state=prog.fresh_state(config.init_from), batches=it, step_fn=prog.step, total_steps=total,
+      writer=writer, checkpoint=config.checkpoint, log_every=config.log_every, eval_every=config.eval_every,
+      evaluate=evaluate, eval_at_start=config.eval_at_start, name=f"finetune-{config.task}", label="finetune")
   if status == loop.PREEMPTED:
-    print(f"[finetune] preempted at step {step}: checkpoint written; rerun to resume", file=sys.stderr)
     return status
   result = evaluate(state, step)
   if config.save_params:

@@ -2,7 +2,7 @@
 
 WORKDIR layout: ckpt/ (state + Grain iterator, resumable), metrics.jsonl, tb/, monitor.jsonl lines in
 metrics.jsonl under 'monitor/', teacher/ (the teacher backbone as encoder.json + params/, what
-`--config.init_from=WORKDIR/teacher` of configs/m2dino.py takes), done.json.
+`--config.init_from=WORKDIR/teacher --config.init_from_adopt=True` of configs/m2dino.py takes), done.json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from m2dino_jax import fileio
 from m2dino_jax import mesh as mesh_lib
 from m2dino_jax.errors import ConfigError, M2DinoError
 from m2dino_jax.models import convert, dino_head, vit
-from m2dino_jax.train import checkpointing, core, loop
+from m2dino_jax.train import core, loop
 from m2dino_jax.train import workdir as workdir_lib
 from m2dino_jax.train.dino import data as dino_data
 from m2dino_jax.train.dino import losses
@@ -157,29 +157,21 @@ class Run:
     if jax.process_index() == 0:  # the config has built the model and its data
       workdir_lib.write_config(self.workdir, cfg)
       fileio.write_json(self.workdir / "encoder.json", dataclasses.asdict(self.vit_cfg))
-    with checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
-                                    async_save=cfg.checkpoint.async_save, data_iter=it) as ckpt:
-      self.state, resumed = ckpt.resume(self.state)
-      start = 0 if resumed is None else int(self.state.step)
-      if resumed is not None:
-        print(f"[dino] resumed from step {start}", file=sys.stderr)
-      self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
-      state, step, status = loop.run(
-          state=self.state, batches=it, step_fn=self.step, start_step=start, total_steps=self.total,
-          writer=self.writer, log_every=cfg.log_every, eval_every=cfg.monitor.every, evaluate=self.evaluate,
-          checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name="dino")
-      self.state = state
-      ckpt.save(step, state, force=True)
+    self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
+    state, step, status = loop.train(
+        workdir=self.workdir, state=self.state, batches=it, step_fn=self.step, total_steps=self.total,
+        writer=self.writer, checkpoint=cfg.checkpoint, log_every=cfg.log_every, eval_every=cfg.monitor.every,
+        evaluate=self.evaluate, name="dino")
+    self.state = state
     if status == loop.PREEMPTED:
-      print(f"[dino] preempted at step {step}: checkpoint written; rerun the same command to resume",
-            file=sys.stderr)
       return status
     self.evaluate(state, step)
     path = self.export_teacher(state)
     self.writer.close()
     if jax.process_index() == 0:
       fileio.write_json(done, {"step": step, "teacher": str(path)})
-    print(f"[dino] teacher backbone written to {path} (use --config.init_from={path})", file=sys.stderr)
+    print(f"[dino] teacher backbone written to {path} (use --config.init_from={path} --config.init_from_adopt=True)",
+          file=sys.stderr)
     return status
 
 

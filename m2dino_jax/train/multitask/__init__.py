@@ -9,5 +9,6 @@ from m2dino_jax.train.multitask.trainer import (  # noqa: F401
     parse_groups,
     plan_models,
     print_table,
+    resolve_config,
     train_and_evaluate,
 )

@@ -285,25 +285,16 @@ class _Run:
           "train_sizes": self.sizes})
     best_file = self.workdir / "best" / "best.json"
     self.best_score = fileio.read_json(best_file, "best file")["score"] if best_file.is_file() else -math.inf
+    self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
     try:
-      with checkpointing.Checkpointer(self.workdir / "ckpt", keep=cfg.checkpoint.keep,
-                                      async_save=cfg.checkpoint.async_save, data_iter=it) as ckpt:
-        self.state, resumed = ckpt.resume(self.state)
-        start = 0 if resumed is None else int(self.state.step)
-        if resumed is not None:
-          print(f"[{self.name}] resumed from step {start}", file=sys.stderr)
-        self.writer = loop.MetricWriter(self.workdir, tensorboard=cfg.tensorboard)
-        state, step, status = loop.run(
-            state=self.state, batches=map(self.prepare, it), step_fn=self.step, start_step=start,
-            total_steps=self.total, writer=self.writer, log_every=cfg.log_every, eval_every=cfg.eval_every,
-            evaluate=self.evaluate, checkpoint_every=cfg.checkpoint.every, checkpointer=ckpt, name=self.name)
-        self.state = state
-        ckpt.save(step, state, force=True)
+      state, step, status = loop.train(
+          workdir=self.workdir, state=self.state, batches=map(self.prepare, it), data_iter=it, step_fn=self.step,
+          total_steps=self.total, writer=self.writer, checkpoint=cfg.checkpoint, log_every=cfg.log_every,
+          eval_every=cfg.eval_every, evaluate=self.evaluate, name=self.name)
+      self.state = state
     finally:
       it.close()
     if status == loop.PREEMPTED:
-      print(f"[{self.name}] preempted at step {step}: checkpoint written; rerun the same command to resume",
-            file=sys.stderr)
       return status
     self.evaluate(state, step)
     self.writer.close()
@@ -330,15 +321,21 @@ def _task_weights(spec: str, tasks) -> dict[str, float]:
   return weights
 
 
+def resolve_config(config) -> None:
+  """The config's final form before anything is built or compared (main.py calls it before the workdir's config
+  check): the `init_from` policy (convert.apply_init_from; idempotent)."""
+  convert.apply_init_from(config)
+
+
 def train_and_evaluate(config, workdir: str) -> str:
   """Trains every model of the paradigm in turn and prints the per-task table. Returns loop.COMPLETED, or
   loop.PREEMPTED when a SIGTERM stopped a model (its checkpoint is written; rerun to resume). With
   `sweep.fractions` set, runs the data-scale sweep (sweep.py) instead. With `init_from`, the encoder's
-  architecture is the checkpoint's (e.g. a DINOv2-kind UltraDINO teacher), written into config.json."""
+  architecture must be the checkpoint's, or with `init_from_adopt` becomes it (e.g. a DINOv2-kind UltraDINO
+  teacher), written into config.json (`resolve_config`; main.py applies it before the workdir's config check)."""
+  resolve_config(config)
   if str(config.get("sweep", {}).get("fractions", "")).strip():
     return multitask_sweep.run(config, workdir, train_and_evaluate)
-  if config.init_from:
-    convert.adopt_architecture(config.model, config.init_from)
   _check(config)
   root = Path(workdir)
   for name, tasks in plan_models(config):
