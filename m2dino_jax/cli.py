@@ -89,10 +89,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def subcommands(parser: argparse.ArgumentParser):
-  """(subparsers action, {name: parser}, {name: one-line help}) of each subcommand level under `parser`."""
+  """(subparsers action, {name: parser}, {name: one-line help}) of each subcommand level under `parser`; an alias
+  (`m2dino bench dino` for `ssl`) is left out: it is the same parser as its command."""
   for action in parser._actions:
     if isinstance(action, argparse._SubParsersAction):
-      yield action, action.choices, {a.dest: a.help for a in action._choices_actions}
+      choices = {}
+      for name, sub in action.choices.items():
+        if all(sub is not seen for seen in choices.values()):
+          choices[name] = sub
+      yield action, choices, {a.dest: a.help for a in action._choices_actions}
 
 
 def describe(parser: argparse.ArgumentParser) -> None:
