@@ -70,3 +70,25 @@ def test_dinov2_state_dict_architecture_and_errors(tmp_path):
     dinov2_pth.config_from_state({"backbone.cls_token": np.zeros((1, 1, 8))})
   with pytest.raises(DataError, match="no such checkpoint"):
     convert.checkpoint_config(tmp_path / "missing")
+
+
+def test_init_from_loads_strictly_except_the_routers_upcycling_adds(tmp_path, monkeypatch):
+  """A dense checkpoint fills every weight of an MoE encoder but its routers and task biases (which upcycling cannot
+  provide); a checkpoint that lacks any other weight is refused, naming it."""
+  import ml_collections
+
+  from m2dino_jax.models import moe
+  teacher, path = _teacher(tmp_path)
+  mcfg = moe.default_moe_config()
+  mcfg.update(enabled=True, layers="last2", num_experts=2, capacity_factor=0.0)
+  sparse = vit.Encoder(teacher.cfg, moe=ml_collections.ConfigDict(mcfg), num_tasks=3, rngs=nnx.Rngs(5))
+  convert.init_encoder_from(sparse, path)
+  got, want = convert.flat_params(sparse), convert.flat_params(teacher)
+  assert "blocks.3.mlp.router" in got and "blocks.3.mlp.router" not in want  # kept its initial value
+  for name in ("blocks.0.norm1.scale", "blocks.3.attn.q.kernel"):
+    np.testing.assert_array_equal(np.asarray(got[name][...]), np.asarray(want[name][...]))
+  cfg, params = convert.load_encoder_params(path)
+  params.pop("blocks.1.norm2.scale")
+  monkeypatch.setattr(convert, "load_encoder_params", lambda p: (cfg, params))
+  with pytest.raises(DataError, match="blocks.1.norm2.scale"):
+    convert.init_encoder_from(vit.Encoder(teacher.cfg, rngs=nnx.Rngs(2)), path)

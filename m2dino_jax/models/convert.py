@@ -184,8 +184,15 @@ def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
   return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<params>", strict: bool = True):
-  """Copies named arrays into `model` (shapes checked); `strict` requires every encoder param."""
+# Parameters a pretrained dense encoder cannot hold: the routers and task biases of MoE blocks made by upcycling
+# (the experts themselves are copied from the dense FFN). Everything else must come from the checkpoint.
+NEW_WITH_MOE = re.compile(r"blocks\.\d+\.mlp\.(router|task_bias)")
+
+
+def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<params>", strict: bool = True,
+           may_miss: re.Pattern | None = None):
+  """Copies named arrays into `model` (shapes checked); `strict` requires every encoder param except those whose
+  name matches `may_miss` in full (they keep their initial values)."""
   target = flat_params(model)
   for name, arr in params.items():
     if name not in target:
@@ -193,7 +200,7 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], source: str = "<par
     if tuple(target[name].shape) != tuple(np.shape(arr)):
       raise DataError(source, f"weight '{name}' has shape {np.shape(arr)}, model wants {target[name].shape}")
     target[name].set_value(jax.numpy.asarray(arr, target[name].dtype))  # also over read-only host arrays
-  missing = [n for n in target if n not in params]
+  missing = [n for n in target if n not in params and not (may_miss and may_miss.fullmatch(n))]
   if strict and missing:
     raise DataError(source, f"no value for {len(missing)} params, e.g. {missing[:3]}")
   return model
@@ -345,7 +352,7 @@ def init_encoder_from(model: vit.Encoder, path) -> vit.Encoder:
     params = dict(params, **{"patch_embed.kernel": pe.reshape(cfg.patch, cfg.patch, cfg.in_chans, -1)
                              .sum(axis=2).reshape(want, -1)})
   try:
-    return assign(model, params, str(path), strict=False)
+    return assign(model, params, str(path), may_miss=NEW_WITH_MOE)
   except DataError as e:
     diff = architecture_diff(model.cfg, cfg) if cfg is not None else {}
     if not diff:
