@@ -92,3 +92,45 @@ def test_seg_head_equals_the_nnx_conv_head(monkeypatch):
   assert len(leaves_old) == len(leaves_new) == 4 * 2 + 4 * 2 + 2 + 2 + 2 + 4  # lateral, smooth, fuse, norm, cls, feats
   for a, b in zip(leaves_old, leaves_new):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(1.0, float(np.max(np.abs(a)))))
+
+
+@pytest.mark.slow
+def test_seg_type_program_equals_the_nnx_conv_per_head_program(monkeypatch):
+  """One train step of the segmentation type program (two heads of different class counts under lax.switch,
+  conv_same) against the per-head program of the head before the fix (nnx.Conv, no switch): all parameters and
+  optimiser state after the step."""
+  from m2dino_jax import configlib
+  from m2dino_jax import mesh as mesh_lib
+  from m2dino_jax.data import pipeline
+  from m2dino_jax.tasks import registry
+  from m2dino_jax.train import multitask
+  from m2dino_jax.train.multitask import steps
+
+  names = "fetal_abdomen_multi+cardiac_multi"
+  config = configlib.load_config(f"configs/m2dino.py:paradigm=au,smoke,tasks={names}",
+                                 ["data.image_size=32", "data.source.synthetic_count=8", "data.batch_size=4",
+                                  "tensorboard=False"])
+  run = multitask._Run(config, None, "all", registry.resolve(names))
+  m, state = run.model, jax.device_get(run.state)
+  batch = dict(next(pipeline.make_train_iterator(config.data, run.tasks, seed=0)))
+
+  def one_step(group, task):
+    b = mesh_lib.shard_batch(dict(batch, task_id=np.full_like(batch["task_id"], task.task_id)), run.mesh, run.rules)
+    bound = jax.device_put(steps.bound_inputs(group, {}, run.enc_rest), mesh_lib.replicated(run.mesh))
+    with jax.set_mesh(run.mesh):
+      program = jax.jit(steps.train_program(m.enc_gdef, m.head_gdefs, group, run.settings))
+      new, metrics = program(jax.device_put(state), b, bound)
+    return jax.device_get((new.params["encoder"], new.params["heads"][task.name], new.opt_state, metrics["loss"]))
+
+  task = run.tasks[1]
+  assert len({t.num_classes for t in run.tasks}) == 2 and task.type == "segmentation"
+  got = one_step(run.tasks, task)
+  monkeypatch.setattr(heads, "_apply_conv", lambda conv, x: conv(x))
+  want = one_step([task], task)
+  assert np.isfinite(want[-1])
+  for a, b in zip(jax.tree.leaves(want[:2]) + [want[-1]], jax.tree.leaves(got[:2]) + [got[-1]]):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+  want_opt = jax.tree.leaves((want[2]["encoder"], want[2]["heads"][task.name]))
+  got_opt = jax.tree.leaves((got[2]["encoder"], got[2]["heads"][task.name]))
+  for a, b in zip(want_opt, got_opt):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
