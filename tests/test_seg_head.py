@@ -51,6 +51,17 @@ def test_conv_same_equals_lax_conv_and_its_gradients(kernel):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
+
+def test_both_backward_forms_agree():
+  """The CPU form (written-out convolutions) and the accelerators' form (autodiff) of conv_same's backward."""
+  x, ks = _inputs(kernel=(3, 3, 5, 4))
+  g = jax.random.normal(jax.random.key(9), (*x.shape[:3], 4))
+  cpu = heads._canonical_conv_grads(x, ks[0], g)
+  other = heads._autodiff_conv_grads(x, ks[0], g)
+  assert float(jnp.max(jnp.abs(cpu[1]))) > 1.0
+  for a, b in zip(other, cpu):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
 def _conv_layouts(conv) -> set[str]:
   x, ks = _inputs((2, 8, 8, 4), (3, 3, 4, 4))
   text = jax.jit(jax.grad(_switch_loss(conv), argnums=(0, 1))).lower(ks, x, jnp.int32(0)).compile().as_text()
