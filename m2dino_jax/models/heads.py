@@ -11,6 +11,12 @@
 
 Each head maps the encoder output dict to the raw prediction of its task; `tasks/types.py` picks the head
 of a task type.
+
+The segmentation head's 3x3 convolutions go through `conv_same`, whose backward pass is written out on CPU:
+the multi-task step runs each head inside `lax.switch` (train/multitask/steps.py), and XLA:CPU leaves the
+weight-gradient convolution of an autodiffed conv inside a conditional branch in its raw layout
+(dim_labels f01b_i01o->01bf), which its Eigen convolution runtime cannot take, so it is emitted as a naive
+loop nest, 50-80x slower than the same conv outside the switch (issue 17).
 """
 
 from __future__ import annotations
@@ -41,6 +47,57 @@ def _conv(cin, cout, k, *, rngs):
   return nnx.Conv(cin, cout, (k, k), padding="SAME",
                   kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, None)),
                   rngs=rngs)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_nhwc(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+def _pads(kernel):
+  return [(k // 2, k // 2) for k in kernel.shape[:2]]
+
+
+@jax.custom_vjp
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'SAME' convolution x [B, H, W, Cin] * kernel [kh, kw, Cin, Cout] (odd kh, kw), as nnx.Conv.
+  On CPU the gradients are autodiff's, each written as a convolution in the canonical NHWC / HWIO layout
+  (bit-identical to autodiff outside a conditional), so that XLA:CPU runs them with its fast convolution
+  inside `lax.switch` too; other platforms use autodiff's own backward convolutions."""
+  return _conv_nhwc(x, kernel, _pads(kernel))
+
+
+def _conv_same_fwd(x, kernel):
+  return conv_same(x, kernel), (x, kernel)
+
+
+def _canonical_conv_grads(x, kernel, g):
+  # dx: g convolved with the spatially flipped kernel, input / output channels swapped
+  dx = _conv_nhwc(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), _pads(kernel))
+  # dkernel[i, j, ci, co] = sum_{b,h,w} x_pad[b, h+i, w+j, ci] g[b, h, w, co]: a VALID convolution with the
+  # input channels as its batch, the examples as its features and g as a [H, W]-window kernel
+  xp = jnp.pad(x, [(0, 0), *_pads(kernel), (0, 0)]).transpose(3, 1, 2, 0)  # [Cin, H+kh-1, W+kw-1, B]
+  dk = _conv_nhwc(xp, g.transpose(1, 2, 0, 3), "VALID")  # [Cin, kh, kw, Cout]
+  return dx.astype(x.dtype), dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+def _autodiff_conv_grads(x, kernel, g):
+  return jax.vjp(lambda a, b: _conv_nhwc(a, b, _pads(kernel)), x, kernel)[1](g)
+
+
+def _conv_same_bwd(res, g):
+  # the written-out form on CPU only: accelerators' compilers recognise autodiff's own backward convolutions
+  return jax.lax.platform_dependent(*res, g, cpu=_canonical_conv_grads, default=_autodiff_conv_grads)
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def _apply_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+  """An nnx.Conv built by `_conv` (stride 1, 'SAME', odd kernel, bias) applied through `conv_same`."""
+  return conv_same(x, conv.kernel[...]) + conv.bias[...]
 
 
 def pooled(enc_out: dict) -> jax.Array:
@@ -77,8 +134,8 @@ class SegHead(nnx.Module):
     for i in range(len(levels) - 2, -1, -1):  # top-down: coarse into fine
       levels[i] = levels[i] + _resize(levels[i + 1], levels[i].shape[1:3])
     finest = levels[0].shape[1:3]
-    outs = [_resize(conv(x), finest) for conv, x in zip(self.smooth, levels)]
-    x = jax.nn.gelu(self.norm(self.fuse(jnp.concatenate(outs, axis=-1))))
+    outs = [_resize(_apply_conv(conv, x), finest) for conv, x in zip(self.smooth, levels)]
+    x = jax.nn.gelu(self.norm(_apply_conv(self.fuse, jnp.concatenate(outs, axis=-1))))
     return _resize(self.classify(x), image_hw)
 
 
