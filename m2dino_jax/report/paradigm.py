@@ -11,7 +11,7 @@ import dataclasses
 import io
 import math
 
-from m2dino_jax.tasks import metrics, registry
+from m2dino_jax.tasks import metrics, registry, table
 from m2dino_jax.tasks.results import COUNT_KEYS, Run
 
 # ------------------------------------------------------------------------------------------- the table
@@ -36,30 +36,15 @@ def relative_change(value: float, base: float, higher_is_better: bool) -> float:
   return change if higher_is_better else -change
 
 
-def task_type(task: str, metric_names) -> str:
-  """The registry's type for known tasks, else the type whose metrics the task reports."""
-  if task in registry.BY_NAME:
-    return registry.BY_NAME[task].type
-  for type_, names in metrics.METRICS_BY_TYPE.items():
-    if names[0] in metric_names:
-      return type_
-  return "other"
-
-
-def _task_order(task: str):
-  t = registry.BY_NAME.get(task)
-  return (0, t.index, task) if t else (1, 0, task)
-
-
 def build_rows(runs: list[Run], baseline: str = "ts") -> list[Row]:
   """Rows (task, metric) over all runs, in task-type then registry order; metrics in their standard order."""
   labels = [r.label for r in runs]
   base = next((r for r in runs if r.label == baseline), None)
-  tasks = sorted({t for r in runs for t in r.tasks}, key=_task_order)
+  tasks = sorted({t for r in runs for t in r.tasks}, key=table.task_order)
   rows = []
   for task in tasks:
     names = [k for r in runs for k in r.tasks.get(task, {}) if k not in COUNT_KEYS]
-    type_ = task_type(task, names)
+    type_ = table.task_type(task, names)
     standard = list(metrics.METRICS_BY_TYPE.get(type_, ()))
     ordered = [m for m in standard if m in names] + sorted(set(names) - set(standard))
     for metric in ordered:

@@ -52,23 +52,25 @@ def _count(v) -> str:
   return NA if v is None or not math.isfinite(v) else str(int(v))
 
 
-def _type_of(task: str, values: dict) -> str:
+def task_type(task: str, metric_names) -> str:
+  """The registry's type for known tasks, else the type whose metrics the task reports."""
   if task in registry.BY_NAME:
     return registry.BY_NAME[task].type
   for type_, names in metrics.METRICS_BY_TYPE.items():
-    if names[0] in values:
+    if names[0] in metric_names:
       return type_
   return "other"
 
 
-def _order(task: str):
+def task_order(task: str):
+  """Sort key: registry tasks in registry order, then unknown ones by name."""
   t = registry.BY_NAME.get(task)
   return (0, t.index, task) if t else (1, 0, task)
 
 
 def type_means(task_metrics: dict[str, dict], type_: str, names: list[str]) -> tuple[dict[str, float], int]:
   """({metric: mean over the type's tasks with n > 0, NaN skipped}, number of those tasks)."""
-  rows = [v for t, v in task_metrics.items() if _type_of(t, v) == type_ and v.get("n", 1) > 0]
+  rows = [v for t, v in task_metrics.items() if task_type(t, v) == type_ and v.get("n", 1) > 0]
   out = {}
   for name in names:
     finite = [float(v[name]) for v in rows if isinstance(v.get(name), int | float) and math.isfinite(v[name])]
@@ -80,8 +82,8 @@ def format_table(task_metrics: dict[str, dict], title: str, convention: str = "d
   """The table of {task: {metric: value, n: count, ...}} (a `results.Run.tasks` or `TaskEvaluator.result()`
   map); `convention` ('default' | 'official', `metrics.CONVENTIONS`) is named in the footnote."""
   by_type: dict[str, list[str]] = {}
-  for task in sorted(task_metrics, key=_order):
-    by_type.setdefault(_type_of(task, task_metrics[task]), []).append(task)
+  for task in sorted(task_metrics, key=task_order):
+    by_type.setdefault(task_type(task, task_metrics[task]), []).append(task)
   rank = {t: i for i, t in enumerate(registry.TASK_TYPES)}
   width = max([len(t) + 2 for t in task_metrics] + [len(t) for t in by_type] + [14])
   lines = [f"{title}; ↑ higher is better, ↓ lower is better"]
