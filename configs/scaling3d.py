@@ -41,7 +41,7 @@ def get_config(arg=None):
       budgets="32,64,96,128",  # held-out budgets the strategies are compared at
       strategies="transfer_aware,data_proportional,uniform,transfer_blind",
       floor=0.05, temperature=3.0,
-      E="free",  # the self laws' floor: free | none | fixed:V
+      E="auto",  # the self laws' floor: auto (free where the points identify it, else 0) | free | none | fixed:V
       bootstrap=100, seed=0,
       downstream="abd_ct:segmentation,brain_t1:classification",  # fine-tuned at the largest budget
       plots=True))
