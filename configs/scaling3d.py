@@ -11,7 +11,9 @@ sweep), `finetune` is configs/mae3d_finetune.py with the same encoder. Data are 
 `sweep.available` gives each domain a different number of phantoms (so data-proportional is not uniform).
 Expected result: WORKDIR/report.md with the measured held-out loss of transfer_aware, data_proportional,
 uniform and transfer_blind per domain at each budget, transfer_aware's gains in %, predicted vs measured r per
-domain and pooled, and downstream Dice / AUC per strategy (plus a random-init control); fits.json,
+domain and pooled, and downstream Dice / AUC per strategy (plus a random-init control), after a self-law
+table (drop with data, log-log slope +- se, E / A / beta, residual) with a warning for every domain whose
+held-out loss does not fall with data (then lengthen pretrain.total_steps or spread sweep.sizes); fits.json,
 measurements.jsonl (design runs; `m2dino scaling fit` reads it), allocations/, plots/.
 """
 

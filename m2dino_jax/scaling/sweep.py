@@ -6,7 +6,12 @@ interrupted sweep resumes where it stopped):
   1. design    per domain, pretraining on that domain alone at each of `sweep.sizes` volumes (self laws; their
                losses on the other domains are single-source transfer), and `sweep.mixtures` Dirichlet(2)
                mixtures at each of `sweep.mixture_budgets` -> rows in WORKDIR/measurements.jsonl
-  2. fit       self laws + transfer (transfer.fit_scaling) -> WORKDIR/fits.json
+  2. fit       self laws + transfer (transfer.fit_scaling) -> WORKDIR/fits.json. With `sweep.E = auto` a
+               domain's floor E is fitted only where its points identify it (>= 3 sizes, the loss falls beyond
+               its scatter, the free fit converges), else held at 0 (the paper's pure power law); the report's
+               self-law table gives per domain the drop, the log-log slope +- its standard error, E, A, beta
+               and the RMS log residual, and a warning names each domain whose loss does not fall with data
+               (runs too short for the data size to matter) instead of a silent non-converged fit
   3. allocate  every strategy (strategies.py) at each held-out budget `sweep.budgets`, rounded to whole volumes
                -> WORKDIR/allocations/STRATEGY_B.json
   4. train     each allocation pretrained -> rows in WORKDIR/strategy_measurements.jsonl
