@@ -11,7 +11,9 @@ sweep), `finetune` is configs/mae3d_finetune.py with the same encoder. Data are 
 `sweep.available` gives each domain a different number of phantoms (so data-proportional is not uniform).
 Expected result: WORKDIR/report.md with the measured held-out loss of transfer_aware, data_proportional,
 uniform and transfer_blind per domain at each budget, transfer_aware's gains in %, predicted vs measured r per
-domain and pooled, and downstream Dice / AUC per strategy (plus a random-init control); fits.json,
+domain and pooled, and downstream Dice / AUC per strategy (plus a random-init control), after a self-law
+table (drop with data, log-log slope +- se, E / A / beta, residual) with a warning for every domain whose
+held-out loss does not fall with data (then lengthen pretrain.total_steps or spread sweep.sizes); fits.json,
 measurements.jsonl (design runs; `m2dino scaling fit` reads it), allocations/, plots/.
 """
 
@@ -41,7 +43,7 @@ def get_config(arg=None):
       budgets="32,64,96,128",  # held-out budgets the strategies are compared at
       strategies="transfer_aware,data_proportional,uniform,transfer_blind",
       floor=0.05, temperature=3.0,
-      E="free",  # the self laws' floor: free | none | fixed:V
+      E="auto",  # the self laws' floor: auto (free where the points identify it, else 0) | free | none | fixed:V
       bootstrap=100, seed=0,
       downstream="abd_ct:segmentation,brain_t1:classification",  # fine-tuned at the largest budget
       plots=True))

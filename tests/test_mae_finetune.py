@@ -120,3 +120,44 @@ def test_smoke_finetunes_from_the_checkpoint_lower_the_loss_and_report_dice_and_
     state, m = prog.step(state, batch)
     seen.append(float(m["loss"]))
   assert seen[-1] < seen[0], seen
+
+
+# Pretrained vs random init at smoke scale: a 6-domain MAE pretraining on the phantoms (16^3 crops of 24^3 volumes,
+# 8^3 patches: 8 tokens, so the MAE must learn the anatomy to inpaint), then the same UNETR fine-tune (one
+# labelled brain_t1 volume, 40 steps, encoder lr 3e-4 with layer decay 0.75, head x10) from the checkpoint and
+# from random init, over paired seeds (the same data order and head init for both).
+PRETRAIN = ["total_steps=1000", "data.per_domain=6", "data.heldout=1", "model.variant=mu/8", "model.crop=16",
+            "data.crop=16", "data.phantom_size=24"]
+FINETUNE = ["total_steps=40", "data.domain=brain_t1", "data.train_volumes=1", "model.variant=mu/8", "model.crop=16",
+            "data.crop=16", "data.phantom_size=24", "optim.lr=3e-4", "optim.head_lr_mult=10", "optim.layer_decay=0.75",
+            "save_params=False", "log_every=100"]
+SEEDS = 3
+
+
+@pytest.mark.slow
+def test_smoke_unetr_from_the_mae_checkpoint_against_random_init(tmp_path):
+  from m2dino_jax.scaling import measurements
+  from m2dino_jax.train import mae
+  work = tmp_path / "mae"
+  assert mae.train_and_evaluate(configlib.load_config("configs/mae3d.py:smoke", PRETRAIN), str(work)) == loop.COMPLETED
+  first, last = measurements.read_measurements(work / "measurements.jsonl")
+  assert all(last.loss[d] < first.loss[d] for d in first.loss), (first.loss, last.loss)
+  cache, dice = {}, {"pretrained": [], "random": []}
+  for seed in range(SEEDS):
+    for name, init in (("pretrained", str(work)), ("random", "")):
+      cfg = configlib.load_config("configs/mae3d_finetune.py:smoke", [*FINETUNE, f"seed={seed}", f"init_from={init}"])
+      out = tmp_path / f"{name}_{seed}"
+      assert mae_finetune.train_and_evaluate(cfg, str(out), cache) == loop.COMPLETED
+      dice[name].append(json.loads((out / "done.json").read_text())["mean_dice"])
+  pre, rand = np.asarray(dice["pretrained"]), np.asarray(dice["random"])
+  diff = pre - rand
+  msg = (f"mean Dice over {SEEDS} seeds: pretrained {pre.mean():.4f} +- {pre.std():.4f} {np.round(pre, 4).tolist()}, "
+         f"random init {rand.mean():.4f} +- {rand.std():.4f} {np.round(rand, 4).tolist()}; paired difference "
+         f"{diff.mean():+.4f} +- {diff.std():.4f}")
+  print(msg)
+  assert np.all(np.isfinite(diff)) and rand.mean() > 0.1 and pre.mean() > 0.1, msg  # both learn the large classes
+  # What holds at this scale: pretraining is not worse (margin 0.05 Dice on the paired mean). It does NOT beat
+  # random init: measured (nice 5, 2 loaded cores) pretrained 0.3218 +- 0.0753 vs random 0.3311 +- 0.0902, paired
+  # -0.009; with the encoder frozen 0.3212 vs 0.3300: the UNETR decoder's full-resolution conv path learns these
+  # intensity-defined classes in 40 steps and the encoder's features (pretrained or random) barely matter.
+  assert diff.mean() > -0.05, msg

@@ -50,8 +50,8 @@ def _ordered(mapping: dict[str, float], domains, key: str, default: float) -> np
 
 
 def _e_mode(text: str):
-  """--E: 'free', 'none' (E = 0) or 'fixed:V' / 'fixed:ct=V,...' (unnamed domains fitted)."""
-  if text in ("free", "none"):
+  """--E: 'free', 'none' (E = 0), 'auto' or 'fixed:V' / 'fixed:ct=V,...' (unnamed domains fitted)."""
+  if text in ("free", "none", "auto"):
     return text
   if text.startswith("fixed:"):
     value = text.removeprefix("fixed:")
@@ -95,9 +95,11 @@ def cmd_fit(args) -> int:
   fits.extra["measurements"] = str(args.measurements)
   law.write_fits(args.out, fits)
   corr = fits.extra.get("e_beta_correlation") or [None] * len(fits.domains)
+  auto = fits.extra.get("E_auto") or [None] * len(fits.domains)
   for i, d in enumerate(fits.domains):
     c = "" if corr[i] is None else f" corr(E,beta)={corr[i]:+.2f}"
-    print(f"{d:>12}: E={fits.law.E[i]:.4g} A={fits.law.A[i]:.4g} beta={fits.law.beta[i]:.4g}{c}")
+    a = "" if auto[i] is None else f" [E {auto[i]['E']}: {auto[i]['reason']}]"
+    print(f"{d:>12}: E={fits.law.E[i]:.4g} A={fits.law.A[i]:.4g} beta={fits.law.beta[i]:.4g}{c}{a}")
   print("tau[target][source]:\n" + "\n".join(
       f"{d:>12} <- " + " ".join(f"{t:7.3g}" for t in row) for d, row in zip(fits.domains, fits.law.tau)))
   if args.bootstrap:
@@ -196,8 +198,8 @@ def register(subparsers) -> None:
   sub = p.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
   fmt = HelpFormatter
   law_help = "law file (law.json) or example:six_domain; see m2dino_jax/scaling/lawfile.py"
-  e_help = ("the floor E of each self law: free (fitted), none (E = 0, the paper's pure power law), "
-            "fixed:V or fixed:name=V,...")
+  e_help = ("the floor E of each self law: free (fitted), none (E = 0, the paper's pure power law), auto "
+            "(free where a domain's points identify it, else 0), fixed:V or fixed:name=V,...")
 
   s = sub.add_parser("simulate", help="write planted-truth measurements", formatter_class=fmt)
   s.add_argument("--out", required=True, help="measurements.jsonl to write")

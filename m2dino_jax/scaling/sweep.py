@@ -6,7 +6,12 @@ interrupted sweep resumes where it stopped):
   1. design    per domain, pretraining on that domain alone at each of `sweep.sizes` volumes (self laws; their
                losses on the other domains are single-source transfer), and `sweep.mixtures` Dirichlet(2)
                mixtures at each of `sweep.mixture_budgets` -> rows in WORKDIR/measurements.jsonl
-  2. fit       self laws + transfer (transfer.fit_scaling) -> WORKDIR/fits.json
+  2. fit       self laws + transfer (transfer.fit_scaling) -> WORKDIR/fits.json. With `sweep.E = auto` a
+               domain's floor E is fitted only where its points identify it (>= 3 sizes, the loss falls beyond
+               its scatter, the free fit converges), else held at 0 (the paper's pure power law); the report's
+               self-law table gives per domain the drop, the log-log slope +- its standard error, E, A, beta
+               and the RMS log residual, and a warning names each domain whose loss does not fall with data
+               (runs too short for the data size to matter) instead of a silent non-converged fit
   3. allocate  every strategy (strategies.py) at each held-out budget `sweep.budgets`, rounded to whole volumes
                -> WORKDIR/allocations/STRATEGY_B.json
   4. train     each allocation pretrained -> rows in WORKDIR/strategy_measurements.jsonl
@@ -225,6 +230,8 @@ def run_sweep(config, workdir) -> dict:
   fits = transfer.fit_scaling(arrays, n_bootstrap=s.bootstrap, seed=s.seed, e_mode=e_mode)
   fits.extra["measurements"] = str(meas_path)
   law.write_fits(workdir / "fits.json", fits)
+  for line in fit_warnings(plan.domains, fits.extra):
+    print(f"[sweep] warning: {line}", file=sys.stderr)
   fitted = law.Law(*(np.asarray(a, np.float64) for a in fits.law))
   design_pred = np.asarray(law.predict_loss(fitted, arrays.data, xp=np))
 
@@ -305,6 +312,23 @@ def run_sweep(config, workdir) -> dict:
   return report
 
 
+def fit_warnings(domains, extra: dict) -> list[str]:
+  """One line per domain whose law the design runs do not support (flat, floor dropped, not converged)."""
+  out = []
+  support = extra.get("self_law_support") or [{}] * len(domains)
+  auto = extra.get("E_auto") or [None] * len(domains)
+  for d, s, a in zip(domains, support, auto):
+    if s.get("sizes") and not s.get("decreasing"):
+      out.append(f"{d}: the held-out loss does not fall with data beyond its scatter (drop {100 * s['drop']:.2f}% "
+                 f"from {s['sizes'][0]:g} to {s['sizes'][-1]:g} volumes); its law is not informative: train longer "
+                 "(pretrain.total_steps) or spread sweep.sizes")
+    elif a and a["E"] == "none":
+      out.append(f"{d}: floor E held at 0 ({a['reason']})")
+  for d in extra.get("domains_not_converged") or []:
+    out.append(f"{d}: the fit did not converge")
+  return out
+
+
 def _f(v, pct=False) -> str:
   if v is None or (isinstance(v, float) and not np.isfinite(v)):
     return "-"
@@ -313,9 +337,26 @@ def _f(v, pct=False) -> str:
 
 def report_markdown(r: dict) -> str:
   doms = r["domains"]
+  fit = r["fit"]
   out = ["# 3D MAE scaling sweep", "",
-         f"{r['design_runs']} design runs; fit converged: {r['fit'].get('converged')}; "
-         f"available volumes: " + ", ".join(f"{d}={a}" for d, a in zip(doms, r["available"])), ""]
+         f"{r['design_runs']} design runs; fit converged: {fit.get('converged')}; "
+         f"available volumes: " + ", ".join(f"{d}={a}" for d, a in zip(doms, r["available"])), "",
+         "## Self laws L = E + A D^-beta (design runs on one domain)", "",
+         "| domain | sizes | mean loss per size | drop | log-log slope | E | A | beta | E mode | RMS log residual |",
+         "|---" * 10 + "|"]
+  support = fit.get("self_law_support") or [{}] * len(doms)
+  auto = fit.get("E_auto") or [None] * len(doms)
+  for i, d in enumerate(doms):
+    s = support[i]
+    slope = "-" if s.get("slope") is None else _f(s["slope"]) + ("" if s.get("slope_se") is None else
+                                                               f" +- {s['slope_se']:.2g}")
+    mode = auto[i]["E"] if auto[i] else ("free" if fit.get("E_mode") == "free" else "fixed")
+    out.append(f"| {d} | {' '.join(f'{v:g}' for v in s.get('sizes', []))} | "
+               f"{' '.join(_f(v) for v in s.get('mean_loss', []))} | {_f(s.get('drop'), True)} | {slope} | "
+               f"{_f(fit['E'][i])} | {_f(fit['A'][i])} | {_f(fit['beta'][i])} | {mode} | "
+               f"{_f(s.get('rms_log_residual'))} |")
+  warnings = fit_warnings(doms, fit)
+  out += [""] + [f"- warning: {w}" for w in warnings] + ([""] if warnings else [])
   for k, b in enumerate(r["budgets"]):
     out += [f"## Held-out reconstruction loss at budget {b} volumes (measured / predicted)", "",
             "| strategy | " + " | ".join(doms) + " | mean | volumes |", "|---" * (len(doms) + 3) + "|"]

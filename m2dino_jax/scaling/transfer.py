@@ -139,13 +139,20 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
                 ci: float = 0.95, max_iter: int = 100, e_mode=None, return_samples: bool = False):
   """Fits self laws and transfer from measurements; bootstrap percentile intervals over runs.
 
-  e_mode: the floor E, fitted (None / 'free'), 'none' (E = 0, the paper's pure power law) or fixed numbers
-  (see powerlaw.e_fixed_array). Diagnostics in extra: converged, bootstrap_dropped (resamples left out because
-  a fit did not converge), e_beta_correlation (per domain, over resamples; None where E is fixed).
+  e_mode: the floor E, fitted (None / 'free'), 'none' (E = 0, the paper's pure power law), fixed numbers
+  (see powerlaw.e_fixed_array) or 'auto' (free per domain where its points identify it, else 0: auto_floor;
+  the choices and reasons in extra['E_auto']). extra['self_law_support'] says per domain whether the loss
+  falls with data beyond its scatter, and the self law's RMS log residual at its points. Diagnostics in extra:
+  converged, bootstrap_dropped (resamples left out because a fit did not converge), e_beta_correlation (per
+  domain, over resamples; None where E is fixed).
   return_samples: also return the converged resamples' parameters {E, A, beta, tau, gamma: (R, ...)}.
   """
   data, loss = arrays.data, arrays.loss
   self_mask, tau_mask = point_masks(data, loss, source)
+  auto = None
+  if isinstance(e_mode, str) and e_mode == "auto":
+    auto = auto_floor(arrays, delta=delta, source=source, max_iter=max_iter)
+    e_mode = np.array([np.nan if a["E"] == "free" else 0.0 for a in auto])
   e_fixed = powerlaw.e_fixed_array(e_mode, len(arrays.domains))
   for i, name in enumerate(arrays.domains):
     sizes = np.unique(data[self_mask[i], i])
@@ -169,6 +176,16 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
            "converged": bool(point["converged"].all()), "n_bootstrap": n_bootstrap, "ci_level": ci,
            "E_mode": "free" if np.isnan(e_fixed).all() else [None if np.isnan(v) else float(v) for v in e_fixed],
            "domains_not_converged": [d for d, c in zip(arrays.domains, point["converged"]) if not c]}
+  support = self_law_support(arrays, source)
+  for i, s in enumerate(support):  # the self law's log residuals at its own points
+    if s["sizes"]:
+      d, y = data[self_mask[i], i], loss[self_mask[i], i]
+      s["rms_log_residual"] = float(np.sqrt(np.mean((np.log(law.E[i] + law.A[i] * d ** -law.beta[i]) -
+                                                     np.log(y)) ** 2)))
+  extra["self_law_support"] = support
+  if auto is not None:
+    extra["E_mode"] = "auto"
+    extra["E_auto"] = auto
   boot = None
   if n_bootstrap > 0:
     q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
@@ -185,6 +202,66 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
     extra["bands"] = self_law_bands(data, self_mask, boot, ci)
   fits = Fits(list(arrays.domains), law, arrays.available, extra)
   return (fits, boot) if return_samples else fits
+
+
+def self_law_support(arrays: MeasurementArrays, source: str = "all") -> list[dict]:
+  """Whether each domain's self-law points show a loss that falls with data beyond their scatter.
+
+  Per domain, from its runs on that domain alone: the distinct sizes, the mean loss at each, the relative drop
+  1 - L(largest size) / L(smallest size), and the least-squares slope of log L on log D with its standard error
+  (residual scatter; None with only two sizes). `decreasing` = the slope is negative and, where an error is
+  defined, more than two standard errors below 0. Points that are flat within their scatter cannot identify a
+  floor E (E, A and beta then trade off along a valley and no optimiser converges).
+  """
+  data, loss = arrays.data, arrays.loss
+  self_mask, _ = point_masks(data, loss, source)
+  out = []
+  for i in range(data.shape[1]):
+    d, y = data[self_mask[i], i], loss[self_mask[i], i]
+    sizes = np.unique(d)
+    means = [float(np.mean(y[d == s])) for s in sizes]
+    entry = {"sizes": sizes.tolist(), "mean_loss": means, "drop": None, "slope": None, "slope_se": None,
+             "decreasing": False}
+    if sizes.size >= 2:
+      x, ly = np.log(d), np.log(y)
+      xc = x - x.mean()
+      slope = float(np.sum(xc * (ly - ly.mean())) / np.sum(xc ** 2))
+      dof = d.size - 2
+      se = None
+      if dof > 0:
+        resid = ly - ly.mean() - slope * xc
+        se = float(np.sqrt(np.sum(resid ** 2) / dof / np.sum(xc ** 2)))
+      entry.update(drop=1.0 - means[-1] / means[0], slope=slope, slope_se=se,
+                   decreasing=bool(slope < 0 and (se is None or slope + 2 * se < 0)))
+    out.append(entry)
+  return out
+
+
+def auto_floor(arrays: MeasurementArrays, *, delta: float = powerlaw.DEFAULT_DELTA, source: str = "all",
+               max_iter: int = 100) -> list[dict]:
+  """Per domain, whether its floor E can be fitted: {'E': 'free' | 'none', 'reason': str}.
+
+  Free where the free-E fit converges on the points and they decrease beyond their scatter (self_law_support);
+  else E = 0, the paper's pure power law L = A D^-beta, which two parameters identify from two sizes.
+  """
+  support = self_law_support(arrays, source)
+  sizes = [len(s["sizes"]) for s in support]
+  trial = fit_scaling(arrays, n_bootstrap=0, delta=delta, source=source, max_iter=max_iter,
+                      e_mode=np.where(np.asarray(sizes) >= 3, np.nan, 0.0))
+  converged = np.asarray([d not in trial.extra["domains_not_converged"] for d in arrays.domains])
+  out = []
+  for s, n, ok in zip(support, sizes, converged):
+    if n < 3:
+      out.append({"E": "none", "reason": f"{n} distinct size(s); a free floor needs 3"})
+    elif not s["decreasing"]:
+      se = "" if s["slope_se"] is None else f" +- {s['slope_se']:.2g}"
+      out.append({"E": "none", "reason": f"loss does not fall with data beyond its scatter (drop "
+                  f"{100 * s['drop']:.2f}%, log-log slope {s['slope']:.3g}{se})"})
+    elif not ok:
+      out.append({"E": "none", "reason": "the free-E fit did not converge (E, A, beta not identified)"})
+    else:
+      out.append({"E": "free", "reason": "decreasing and converged"})
+  return out
 
 
 def _correlation(a, b):

@@ -222,19 +222,19 @@ class Program:
     if config.data.crop != self.enc_cfg.crop:
       raise ConfigError("data.crop", f"{config.data.crop} must equal model.crop {self.enc_cfg.crop}")
     self.head_cfg = unetr.HeadConfig.from_config(config.head, config.task, num_classes)
-    tx, seed_key = optim.adam_tx(config.optim), core.seed_data(config.seed)
-    build = lambda: unetr.FineTune3D(self.enc_cfg, self.head_cfg, rngs=nnx.Rngs(config.seed))
-    self.gdef, abstract_params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    tx = optim.adam_tx(config.optim)
+    build = lambda seed: unetr.FineTune3D(self.enc_cfg, self.head_cfg, rngs=nnx.Rngs(jax.random.key(seed)))
+    self.gdef, abstract_params, rest = nnx.split(nnx.eval_shape(lambda: build(0)), nnx.Param, ...)
     if jax.tree.leaves(rest):
       raise ValueError("FineTune3D holds non-parameter state")
 
-    def init():
-      _, params = nnx.split(build(), nnx.Param)
+    def init(seed):  # the seed is an argument: one compiled init serves every seed (fine-tune repeats)
+      _, params = nnx.split(build(seed), nnx.Param)
       return core.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             rng=jnp.asarray(seed_key))
+                             rng=jax.random.key_data(jax.random.key(seed)))
 
     shard = lambda abstract: core.replicate_unnamed(mesh_lib.state_shardings(abstract, mesh, rules), mesh)
-    self._init = jax.jit(init, out_shardings=shard(jax.eval_shape(init)))
+    self._init = jax.jit(init, out_shardings=shard(jax.eval_shape(init, jnp.uint32(0))))
     self.abstract_params = abstract_params
     o = config.optim
     enc_scales = _flat(optim.encoder_lr_scales(abstract_params["encoder"], o, self.enc_cfg.depth))
@@ -266,10 +266,11 @@ class Program:
     self._train_fn, self._train = train_step, None
     self._predict = jax.jit(predict, out_shardings=mesh_lib.replicated(mesh))  # readable on every process
 
-  def fresh_state(self, init_from: str = "") -> core.TrainState:
-    """A new sharded state; with `init_from`, the encoder's weights come from that MAE checkpoint."""
+  def fresh_state(self, init_from: str = "", seed: int | None = None) -> core.TrainState:
+    """A new sharded state initialised from `seed` (default config.seed); with `init_from`, the encoder's
+    weights come from that MAE checkpoint."""
     with jax.set_mesh(self.mesh):
-      state = self._init()
+      state = self._init(jnp.uint32(self.config.seed if seed is None else seed))
     if init_from:
       check_settings(self.enc_cfg, checkpoint_paths(init_from)[1])
       values = encoder_from_checkpoint(state.params["encoder"], init_from)
@@ -325,7 +326,7 @@ def evaluate_classification(prog: Program, params, held: list[dict], config) -> 
 def _program_key(config, num_classes) -> str:
   import json
   return json.dumps([config.task, config.model.to_dict(), config.head.to_dict(), config.optim.to_dict(),
-                     config.seed, config.total_steps, config.mesh.to_dict(), config.mesh_devices, config.sharding,
+                     config.total_steps, config.mesh.to_dict(), config.mesh_devices, config.sharding,
                      config.data.crop, config.data.batch_size, config.dice_weight, num_classes], sort_keys=True,
                     default=str)
 
@@ -366,9 +367,10 @@ def train_and_evaluate(config, workdir: str, cache: dict | None = None) -> str:
 
   it = make_iterator(config, train, total, jax.process_index(), jax.process_count())
   state, step, status = loop.train(
-      workdir=root, state=prog.fresh_state(config.init_from), batches=it, step_fn=prog.step, total_steps=total,
-      writer=writer, checkpoint=config.checkpoint, log_every=config.log_every, eval_every=config.eval_every,
-      evaluate=evaluate, eval_at_start=config.eval_at_start, name=f"finetune-{config.task}", label="finetune")
+      workdir=root, state=prog.fresh_state(config.init_from, config.seed), batches=it, step_fn=prog.step,
+      total_steps=total, writer=writer, checkpoint=config.checkpoint, log_every=config.log_every,
+      eval_every=config.eval_every, evaluate=evaluate, eval_at_start=config.eval_at_start,
+      name=f"finetune-{config.task}", label="finetune")
   if status == loop.PREEMPTED:
     return status
   result = evaluate(state, step)
