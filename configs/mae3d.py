@@ -7,7 +7,9 @@ Commands:
 
 Defaults: ViT-B encoder, 16^3 patches on 96^3 crops, mask ratio 0.75, 4-block 384-wide decoder,
 per-patch normalised targets, AdamW 1.5e-4 with cosine decay, six embedded phantom domains (or files:
---config.data.source=files --config.data.files='abd_ct=/data/amos/ct/*.nii.gz,...').
+--config.data.source=files --config.data.files='abd_ct=/data/amos/ct/*.nii.gz,...'; or both, e.g. the phantoms
+plus the real MNI152 T1 template of the nilearn wheel: --config.data.source=phantoms+files
+--config.data.files=brain_t1=mni152).
 Each eval writes WORKDIR/eval/STEP.json and appends a row (per-domain held-out loss) to
 WORKDIR/measurements.jsonl (or --config.measurements=PATH shared by a sweep).
 Expected result (smoke): the held-out loss of every domain drops below its step-0 value.
@@ -35,8 +37,10 @@ def get_config(arg=None):
       dec_mlp_ratio=4, norm_pix_loss=True, remat=False, dtype="float32"))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="phantoms",  # 'phantoms' | 'files'
-      files="",  # 'domain=GLOB,domain=GLOB' (NIfTI / MHA / NRRD) for source 'files'
+      source="phantoms",  # 'phantoms' | 'files' | 'phantoms+files' (a domain's files, then its phantoms)
+      # 'domain=GLOB,domain=GLOB' (NIfTI / MHA / NRRD) for sources with files; a shipped volume's name in place
+      # of a GLOB: 'mni152' = the MNI152 T1 template inside the nilearn wheel (data/volumes.py SHIPPED)
+      files="",
       domains=arg.domains,
       modalities="",  # extra 'domain=ct|mri|pet' for user-defined domains
       budget="",  # 'domain=N,...': train on the first N volumes of a domain (default: all)

@@ -4,12 +4,14 @@ resampling, random 3D crops and augmentation.
 Axis convention: arrays are (x, y, z) as nibabel returns them (`img.get_fdata()`), spacing in mm in the
 same order; SimpleITK's (z, y, x) arrays are transposed to match. Domains name modality + region
 (`abd_ct`, `brain_t1`, `hn_pet`, ...); `DOMAINS` is the default domain -> modality table, extended by
-config (`data.modalities`).
+config (`data.modalities`). `SHIPPED` names real volumes that installed packages carry offline (the MNI152 T1
+template in the `nilearn` wheel); `shipped_volume(name)` finds one without importing its package.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,11 @@ from m2dino_jax.errors import ConfigError, DataError
 MODALITIES = ("ct", "mri", "pet")
 DOMAINS = {"abd_ct": "ct", "abd_mri": "mri", "brain_t1": "mri", "brain_t2": "mri", "head_ct": "ct",
            "hn_pet": "pet"}
+
+# real volumes shipped inside installed packages: name -> (package, path inside the package, what to install)
+SHIPPED = {
+    "mni152": ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "pip install nilearn"),
+}
 
 # intensity normalisation per modality: CT Hounsfield window, MRI percentile scaling, PET SUV-like scaling
 NORM = {"ct_window": (-1000.0, 1000.0), "mri_percentiles": (0.5, 99.5), "pet_suv_max": 10.0}
@@ -76,6 +83,21 @@ def read_itk(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     raise DataError(path, f"cannot read image ({str(e).strip().splitlines()[-1]})") from None
   data = np.transpose(sitk.GetArrayFromImage(img)).astype(np.float32)
   return _check(data, path), tuple(float(s) for s in img.GetSpacing()[:3])
+
+
+def shipped_volume(name: str) -> Path:
+  """Path of a real volume shipped inside an installed package (`SHIPPED`), found without importing it."""
+  if name not in SHIPPED:
+    raise DataError(name, f"unknown shipped volume; known: {', '.join(sorted(SHIPPED))}")
+  package, rel, install = SHIPPED[name]
+  spec = importlib.util.find_spec(package)
+  where = f"{package}/{rel}"
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError(where, f"shipped volume '{name}' needs the '{package}' package; {install}")
+  path = Path(list(spec.submodule_search_locations)[0]) / rel
+  if not path.is_file():
+    raise DataError(path, f"shipped volume '{name}' is missing from the installed '{package}'; {install}")
+  return path
 
 
 def read_volume(path, domain: str, modalities: dict | None = None) -> VolumeRecord:

@@ -75,10 +75,12 @@ def _data_key(config) -> str:
 
 
 def load_domains(config, cache: dict | None = None) -> dict[str, DomainData]:
-  """Phantoms (`data.source = 'phantoms'`) or volume files (`data.source = 'files'`, `data.files` =
-  'domain=GLOB,domain=GLOB'); the last `data.heldout` volumes of each domain are held out, and of the
-  others the first `data.budget[domain]` are used. `cache` (a dict a sweep passes from run to run) keeps
-  the prepared volumes of the last data settings, so runs that differ only in budget prepare them once."""
+  """Phantoms (`data.source = 'phantoms'`), volume files (`data.source = 'files'`, `data.files` =
+  'domain=GLOB,domain=GLOB'; a shipped volume's name such as 'mni152' in place of a glob) or both
+  ('phantoms+files': a domain's files, then its phantoms; domains without files get phantoms only); the last
+  `data.heldout` volumes of each domain are held out, and of the others the first `data.budget[domain]` are
+  used. `cache` (a dict a sweep passes from run to run) keeps the prepared volumes of the last
+  data settings, so runs that differ only in budget prepare them once."""
   budget = _kv(config.data.budget, "data.budget", int)
   key = _data_key(config)
   if cache is not None and cache.get("data_key") == key:
@@ -99,26 +101,44 @@ def load_domains(config, cache: dict | None = None) -> dict[str, DomainData]:
   return out
 
 
+SOURCES = ("phantoms", "files", "phantoms+files")
+
+
+def _paths(pattern: str) -> list[Path]:
+  """Volume files of one `data.files` entry: a glob (relative or absolute) or a shipped volume's name
+  (`volumes.SHIPPED`, e.g. 'mni152': the MNI152 T1 template inside the nilearn wheel)."""
+  if not pattern:
+    return []
+  if pattern in volumes.SHIPPED:
+    return [volumes.shipped_volume(pattern)]
+  p = Path(pattern)
+  paths = sorted(Path("/").glob(pattern.lstrip("/")) if p.is_absolute() else Path().glob(pattern))
+  if not paths:
+    raise ConfigError("data.files", f"no files match '{pattern}'")
+  return paths
+
+
 def _prepare_domains(config) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
   d = config.data
   names = _domains(config)
   mods = _kv(d.modalities, "data.modalities")
   counts = _kv(d.phantom_counts, "data.phantom_counts", int)
   spacing = tuple(d.target_spacing) if d.target_spacing else None
+  if d.source not in SOURCES:
+    raise ConfigError("data.source", f"'{d.source}' is not one of {', '.join(SOURCES)}")
+  globs = _kv(d.files, "data.files") if "files" in d.source else {}
+  if set(globs) - set(names):
+    raise ConfigError("data.files", f"domain(s) {sorted(set(globs) - set(names))} are not in data.domains")
   out = {}
   for name in names:
-    if d.source == "phantoms":
-      n = counts.get(name, d.per_domain)
-      recs = [phantoms.make_phantom(name, i, d.phantom_size, d.phantom_seed) for i in range(n)]
-    elif d.source == "files":
-      globs = _kv(d.files, "data.files")
-      if name not in globs:
+    recs = []
+    if "files" in d.source:  # real volumes first, so a budget counts them before the phantoms
+      if name not in globs and d.source == "files":
         raise ConfigError("data.files", f"no file pattern for domain '{name}'")
-      paths = sorted(Path().glob(globs[name])) if not Path(globs[name]).is_absolute() else \
-          sorted(Path("/").glob(globs[name].lstrip("/")))
-      recs = [volumes.read_volume(p, name, mods) for p in paths]
-    else:
-      raise ConfigError("data.source", f"'{d.source}' is not 'phantoms' or 'files'")
+      recs += [volumes.read_volume(p, name, mods) for p in _paths(globs.get(name, ""))]
+    if "phantoms" in d.source:
+      n = counts.get(name, d.per_domain)
+      recs += [phantoms.make_phantom(name, i, d.phantom_size, d.phantom_seed) for i in range(n)]
     if len(recs) <= d.heldout:
       raise ConfigError("data.heldout", f"domain '{name}' has {len(recs)} volume(s), needs > {d.heldout}")
     prepared = []
