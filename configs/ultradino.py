@@ -28,6 +28,9 @@ every schedule above is in units of `epoch_length` steps. Which centring the pap
 (`loss.centering='sinkhorn'` gives DINOv2's Sinkhorn-Knopp).
 Position embedding: DINOv2 kind (learned, 14 x 14 grid for 224 px at patch 16), as UltraDINO's released weights.
 Expected result (smoke): the loss falls, RankMe stays above monitor.min_rankme, WORKDIR/teacher is written.
+Smoke vs random init (tests/test_dino_vs_random.py, 300 steps on simulator + pydicom echo frames, 64 px):
+linear-probe macro F1 0.724 vs 0.609 +- 0.009 (random seeds 0-2); k-NN 0.540 vs 0.518 +- 0.027 and few-shot mDice
+0.804 vs 0.793 / 0.806 are not better than random at this scale.
 """
 
 import ml_collections
