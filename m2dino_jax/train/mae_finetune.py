@@ -35,6 +35,7 @@ from m2dino_jax.errors import ConfigError, DataError
 from m2dino_jax.models import mae3d, unetr
 from m2dino_jax.tasks import losses, metrics
 from m2dino_jax.train import checkpointing, core, loop, mae, optim
+from m2dino_jax.train import workdir as workdir_lib
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -350,7 +351,7 @@ def train_and_evaluate(config, workdir: str, cache: dict | None = None) -> str:
     if cache is not None:
       cache.update(finetune_key=key, finetune=prog)
   if jax.process_index() == 0:
-    fileio.write_text(root / "config.json", config.to_json_best_effort(indent=2))
+    workdir_lib.write_config(root, config)
   writer = loop.MetricWriter(root, tensorboard=config.tensorboard)
 
   def evaluate(state, step: int) -> dict:
