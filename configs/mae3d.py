@@ -18,6 +18,7 @@ Expected result (smoke): the held-out loss of every domain drops below its step-
 import ml_collections
 
 from m2dino_jax.configlib import parse_arg
+from m2dino_jax.train import mae
 from m2dino_jax.train.optim import default_optim_config
 
 
@@ -58,16 +59,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
   c.optim.b2 = 0.95
 
-  c.total_steps = arg.steps if arg.steps > 0 else 5000
-  c.log_every = 10
-  c.eval_every = 500
-  c.eval_at_start = True
-  c.tensorboard = True
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
-  c.mesh_devices = -1
-  c.sharding = "fsdp"  # 'dp' | 'fsdp' (embed over fsdp, mlp / heads over tensor)
-  c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False))
+  mae.run_settings(c, total_steps=arg.steps if arg.steps > 0 else 5000, eval_at_start=True)
 
   if arg.smoke:
     c.model.update(variant="mu/8", crop=32, dec_dim=32, dec_depth=1, dec_heads=2)

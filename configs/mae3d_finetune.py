@@ -18,6 +18,7 @@ MCC (classification) on held-out volumes, written also per eval to WORKDIR/eval/
 import ml_collections
 
 from m2dino_jax.configlib import parse_arg
+from m2dino_jax.train import mae
 from m2dino_jax.train.optim import default_optim_config
 
 
@@ -48,16 +49,7 @@ def get_config(arg=None):
   c.optim = default_optim_config()
   c.optim.update(lr=1e-4, warmup_steps=100, layer_decay=0.75, head_lr_mult=10.0)
 
-  c.total_steps = arg.steps if arg.steps > 0 else 2000
-  c.log_every = 10
-  c.eval_every = 500
-  c.eval_at_start = False
-  c.tensorboard = True
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
-  c.mesh_devices = -1
-  c.sharding = "fsdp"
-  c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False))
+  mae.run_settings(c, total_steps=arg.steps if arg.steps > 0 else 2000, eval_at_start=False)
 
   if arg.smoke:  # the encoder of configs/mae3d.py:smoke
     c.model.update(variant="mu/8", crop=32, dec_dim=32, dec_depth=1, dec_heads=2)

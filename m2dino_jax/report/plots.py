@@ -5,7 +5,7 @@ state or needs a display; each PNG is written atomically.
 
 Bar conventions (`value_bars`, shared with the study figures): each bar carries its value; y labels name the
 metric with its unit and better direction; a dashed line marks chance where one exists independent of the
-data (`CHANCE`: AUC 0.5, MCC 0); an undefined value (NaN, "n/a") is a hollow hatched placeholder with the
+data (`CHANCE`: AUC 0.5, MCC 0); an undefined value (NaN, "n/a") is a hollow hatched "n/a bar" with the
 text "n/a", never a bar of height 0; tick labels carry the evaluated images per task (n, "a/b" when runs
 differ).
 """
@@ -32,7 +32,7 @@ METRIC_UNITS = {"dice": "Dice (0-1)", "hd": "HD (px, original image)", "auc": "A
 # the value a predictor without information scores, where one exists independent of the data
 CHANCE = {"auc": 0.5, "mcc": 0.0}
 NA_HATCH = "///"
-NA_LABEL = "_n/a"  # placeholder bars' label (a leading '_' keeps them out of legends)
+NA_LABEL = "_n/a"  # n/a bars' label (a leading '_' keeps them out of legends)
 
 
 def value_text(v: float, metric: str) -> str:
@@ -40,25 +40,25 @@ def value_text(v: float, metric: str) -> str:
   return f"{v:.1f}" if "px" in METRIC_UNITS.get(metric, "") else f"{v:.2f}"
 
 
-def value_bars(ax, xs, values, width: float, *, label: str, metric: str, placeholder: float,
+def value_bars(ax, xs, values, width: float, *, label: str, metric: str, na_height: float,
                color: str | None = None) -> None:
-  """Bars at `xs` with their values written on them; NaN values as hollow hatched placeholders of height
-  `placeholder` carrying the text "n/a" (so n/a never reads as 0). Give each run its `color` (e.g. 'C0'), so
+  """Bars at `xs` with their values written on them; NaN values as hollow hatched "n/a bars" of height
+  `na_height` carrying the text "n/a" (so n/a never reads as 0). Give each run its `color` (e.g. 'C0'), so
   a run with no finite bar in a panel keeps its colour in the legend."""
   xs, vals = np.asarray(xs, float), np.asarray(values, float)
   ok = np.isfinite(vals)
   bars = ax.bar(xs[ok], vals[ok], width, label=label, color=color, zorder=2)
   ax.bar_label(bars, labels=[value_text(v, metric) for v in vals[ok]], fontsize=6, padding=1)
   if not ok.all():
-    ax.bar(xs[~ok], np.full((~ok).sum(), placeholder), width, fill=False, hatch=NA_HATCH, edgecolor="0.55",
+    ax.bar(xs[~ok], np.full((~ok).sum(), na_height), width, fill=False, hatch=NA_HATCH, edgecolor="0.55",
            linewidth=0.6, label=NA_LABEL, zorder=2)
     for x in xs[~ok]:
-      ax.text(x, placeholder / 2, "n/a", rotation=90, ha="center", va="center", fontsize=8, color="0.2",
+      ax.text(x, na_height / 2, "n/a", rotation=90, ha="center", va="center", fontsize=8, color="0.2",
               bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
 
 
-def placeholder_height(values) -> float:
-  """Height of the n/a placeholders of a panel: its largest finite value (1.0 when none)."""
+def na_bar_height(values) -> float:
+  """Height of the n/a bars of a panel: its largest finite value (1.0 when none)."""
   finite = [abs(v) for v in values if math.isfinite(v)]
   return max(finite) if finite and max(finite) > 0 else 1.0
 
@@ -70,7 +70,7 @@ def chance_line(ax, metric: str) -> None:
 
 def bar_legend(ax, labels: list[str], metric: str, any_na: bool) -> None:
   """The legend of a `value_bars` panel: one colour per run ('C0', 'C1', ...), the chance line and the n/a
-  placeholder when drawn (built from proxies, so a run without a finite bar keeps its entry)."""
+  n/a bar when drawn (built from proxies, so a run without a finite bar keeps its entry)."""
   handles = [Patch(facecolor=f"C{j}", label=lab) for j, lab in enumerate(labels)]
   if metric in CHANCE:
     handles.append(Line2D([], [], color="k", linestyle="--", linewidth=1, label=f"chance ({CHANCE[metric]:g})"))
@@ -120,10 +120,10 @@ def bars_figure(rows: list[Row], labels: list[str], counts: dict[str, list[float
     metric = group[0].metric
     x = np.arange(len(group))
     values = [r.values[lab] for r in group for lab in labels]
-    height = placeholder_height(values)
+    height = na_bar_height(values)
     for j, lab in enumerate(labels):
       value_bars(ax, x + (j - (len(labels) - 1) / 2) * width, [r.values[lab] for r in group], width, label=lab,
-                 metric=metric, placeholder=height, color=f"C{j}")
+                 metric=metric, na_height=height, color=f"C{j}")
     chance_line(ax, metric)
     ax.set_title(f"{type_}: {metric} ({direction(group[0].higher_is_better)})", fontsize=10)
     ax.set_ylabel(METRIC_UNITS.get(metric, metric), fontsize=9)

@@ -3,7 +3,7 @@
   fig2_absolute.png   each task's primary metric per run, one panel per task type, tasks grouped by
                       clinical group (shaded bands, group names on top), n_train / n under each task,
                       chance lines where one exists (AUC 0.5), values on the bars and n/a
-                      as hatched placeholders (plots.value_bars)
+                      as hatched n/a bars (plots.value_bars)
   fig3_delta.png      Δ% vs the baseline per task and run, grouped by clinical group (positive = better,
                       HD / MRE inverted); n/a marked
   delta_vs_size.png   Δ% against training images per task (log x), one panel per run, one point per task
@@ -75,10 +75,10 @@ def fig2_absolute(pts: list[Point], labels: list[str], path) -> Path:
     metric = group[0].metric
     _group_bands(ax, group)
     values = [p.values.get(lab, math.nan) for p in group for lab in labels]
-    height = plots.placeholder_height(values)
+    height = plots.na_bar_height(values)
     for j, lab in enumerate(labels):
       plots.value_bars(ax, x + (j - (len(labels) - 1) / 2) * width, [p.values.get(lab, math.nan) for p in group],
-                       width, label=lab, metric=metric, placeholder=height, color=f"C{j}")
+                       width, label=lab, metric=metric, na_height=height, color=f"C{j}")
     plots.chance_line(ax, metric)
     ax.set_ylabel(f"{_unit(metric)}\n({plots.direction(group[0].higher_is_better)})", fontsize=9)
     ax.set_title(f"{type_}", fontsize=10, pad=18)

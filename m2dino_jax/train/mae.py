@@ -24,6 +24,7 @@ from pathlib import Path
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -282,6 +283,21 @@ def _program_key(config) -> str:
   return json.dumps([config.model.to_dict(), config.optim.to_dict(), config.seed, config.total_steps,
                      config.mesh.to_dict(), config.mesh_devices, config.sharding, config.data.crop,
                      config.data.batch_size], sort_keys=True, default=str)
+
+
+def run_settings(c, *, total_steps: int, eval_at_start: bool) -> None:
+  """The run section configs/mae3d.py and configs/mae3d_finetune.py share: logging, eval and checkpoint cadence,
+  mesh (fsdp preset) and multi-process settings (empty = read M2DINO_* from the environment)."""
+  c.total_steps = total_steps
+  c.log_every = 10
+  c.eval_every = 500
+  c.eval_at_start = eval_at_start
+  c.tensorboard = True
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.mesh_devices = -1
+  c.sharding = "fsdp"  # 'dp' | 'fsdp' (embed over fsdp, mlp / heads over tensor)
+  c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False))
 
 
 def make_mesh(config):
