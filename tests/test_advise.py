@@ -93,7 +93,8 @@ def _planted_probe(groups=(0, 0, 1, 1, 1, 2, 2), seed=3, beta=0.4):
   names = [t.name for t in registry.TASKS[:len(groups)]]
   d = [50.0, 100.0, 200.0, 400.0]
   scaling = {t: {"d": d, "loss": [2.0 * (1 + k) * x ** -beta for x in d]} for k, t in enumerate(names)}
-  return {"tasks": names, "affinity": out["affinity"].tolist(), "base_loss": out["base_loss"].tolist(),
+  return {"tasks": names, "affinity": out["affinity"].tolist(),
+          "affinity_per_repeat": out["affinity_per_repeat"].tolist(), "base_loss": out["base_loss"].tolist(),
           "train_sizes": {t: {"used": 400, "available": 400} for t in names}, "scaling": scaling,
           "steps_per_task": 40, "batch_size": 16, "repeats": 2, "seed": seed}
 
@@ -114,7 +115,7 @@ def test_fit_from_planted_probe_recovers_groups_laws_and_is_reproducible():
     assert a["laws"][t]["source"] == "fit" and a["laws"][t]["beta"] == pytest.approx(0.4, rel=1e-4)
   for members in a["groups"].values():
     w = [a["weights"][t] for t in members]
-    assert sum(w) == pytest.approx(1.0, abs=1e-9) and min(w) >= min(0.05, 0.5 / len(w)) - 1e-9
+    assert sum(w) == pytest.approx(1.0, abs=1e-9) and min(w) >= fit.FLOOR_SHARE / len(w) - 1e-9
   b = fit.advise(probe, max_groups=7, seed=0)
   assert a == b
   two = fit.advise(probe, max_groups=2, seed=0)
@@ -125,11 +126,11 @@ def test_group_weights_match_scipy():
   from scipy.optimize import minimize
 
   from m2dino_jax.advise import fit
-  laws = {"a": {"E": 0.0, "A": 3.0, "beta": 0.5}, "b": {"E": 0.0, "A": 1.0, "beta": 0.2},
-          "c": {"E": 0.0, "A": 2.0, "beta": 0.35}}
+  laws = {"a": {"E": 0.0, "A": 3.0, "beta": 0.5, "source": "fit"}, "b": {"E": 0.0, "A": 1.0, "beta": 0.2,
+          "source": "fit"}, "c": {"E": 0.0, "A": 2.0, "beta": 0.35, "source": "fit"}}
   tau = np.array([[0, 0.5, 0.0], [0.2, 0, 0.1], [0.0, 0.8, 0]])
   budget, floor = 600.0, 0.05
-  got = fit.group_weights(["a", "b", "c"], laws, tau, budget, floor)
+  got = fit.group_weights(["a", "b", "c"], laws, tau, budget, floor_share=3 * floor)
   A = np.array([3.0, 1.0, 2.0])
   beta = np.array([0.5, 0.2, 0.35])
   loss = lambda x: A * (x + tau @ x) ** -beta
@@ -139,6 +140,45 @@ def test_group_weights_match_scipy():
                  bounds=[(floor, 1.0)] * 3, constraints=[{"type": "eq", "fun": lambda z: z.sum() - 1}],
                  options={"ftol": 1e-14, "maxiter": 500})
   np.testing.assert_allclose([got[k] for k in "abc"], res.x, atol=2e-4)
+
+
+def test_uninformed_tasks_keep_their_uniform_share():
+  """A default or flat law takes no part in the allocation: its task keeps 1/n, the informed tasks split the
+  rest exactly as the allocator splits it among them alone; under two informed tasks the group is uniform."""
+  from m2dino_jax.advise import fit
+  laws = {"a": {"E": 0.0, "A": 3.0, "beta": 0.5, "source": "fit"}, "b": {"E": 0.0, "A": 1.0, "beta": 0.2,
+          "source": "fit"}, "c": {"E": 0.0, "A": 2.0, "beta": 0.3, "source": "default"},
+          "d": {"E": 0.0, "A": 2.0, "beta": 0.01, "source": "fit"}}
+  tau = np.zeros((4, 4))
+  tau[0, 1] = 0.4
+  got = fit.group_weights(list("abcd"), laws, tau, 800.0)
+  assert got["c"] == got["d"] == 0.25
+  alone = fit.group_weights(list("ab"), laws, tau[:2, :2], 400.0)
+  assert got["a"] == pytest.approx(0.5 * alone["a"], abs=1e-9) and got["b"] == pytest.approx(0.5 * alone["b"])
+  assert alone["a"] != pytest.approx(0.5, abs=1e-3)  # the allocator did move weight
+  assert fit.group_weights(list("acd"), laws, tau[np.ix_([0, 2, 3], [0, 2, 3])], 600.0) == {
+      t: 1 / 3 for t in "acd"}
+
+
+def test_tau_is_shrunk_by_repeat_spread():
+  """Against a loop: each repeat in units of the mean diagonal, positive-part James-Stein factor per entry."""
+  from m2dino_jax.advise import fit
+  rng = np.random.default_rng(0)
+  zs = rng.normal(0.2, 0.1, size=(4, 3, 3))
+  zs[:, 0, 1] = 0.3  # repeats agree exactly: kept whole
+  zs[:, 1, 0] = [0.4, -0.4, 0.38, -0.38]  # mean near 0, large spread: shrunk to 0
+  got = fit.shrunk_tau(zs)
+  diag = np.abs(np.diag(zs.mean(0)))
+  want = np.zeros((3, 3))
+  for i in range(3):
+    for j in range(3):
+      if i != j:
+        t = zs[:, i, j] / diag[i]
+        m, se2 = t.mean(), t.var(ddof=1) / len(t)
+        want[i, j] = min(max(m * max(0.0, 1 - se2 / m ** 2), 0.0), fit.TAU_MAX)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  assert got[0, 1] == pytest.approx(0.3 / diag[0]) and got[1, 0] == 0.0
+  assert not fit.shrunk_tau(zs[:1]).any()  # one repeat: no spread to judge by, transfer-blind
 
 
 def test_advised_config_needs_advice_and_trainer_reads_groups(tmp_path):

@@ -27,8 +27,8 @@ def _probe(args) -> int:
 def _fit(args) -> int:
   from m2dino_jax.advise import fit
   probe = fileio.read_json(Path(args.probe), "probe file")
-  advice = fit.advise(probe, max_groups=args.max_groups or len(probe["tasks"]), seed=args.seed, floor=args.floor,
-                      default_beta=args.beta)
+  advice = fit.advise(probe, max_groups=args.max_groups or len(probe["tasks"]), seed=args.seed,
+                      floor_share=args.floor_share, default_beta=args.beta, min_beta=args.min_beta)
   fileio.write_json(Path(args.out), advice)
   if args.plot:
     from m2dino_jax.advise import plot
@@ -43,6 +43,7 @@ def _fit(args) -> int:
 
 
 def register(subparsers) -> None:
+  from m2dino_jax.advise import fit
   p = subparsers.add_parser("advise", help="transfer-aware task grouping and sampling weights",
                             description=__doc__, formatter_class=RawHelpFormatter)
   sub = p.add_subparsers(dest="advise_command", metavar="STEP", required=True)
@@ -55,8 +56,12 @@ def register(subparsers) -> None:
   f.add_argument("--out", required=True, help="advice.json to write (groups, sampling weights, transfer matrix)")
   f.add_argument("--max-groups", type=int, default=0, help="group (model) budget; 0 = one per task at most")
   f.add_argument("--seed", type=int, default=0, help="random seed of the grouping search")
-  f.add_argument("--floor", type=float, default=0.05, help="least sampling weight per task within a group")
-  f.add_argument("--beta", type=float, default=0.3, help="default self-law exponent where no scaling points fit")
+  f.add_argument("--floor-share", type=float, default=fit.FLOOR_SHARE,
+                 help="least sampling weight per task, as a fraction of its uniform share 1/n in its group")
+  f.add_argument("--beta", type=float, default=fit.DEFAULT_BETA,
+                 help="default self-law exponent where no scaling points fit (such tasks keep a uniform share)")
+  f.add_argument("--min-beta", type=float, default=fit.MIN_BETA,
+                 help="fitted laws flatter than this count as uninformed (uniform share) in the weights")
   f.add_argument("--plot", default="",
                  help="write the transfer heatmap (PNG) here, and its directed graph next to it (NAME_graph.png)")
   f.set_defaults(func=_fit)
