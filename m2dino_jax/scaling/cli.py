@@ -85,9 +85,14 @@ def cmd_fit(args) -> int:
   arrays = measurements.to_arrays(measurements.read_measurements(args.measurements))
   if args.available:
     given = _ordered(_named_numbers(args.available, "available"), arrays.domains, "available", np.inf)
-    over = [d for d, n, used in zip(arrays.domains, given, arrays.data.max(axis=0)) if used > n * (1 + 1e-9)]
-    if over:
-      raise ConfigError("available", f"runs in {args.measurements} trained on more data than stated for {over}")
+    over = arrays.data > given[None, :] * (1 + 1e-9)  # (runs, domains)
+    if over.any():
+      first = {d: int(np.flatnonzero(over[:, i])[0]) for i, d in enumerate(arrays.domains) if over[:, i].any()}
+      detail = "; ".join(f"{d}: run {arrays.run_ids[k]!r} trained on {arrays.data[k, arrays.domains.index(d)]:g} "
+                         f"> {given[arrays.domains.index(d)]:g} ({int(over[:, arrays.domains.index(d)].sum())} "
+                         "run(s) over)" for d, k in first.items())
+      raise ConfigError("available", f"runs in {args.measurements} trained on more data than stated for "
+                        f"{sorted(first)}: {detail}")
     arrays = dataclasses.replace(arrays, available=np.where(np.isfinite(given), given, arrays.available))
   fits = transfer.fit_scaling(arrays, n_bootstrap=args.bootstrap, seed=args.seed, delta=args.huber_delta,
                               source=args.source, fit_gamma=args.fit_gamma,
@@ -106,10 +111,22 @@ def cmd_fit(args) -> int:
     print(f"bootstrap: {fits.extra['bootstrap_dropped']} of {args.bootstrap} resamples dropped (not converged)")
   print(f"wrote {args.out}")
   if not fits.extra["converged"]:
-    print(f"m2dino scaling fit: error: fits did not converge for {fits.extra['domains_not_converged'] or 'tau'} "
+    print(f"m2dino scaling fit: error: {not_converged_message(fits.extra)} "
           f"(written to {args.out} with converged: false)", file=sys.stderr)
-    return 3
+    return NOT_CONVERGED
   return 0
+
+
+NOT_CONVERGED = 3  # exit code of `fit` and `compare` when the point fit did not converge (files still written)
+
+
+def not_converged_message(fit: dict) -> str:
+  """One line for a fit that did not converge: which parts, and how many bootstrap resamples were dropped.
+  `fit` is Fits.extra or study.fit_summary (both carry these keys)."""
+  what = fit.get("domains_not_converged") or "the transfer rows (tau)"
+  dropped = "" if not fit.get("n_bootstrap") else (f"; {fit.get('bootstrap_dropped', 0)} of {fit['n_bootstrap']} "
+                                                   "bootstrap resamples dropped (not converged)")
+  return f"fits did not converge for {what}{dropped}"
 
 
 def cmd_allocate(args) -> int:
@@ -189,6 +206,10 @@ def cmd_compare(args) -> int:
   for path in written:
     print(f"wrote {path}")
   print(f"wrote {out / 'report.json'} and {len(counts) * len(budgets)} allocation files")
+  if not report["fit"]["converged"]:
+    print(f"m2dino scaling compare: error: {not_converged_message(report['fit'])}; every allocation above "
+          f"comes from that fit (report written to {out} with converged: false)", file=sys.stderr)
+    return NOT_CONVERGED
   return 0
 
 

@@ -105,9 +105,18 @@ def _pct(v) -> str:
   return f"{100 * v:.1f}%"
 
 
+def _convergence_warning(fit) -> list[str]:
+  """The report's first words when the fit behind it did not converge (the CLI then exits 3)."""
+  if fit["converged"]:
+    return []
+  from m2dino_jax.scaling.cli import not_converged_message
+  return [f"**WARNING: {not_converged_message(fit)}.** Every allocation and prediction below comes from this "
+          "fit; treat the numbers as unreliable.", ""]
+
+
 def markdown(report, ex=None) -> str:
   d = report["domains"]
-  lines = [f"# Scaling study: strategies on measured loss ({report['law']})", "",
+  lines = [f"# Scaling study: strategies on measured loss ({report['law']})", "", *_convergence_warning(report["fit"]),
            f"Budgets {', '.join(f'{b:.3g}' for b in report['budgets'])}; floor {report['floor']}; noise "
            f"{report['noise']}; temperature T = {report['temperature']}; {report['rows']} simulated rows fitted.",
            f"Hub (fitted tau): **{report['transfer']['hub']}**; island: **{report['transfer']['island']}**.", "",

@@ -75,8 +75,8 @@ def run_compare(planted: PlantedLaw, budgets, *, seed: int = 0, n_bootstrap: int
 def fit_summary(fits, planted: PlantedLaw | None = None) -> dict:
   law = _law_numpy(fits.law)
   out = {"E": law.E.tolist(), "A": law.A.tolist(), "beta": law.beta.tolist(), "tau": law.tau.tolist(),
-         **{k: fits.extra.get(k) for k in ("converged", "bootstrap_dropped", "e_beta_correlation", "E_mode",
-                                           "domains_not_converged", "E_auto", "self_law_support")}}
+         **{k: fits.extra.get(k) for k in ("converged", "n_bootstrap", "bootstrap_dropped", "e_beta_correlation",
+                                           "E_mode", "domains_not_converged", "E_auto", "self_law_support")}}
   if planted is not None:
     out["true_beta"] = np.asarray(planted.law.beta).tolist()
     out["true_tau"] = np.asarray(planted.law.tau).tolist()

@@ -1,0 +1,151 @@
+"""Behaviours an audit of the scaling study found untested: non-converged fits in `fit` and `compare` (exit 3,
+the dropped-resample count), the tau printout, `--E fixed:V` through the CLI, `fit --available` over the limit,
+and the extrapolation's chosen law in report.md."""
+
+import contextlib
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from m2dino_jax import cli
+from m2dino_jax.scaling import law, lawfile, measurements, transfer
+from m2dino_jax.scaling.cli import NOT_CONVERGED
+
+BUDGETS = "5e3,1e4,2e4,4e4"
+
+
+def _run(argv) -> tuple[int, str, str]:
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(argv)
+  return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bent(tmp_path_factory):
+  """The six-domain law with transferred data worth x^0.7 (misspecified) at 1% noise: hn_pet's self law does
+  not converge and 8 of 16 bootstrap resamples are dropped (found by the audit)."""
+  root = tmp_path_factory.mktemp("bent")
+  path = root / "law.json"
+  path.write_text(json.dumps({**lawfile.SIX_DOMAIN, "gamma": 0.7, "noise": 0.01}))
+  out = root / "compare"
+  code, stdout, stderr = _run(["scaling", "compare", "--law", str(path), "--budgets", BUDGETS, "--bootstrap", "16",
+                               "--floors", "", "--b-max", "4e4", "--out", str(out)])
+  return path, out, code, stdout, stderr
+
+
+def test_compare_exits_3_and_warns_when_the_fit_does_not_converge(bent):
+  _, out, code, stdout, stderr = bent
+  report = json.loads((out / "report.json").read_text())
+  fit = report["compare"]["fit"]
+  assert not fit["converged"] and fit["domains_not_converged"] == ["hn_pet"]
+  assert fit["n_bootstrap"] == 16 and fit["bootstrap_dropped"] == 8
+  assert code == NOT_CONVERGED == 3
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("m2dino scaling compare: error: fits did not converge for ['hn_pet']")
+  assert "8 of 16 bootstrap resamples dropped" in lines[0]
+  assert "hub abd_ct" in stdout  # the report is still written and summarised
+  md = (out / "report.md").read_text().splitlines()
+  assert md[2].startswith("**WARNING: fits did not converge for ['hn_pet']; 8 of 16 bootstrap resamples dropped")
+
+
+def test_fit_exits_3_with_the_dropped_count(bent, tmp_path):
+  path, out, *_ = bent
+  rows = tmp_path / "m.jsonl"
+  assert _run(["scaling", "simulate", "--law", str(path), "--out", str(rows)])[0] == 0
+  fits_path = tmp_path / "fits.json"
+  code, stdout, stderr = _run(["scaling", "fit", "--measurements", str(rows), "--out", str(fits_path),
+                               "--bootstrap", "16"])
+  assert code == 3
+  assert "bootstrap: 8 of 16 resamples dropped (not converged)" in stdout
+  assert stderr.strip() == (f"m2dino scaling fit: error: fits did not converge for ['hn_pet']; 8 of 16 bootstrap "
+                            f"resamples dropped (not converged) (written to {fits_path} with converged: false)")
+  written = json.loads(fits_path.read_text())
+  assert written["converged"] is False and written["bootstrap_dropped"] == 8
+  # The same rows and seed as compare's fit: the same fit.
+  compare_fit = json.loads((out / "report.json").read_text())["compare"]["fit"]
+  np.testing.assert_allclose(law.read_fits(fits_path).law.beta, compare_fit["beta"], rtol=1e-12)
+
+
+def _printed_tau(stdout: str, domains) -> np.ndarray:
+  text = stdout.split("tau[target][source]:\n", 1)[1]
+  rows = []
+  for d in domains:
+    m = re.search(rf"^\s*{d} <- (.*)$", text, re.M)
+    rows.append([float(v) for v in m.group(1).split()])
+  return np.array(rows)
+
+
+@pytest.fixture(scope="module")
+def planted_rows(tmp_path_factory):
+  root = tmp_path_factory.mktemp("planted")
+  rows = root / "m.jsonl"
+  assert _run(["scaling", "simulate", "--out", str(rows), "--seed", "2"])[0] == 0
+  return rows
+
+
+def test_fit_prints_the_tau_matrix_and_fixed_e_equals_the_library(planted_rows, tmp_path):
+  fits_path = tmp_path / "fits.json"
+  code, stdout, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+                          "--bootstrap", "0", "--E", "fixed:0.35"])
+  assert code == 0
+  written = law.read_fits(fits_path)
+  # The printout is the written matrix (3 significant figures), row = target, column = source.
+  np.testing.assert_allclose(_printed_tau(stdout, written.domains), written.law.tau, rtol=5e-3, atol=1e-12)
+  assert (np.diag(_printed_tau(stdout, written.domains)) == 0).all()
+  # --E fixed:V through the CLI is the library fit with E held at V.
+  arrays = measurements.to_arrays(measurements.read_measurements(planted_rows))
+  ref = transfer.fit_scaling(arrays, n_bootstrap=0, e_mode=0.35)
+  np.testing.assert_array_equal(written.law.E, [0.35] * 3)
+  for key in ("A", "beta", "tau"):
+    np.testing.assert_allclose(getattr(written.law, key), getattr(ref.law, key), rtol=1e-12)
+  assert transfer.fit_scaling(arrays, n_bootstrap=0).law.beta[0] != pytest.approx(ref.law.beta[0], rel=1e-3)
+  # The named form holds only the named domain's E.
+  code, stdout, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+                          "--bootstrap", "0", "--E", "fixed:mri=0.4"])
+  named = transfer.fit_scaling(arrays, n_bootstrap=0, e_mode=np.array([np.nan, 0.4, np.nan]))
+  assert code == 0 and law.read_fits(fits_path).law.E[1] == 0.4
+  np.testing.assert_allclose(law.read_fits(fits_path).law.beta, named.law.beta, rtol=1e-12)
+  code, _, stderr = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+                          "--E", "fixed:x"])
+  assert code == 2 and "config key 'E'" in stderr
+
+
+def test_fit_available_over_the_limit_names_the_domain_and_run(planted_rows, tmp_path):
+  arrays = measurements.to_arrays(measurements.read_measurements(planted_rows))
+  ct = arrays.data[:, 0]
+  limit = 1e5
+  over = np.flatnonzero(ct > limit)
+  code, _, stderr = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(tmp_path / "f.json"),
+                          "--available", f"ct={limit:g}"])
+  assert code == 2 and len(stderr.strip().splitlines()) == 1
+  assert "config key 'available'" in stderr and "stated for ['ct']" in stderr
+  assert f"ct: run {arrays.run_ids[over[0]]!r} trained on {ct[over[0]]:g} > 100000 ({over.size} run(s) over)" in stderr
+  assert not (tmp_path / "f.json").exists()
+  # At the largest ct run's size it is accepted.
+  code, _, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(tmp_path / "f.json"),
+                     "--available", f"ct={float(ct.max())!r}", "--bootstrap", "0"])
+  assert code == 0 and law.read_fits(tmp_path / "f.json").available[0] == ct.max()
+
+
+def test_report_names_the_extrapolation_law_with_the_lower_held_out_error(bent):
+  _, out, *_ = bent
+  ex = json.loads((out / "report.json").read_text())["extrapolation"]
+  factor = np.repeat(ex["factors"], ex["runs_per_factor"])
+  measured = np.asarray(ex["measured"])
+  held = factor > 1
+  mape = {}
+  for mode, entry in ex["laws"].items():  # independent: MAPE of the stored predictions, held-out runs only
+    pred = np.asarray(entry["predicted"])
+    mape[mode] = float(np.mean(np.abs(pred[held] - measured[held]) / measured[held]))
+    assert entry["held_out"]["pooled_mape"] == pytest.approx(mape[mode], rel=1e-12)
+  assert set(mape) == {"free", "none"}
+  chosen = min(mape, key=mape.get)
+  assert ex["chosen"] == chosen
+  text = (out / "report.md").read_text()
+  assert f"Chosen by extrapolated MAPE: E {chosen}." in text
+  for mode in mape:
+    assert f"| E {mode} |" in text
