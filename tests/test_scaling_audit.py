@@ -1,6 +1,6 @@
 """Behaviours an audit of the scaling study found untested: non-converged fits in `fit` and `compare` (exit 3,
 the dropped-resample count), the tau printout, `--E fixed:V` through the CLI, `fit --available` over the limit,
-and the extrapolation's chosen law in report.md."""
+the extrapolation's chosen law in report.md; the Gaussian prior on E against scipy."""
 
 import contextlib
 import io
@@ -9,9 +9,10 @@ import re
 
 import numpy as np
 import pytest
+from scipy import optimize
 
 from m2dino_jax import cli
-from m2dino_jax.scaling import law, lawfile, measurements, transfer
+from m2dino_jax.scaling import law, lawfile, measurements, powerlaw, transfer
 from m2dino_jax.scaling.cli import NOT_CONVERGED
 
 BUDGETS = "5e3,1e4,2e4,4e4"
@@ -149,3 +150,72 @@ def test_report_names_the_extrapolation_law_with_the_lower_held_out_error(bent):
   assert f"Chosen by extrapolated MAPE: E {chosen}." in text
   for mode in mape:
     assert f"| E {mode} |" in text
+
+
+def _fit_prior_scipy(d, loss, mu, sd, delta):
+  """(E, A, beta) by scipy least_squares(trf): Huber on the log residuals plus one plain quadratic residual
+  delta * (E - mu) / sd (a loss callable keeps the last residual out of the Huber tail)."""
+
+  def residual(t):
+    return np.append(np.log(t[0] + t[1] * d ** -t[2]) - np.log(loss), delta * (t[0] - mu) / sd)
+
+  def rho(z):  # scipy passes z = (f / f_scale)^2 and wants rho(z), rho'(z), rho''(z)
+    out = np.empty((3, z.size))
+    out[0] = np.where(z <= 1, z, 2 * np.sqrt(z) - 1)
+    out[1] = np.where(z <= 1, 1.0, 1 / np.sqrt(np.maximum(z, 1)))
+    out[2] = np.where(z <= 1, 0.0, -0.5 * np.maximum(z, 1) ** -1.5)
+    out[:, -1] = z[-1], 1.0, 0.0
+    return out
+
+  best = None
+  for e0 in (0.0, 0.5 * loss.min(), 0.9 * loss.min(), mu):
+    slope, icpt = np.polyfit(np.log(d), np.log(loss - min(e0, 0.95 * loss.min())), 1)
+    res = optimize.least_squares(residual, [e0, np.exp(icpt), max(-slope, 1e-2)], method="trf", loss=rho,
+                                 f_scale=delta, bounds=([0.0, 1e-300, 1e-3], [np.inf, np.inf, 5.0]),
+                                 x_scale="jac", ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=5000)
+    if best is None or res.cost < best.cost:
+      best = res
+  return best.x, best.cost
+
+
+def test_e_prior_equals_scipy_with_the_penalty_as_a_residual():
+  rng = np.random.default_rng(4)
+  d = np.tile(np.geomspace(1e2, 1e4, 5), (3, 1))  # few sizes over two decades: E and beta trade off
+  loss = (0.3 + 6.0 * d ** -0.35) * np.exp(0.01 * rng.standard_normal(d.shape))
+  loss[2, 1] *= 1.15  # an outlier: the Huber tail is active on the data, never on the prior
+  mu, sd = 0.25, 0.02
+  delta = powerlaw.DEFAULT_DELTA
+  ours = powerlaw.fit_power_laws(d, loss, e_mode=powerlaw.EPrior(mu, sd))
+  free = powerlaw.fit_power_laws(d, loss)
+  assert ours["converged"].all()
+  for i in range(3):
+    (e, a, b), cost = _fit_prior_scipy(d[i], loss[i], mu, sd, delta)
+    got = np.array([ours["E"][i], ours["A"][i], ours["beta"][i]])
+    assert np.abs(got / [e, a, b] - 1).max() < 1e-4, (i, got, (e, a, b))
+    # Our objective (Huber data term + (delta^2/2) ((E - mu)/sd)^2) equals scipy's cost at its optimum.
+    r = np.log(e + a * d[i] ** -b) - np.log(loss[i])
+    h = np.where(np.abs(r) <= delta, 0.5 * r * r, delta * np.abs(r) - 0.5 * delta ** 2)
+    assert h.sum() + 0.5 * delta ** 2 * ((e - mu) / sd) ** 2 == pytest.approx(cost, rel=1e-10)
+    assert ours["loss"][i] == pytest.approx(cost, rel=1e-6)
+  # The prior pulls E from the free fit towards mu; a tight prior is fixed:mu, a loose one the free fit.
+  assert (np.abs(ours["E"] - mu) < np.abs(free["E"] - mu)).all(), (ours["E"], free["E"])
+  tight = powerlaw.fit_power_laws(d, loss, e_mode=powerlaw.EPrior(mu, 1e-7))
+  np.testing.assert_allclose(tight["beta"], powerlaw.fit_power_laws(d, loss, e_mode=mu)["beta"], rtol=1e-4)
+  loose = powerlaw.fit_power_laws(d, loss, e_mode=powerlaw.EPrior(mu, 1e6))
+  np.testing.assert_allclose(loose["beta"], free["beta"], rtol=1e-4)
+
+
+def test_e_prior_through_the_cli(planted_rows, tmp_path):
+  fits_path = tmp_path / "fits.json"
+  code, _, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+                     "--bootstrap", "0", "--E", "prior:0.3,0.01"])
+  arrays = measurements.to_arrays(measurements.read_measurements(planted_rows))
+  ref = transfer.fit_scaling(arrays, n_bootstrap=0, e_mode=powerlaw.EPrior(0.3, 0.01))
+  written = law.read_fits(fits_path)
+  assert code == 0 and json.loads(fits_path.read_text())["E_mode"] == {"prior": {"mu": [0.3] * 3, "sd": [0.01] * 3}}
+  for key in ("E", "A", "beta", "tau"):
+    np.testing.assert_allclose(getattr(written.law, key), getattr(ref.law, key), rtol=1e-12)
+  for bad in ("prior:0.3", "prior:0.3,0", "prior:a,b"):
+    code, _, stderr = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+                            "--E", bad])
+    assert code == 2 and "config key 'E'" in stderr and "prior:MU,SD" in stderr, (bad, stderr)

@@ -50,16 +50,27 @@ def _ordered(mapping: dict[str, float], domains, key: str, default: float) -> np
 
 
 def _e_mode(text: str):
-  """--E: 'free', 'none' (E = 0), 'auto' or 'fixed:V' / 'fixed:ct=V,...' (unnamed domains fitted)."""
+  """--E: 'free', 'none' (E = 0), 'auto', 'fixed:V' / 'fixed:ct=V,...' (unnamed domains fitted) or
+  'prior:MU,SD' (free E with a Gaussian prior: powerlaw.EPrior)."""
   if text in ("free", "none", "auto"):
     return text
+  if text.startswith("prior:"):
+    from m2dino_jax.scaling.powerlaw import EPrior
+    parts = text.removeprefix("prior:").split(",")
+    try:
+      mu, sd = (float(p) for p in parts)
+    except ValueError:
+      raise ConfigError("E", f"expected prior:MU,SD (two numbers), got {text!r}") from None
+    if not (np.isfinite(mu) and mu >= 0 and np.isfinite(sd) and sd > 0):
+      raise ConfigError("E", f"prior:MU,SD needs MU >= 0 and SD > 0, got {text!r}")
+    return EPrior(mu, sd)
   if text.startswith("fixed:"):
     value = text.removeprefix("fixed:")
     try:
       return float(value)
     except ValueError:
       return _named_numbers(value, "E")
-  raise ConfigError("E", f"expected free, none, fixed:V or fixed:name=V,..., got {text!r}")
+  raise ConfigError("E", f"expected free, none, auto, fixed:V, fixed:name=V,... or prior:MU,SD, got {text!r}")
 
 
 def _e_for(mode, domains):
@@ -220,7 +231,8 @@ def register(subparsers) -> None:
   fmt = HelpFormatter
   law_help = "law file (law.json) or example:six_domain; see m2dino_jax/scaling/lawfile.py"
   e_help = ("the floor E of each self law: free (fitted), none (E = 0, the paper's pure power law), auto "
-            "(free where a domain's points identify it, else 0), fixed:V or fixed:name=V,...")
+            "(free where a domain's points identify it, else 0), fixed:V or fixed:name=V,..., or prior:MU,SD "
+            "(free, plus the penalty (delta^2/2) ((E-MU)/SD)^2 on the Huber objective; see scaling/powerlaw.py)")
 
   s = sub.add_parser("simulate", help="write planted-truth measurements", formatter_class=fmt)
   s.add_argument("--out", required=True, help="measurements.jsonl to write")

@@ -106,15 +106,16 @@ def gather_rows(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return idx, ok
 
 
-def _fit_one(data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, run_w, delta, fit_gamma, max_iter):
+def _fit_one(data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, e_prior, run_w, delta, fit_gamma, max_iter):
   """Self laws then tau rows for one vector of run weights; everything (domains, ...)."""
   n = data.shape[1]
   col = jnp.arange(n)[:, None]
   d = jnp.where(self_ok, data[self_idx, col], 1.0)
   self_loss = jnp.where(self_ok, loss[self_idx, col], 1.0)
   self_w = jnp.where(self_ok, run_w[self_idx], 0.0)
-  laws = jax.vmap(lambda d_, l_, w_, e_: powerlaw.fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter,
-                                                             e_fixed=e_))(d, self_loss, self_w, e_fixed)
+  laws = jax.vmap(lambda d_, l_, w_, e_, p_: powerlaw.fit_domain(d_, l_, w_, delta=delta, max_iter=max_iter,
+                                                                 e_fixed=e_, e_prior=p_))(
+      d, self_loss, self_w, e_fixed, e_prior)
   tau_loss = jnp.where(tau_ok, loss[tau_idx, col], 1.0)
   tau_w = jnp.where(tau_ok, run_w[tau_idx], 0.0)
   rows = jax.vmap(lambda i, x_, l_, w_, e, a, b: fit_tau_row(i, x_, l_, w_, e, a, b, delta=delta,
@@ -126,9 +127,9 @@ def _fit_one(data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, run_w, del
 
 
 @functools.partial(jax.jit, static_argnames=("fit_gamma", "max_iter"))
-def _fit_resamples(data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, run_weights, delta, fit_gamma,
-                   max_iter):
-  fit = functools.partial(_fit_one, data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, delta=delta,
+def _fit_resamples(data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, e_prior, run_weights, delta,
+                   fit_gamma, max_iter):
+  fit = functools.partial(_fit_one, data, loss, self_idx, self_ok, tau_idx, tau_ok, e_fixed, e_prior, delta=delta,
                           fit_gamma=fit_gamma, max_iter=max_iter)
   return jax.vmap(fit)(run_weights)
 
@@ -140,7 +141,8 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
   """Fits self laws and transfer from measurements; bootstrap percentile intervals over runs.
 
   e_mode: the floor E, fitted (None / 'free'), 'none' (E = 0, the paper's pure power law), fixed numbers
-  (see powerlaw.e_fixed_array) or 'auto' (free per domain where its points identify it, else 0: auto_floor;
+  (see powerlaw.e_fixed_array), powerlaw.EPrior(MU, SD) (fitted with a Gaussian prior; its weight in the
+  objective is in powerlaw's docstring) or 'auto' (free per domain where its points identify it, else 0: auto_floor;
   the choices and reasons in extra['E_auto']). extra['self_law_support'] says per domain whether the loss
   falls with data beyond its scatter, and the self law's RMS log residual at its points. Diagnostics in extra:
   converged, bootstrap_dropped (resamples left out because a fit did not converge), e_beta_correlation (per
@@ -154,6 +156,7 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
     auto = auto_floor(arrays, delta=delta, source=source, max_iter=max_iter)
     e_mode = np.array([np.nan if a["E"] == "free" else 0.0 for a in auto])
   e_fixed = powerlaw.e_fixed_array(e_mode, len(arrays.domains))
+  e_prior = powerlaw.e_prior_array(e_mode, len(arrays.domains))
   for i, name in enumerate(arrays.domains):
     sizes = np.unique(data[self_mask[i], i])
     need = 3 if np.isnan(e_fixed[i]) else 2
@@ -168,7 +171,7 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
                             rng.multinomial(runs, np.full(runs, 1.0 / runs), size=n_bootstrap)]).astype(float)
   gathered = [jnp.asarray(a) for a in (*gather_rows(self_mask), *gather_rows(tau_mask))]
   out = _fit_resamples(jnp.asarray(data), jnp.asarray(np.where(np.isfinite(loss), loss, 1.0)), *gathered,
-                       jnp.asarray(e_fixed), jnp.asarray(weights), delta, fit_gamma, max_iter)
+                       jnp.asarray(e_fixed), jnp.asarray(e_prior), jnp.asarray(weights), delta, fit_gamma, max_iter)
   out = {k: np.asarray(v) for k, v in out.items()}
   point = {k: v[0] for k, v in out.items()}
   law = Law(E=point["E"], A=point["A"], beta=point["beta"], tau=point["tau"], gamma=point["gamma"])
@@ -176,6 +179,8 @@ def fit_scaling(arrays: MeasurementArrays, *, n_bootstrap: int = 200, seed: int 
            "converged": bool(point["converged"].all()), "n_bootstrap": n_bootstrap, "ci_level": ci,
            "E_mode": "free" if np.isnan(e_fixed).all() else [None if np.isnan(v) else float(v) for v in e_fixed],
            "domains_not_converged": [d for d, c in zip(arrays.domains, point["converged"]) if not c]}
+  if isinstance(e_mode, powerlaw.EPrior):
+    extra["E_mode"] = {"prior": {"mu": e_prior[:, 0].tolist(), "sd": e_prior[:, 1].tolist()}}
   support = self_law_support(arrays, source)
   for i, s in enumerate(support):  # the self law's log residuals at its own points
     if s["sizes"]:
