@@ -5,6 +5,7 @@
   m2dino scaling allocate --fits fits.json --budget B [--floor 0.05] [--strategy S] --out allocation.json
   m2dino scaling plot --fits fits.json [--measurements FILE] --out DIR
   m2dino scaling compare --law example:six_domain --budgets 5e3,...,4e4 --out DIR   strategies on measured loss
+  m2dino scaling compare --measurements FILE --out DIR   the same report from real runs' rows ('strategy' rows)
   m2dino scaling sweep --config configs/scaling3d.py:smoke --workdir DIR   3D MAE pretraining grid, end to end
 """
 
@@ -185,27 +186,49 @@ def cmd_plot(args) -> int:
   return 0
 
 
+def _compare_measurements(args):
+  """compare --measurements: the report from real (or written) rows; see study.compare_from_rows."""
+  from m2dino_jax.scaling import measurements, study
+  planted_only = [o for o, v in (("--b-max", args.b_max), ("--no-transfer", args.no_transfer),
+                                 ("--noise", args.noise is not None), ("--write-rows", args.write_rows)) if v]
+  if planted_only:
+    raise ConfigError("measurements", f"{planted_only} need a planted truth (--law), not measured rows")
+  rows = measurements.read_measurements(args.measurements)
+  e_mode = _e_for(_e_mode(args.E), list(rows[0].data))
+  report = study.compare_from_rows(rows, path=args.measurements, n_bootstrap=args.bootstrap, seed=args.seed,
+                                   e_mode=e_mode)
+  return report, {}, None
+
+
 def cmd_compare(args) -> int:
   from m2dino_jax import fileio
-  from m2dino_jax.scaling import compare_report, lawfile, strategies, study
-  planted = lawfile.read_law(args.law)
-  if args.no_transfer:
-    planted = lawfile.without_transfer(planted)
-  if args.noise is not None:
-    planted = dataclasses.replace(planted, noise=args.noise)
-  budgets = _budgets(args.budgets)
-  floors = [f / 100 for f in _budgets(args.floors)] if args.floors else []
-  e_mode = _e_for(_e_mode(args.E), planted.domains)
-  report, counts = study.run_compare(planted, budgets, seed=args.seed, n_bootstrap=args.bootstrap, e_mode=e_mode,
-                                     temperature=args.temperature, floors=floors)
-  ex = None
-  if args.b_max:
-    ex = study.run_extrapolation(planted, args.b_max, seed=args.seed, n_bootstrap=args.bootstrap)
+  from m2dino_jax.scaling import compare_report, lawfile, measurements, strategies, study
   out = Path(args.out)
-  for name, c in counts.items():
-    for b, x in zip(budgets, c):
-      fileio.write_json(out / "allocations" / f"{name}_{b:.0f}.json",
-                        strategies.allocation_file(planted.domains, name, b, x, floor=planted.floor))
+  if args.measurements:
+    report, counts, ex = _compare_measurements(args)
+    budgets = report["budgets"]
+  else:
+    planted = lawfile.read_law(args.law)
+    if args.no_transfer:
+      planted = lawfile.without_transfer(planted)
+    if args.noise is not None:
+      planted = dataclasses.replace(planted, noise=args.noise)
+    budgets = _budgets(args.budgets)
+    floors = [f / 100 for f in _budgets(args.floors)] if args.floors else []
+    e_mode = _e_for(_e_mode(args.E), planted.domains)
+    rows = [] if args.write_rows else None
+    report, counts = study.run_compare(planted, budgets, seed=args.seed, n_bootstrap=args.bootstrap,
+                                       e_mode=e_mode, temperature=args.temperature, floors=floors, rows_out=rows)
+    ex = None
+    if args.b_max:
+      ex = study.run_extrapolation(planted, args.b_max, seed=args.seed, n_bootstrap=args.bootstrap)
+    for name, c in counts.items():
+      for b, x in zip(budgets, c):
+        fileio.write_json(out / "allocations" / f"{name}_{b:.0f}.json",
+                          strategies.allocation_file(planted.domains, name, b, x, floor=planted.floor))
+    if rows is not None:
+      measurements.write_measurements(args.write_rows, rows)
+      print(f"wrote {len(rows)} rows ({len(rows) - report['rows']} strategy runs) to {args.write_rows}")
   fileio.write_json(out / "report.json", {"compare": report, "extrapolation": ex})
   written = compare_report.write_all(report, out, ex)
   g = report["vs"].get("data_proportional")
@@ -281,7 +304,15 @@ def register(subparsers) -> None:
 
   c = sub.add_parser("compare", help="strategies on measured loss: gains, slopes, floor sweep, extrapolation",
                      formatter_class=fmt)
-  c.add_argument("--law", required=True, help=law_help)
+  truth = c.add_mutually_exclusive_group(required=True)
+  truth.add_argument("--law", help=law_help + ": strategies allocated from a fit and 'trained' by this truth")
+  truth.add_argument("--measurements",
+                     help="measurements.jsonl of real runs: rows with 'strategy' are the runs compared (grouped by "
+                          "strategy and budget), the others fit the law (see scaling/measurements.py); budgets come "
+                          "from the rows, no floor sweep")
+  c.add_argument("--write-rows", default="",
+                 help="with --law: also write the study's rows (design runs + one row per strategy and budget) as "
+                      "measurements.jsonl, which --measurements reads back")
   c.add_argument("--budgets", default="5e3,7.5e3,1e4,1.5e4,2e4,2.5e4,3e4,4e4",
                  help="total budgets to compare at (>= 4 for slopes)")
   c.add_argument("--floors", default="2.5,5,7.5,10,12.5", help="floor sweep, percent of the budget ('' = none)")

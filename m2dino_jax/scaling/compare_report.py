@@ -114,11 +114,20 @@ def _convergence_warning(fit) -> list[str]:
           "fit; treat the numbers as unreliable.", ""]
 
 
+def _setting(report) -> str:
+  budgets = ", ".join(f"{b:.3g}" for b in report["budgets"])
+  if report.get("source") == "measurements":
+    return (f"Budgets {budgets}; measured runs: {report['strategy_runs']} rows with a 'strategy' (repeats "
+            f"averaged); law fitted on the {report['rows']} rows without one. No floor sweep (it needs runs per "
+            "floor).")
+  return (f"Budgets {budgets}; floor {report['floor']}; noise {report['noise']}; temperature T = "
+          f"{report['temperature']}; {report['rows']} simulated rows fitted.")
+
+
 def markdown(report, ex=None) -> str:
   d = report["domains"]
   lines = [f"# Scaling study: strategies on measured loss ({report['law']})", "", *_convergence_warning(report["fit"]),
-           f"Budgets {', '.join(f'{b:.3g}' for b in report['budgets'])}; floor {report['floor']}; noise "
-           f"{report['noise']}; temperature T = {report['temperature']}; {report['rows']} simulated rows fitted.",
+           _setting(report),
            f"Hub (fitted tau): **{report['transfer']['hub']}**; island: **{report['transfer']['island']}**.", "",
            f"## {report['focus']} against each strategy", "",
            "| vs | mean-loss gain (range over budgets) | headline: max per-domain gain | mean per-domain gain | "

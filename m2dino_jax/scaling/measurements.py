@@ -11,6 +11,10 @@ Row fields (the 3D MAE sweep writes real rows in this format; `simulate.py` writ
              target it cannot inform (no own data and no transfer: the law's loss there is infinite); a
              finite loss recorded there is read as a small transfer.
   available  optional {domain: examples available in that domain}; 'data' may not exceed it
+  strategy   optional str: the run trained on the allocation of this strategy (strategies.STRATEGIES or any
+             name) at total budget 'budget'. `m2dino scaling compare --measurements` evaluates strategies on
+             these rows (grouped by strategy and budget; repeats averaged) and fits the law on the rows without
+             'strategy' (the study's design runs). `fit` uses every row.
 
 `read_measurements` validates every row and raises `DataError` naming the file and line.
 """
@@ -28,7 +32,7 @@ from m2dino_jax import fileio
 from m2dino_jax.errors import DataError
 
 _REQUIRED = ("run_id", "data", "budget", "step", "loss")
-_KNOWN = set(_REQUIRED) | {"weights", "available"}
+_KNOWN = set(_REQUIRED) | {"weights", "available", "strategy"}
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,15 @@ class Measurement:
   loss: dict[str, float]
   weights: dict[str, float] = field(default_factory=dict)
   available: dict[str, float] = field(default_factory=dict)
+  strategy: str = ""
 
   def to_json(self) -> dict:
     row = {"run_id": self.run_id, "data": self.data, "weights": self.weights, "budget": self.budget,
            "step": self.step, "loss": self.loss}
     if self.available:
       row["available"] = self.available
+    if self.strategy:
+      row["strategy"] = self.strategy
     return row
 
 
@@ -91,6 +98,9 @@ def parse_row(obj, path, line) -> Measurement:
     raise DataError(path, f"unknown field(s) {unknown}; allowed {sorted(_KNOWN)}", row=line)
   if not isinstance(obj["run_id"], str) or not obj["run_id"]:
     raise DataError(path, "'run_id' must be a non-empty string", row=line)
+  strategy = obj.get("strategy", "")
+  if "strategy" in obj and (not isinstance(strategy, str) or not strategy):
+    raise DataError(path, f"'strategy' must be a non-empty string, got {strategy!r}", row=line)
   if isinstance(obj["step"], bool) or not isinstance(obj["step"], int) or obj["step"] < 0:
     raise DataError(path, f"'step' must be an integer >= 0, got {obj['step']!r}", row=line)
   data = _domain_map(obj["data"], path, line, "data")
@@ -110,7 +120,7 @@ def parse_row(obj, path, line) -> Measurement:
   budget = _number(obj["budget"], path, line, "'budget'", minimum=0.0, strict=True)
   if sum(data.values()) <= 0:
     raise DataError(path, "'data' must have at least one domain with examples > 0", row=line)
-  return Measurement(obj["run_id"], data, budget, obj["step"], loss, weights, available)
+  return Measurement(obj["run_id"], data, budget, obj["step"], loss, weights, available, strategy)
 
 
 def read_measurements(path) -> list[Measurement]:
@@ -147,14 +157,19 @@ def write_measurements(path, rows: list[Measurement]) -> Path:
   return fileio.write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in rows))
 
 
-def to_arrays(rows: list[Measurement], domains: list[str] | None = None) -> MeasurementArrays:
-  """Keeps each run's last step and stacks rows into arrays in `domains` order (default: file order)."""
-  domains = list(rows[0].data) if domains is None else list(domains)
+def last_steps(rows: list[Measurement]) -> list[Measurement]:
+  """Each run's row at its last step, in first-appearance order."""
   last: dict[str, Measurement] = {}
   for row in rows:
     if row.run_id not in last or row.step > last[row.run_id].step:
       last[row.run_id] = row
-  final = list(last.values())
+  return list(last.values())
+
+
+def to_arrays(rows: list[Measurement], domains: list[str] | None = None) -> MeasurementArrays:
+  """Keeps each run's last step and stacks rows into arrays in `domains` order (default: file order)."""
+  domains = list(rows[0].data) if domains is None else list(domains)
+  final = last_steps(rows)
   data = np.array([[r.data.get(d, 0.0) for d in domains] for r in final], dtype=np.float64)
   loss = np.array([[r.loss.get(d, np.nan) for d in domains] for r in final], dtype=np.float64)
   available = np.full(len(domains), np.inf)

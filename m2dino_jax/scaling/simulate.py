@@ -45,16 +45,27 @@ def measure(law: Law, x, noise: float, rng: np.random.Generator) -> np.ndarray:
   return true * np.exp(noise * rng.standard_normal(true.shape))
 
 
-def _row(run_id, domains, x, loss, step, available) -> Measurement:
+def _row(run_id, domains, x, loss, step, available, *, budget=None, strategy="") -> Measurement:
   """One measurements row. A target the run cannot inform (infinite loss under the law: no own data and no
   transfer into it) is left out of 'loss', which is what a real single-source run should record for a target
   that gains nothing: the law has no finite value for it, and a fit then holds that tau at 0."""
-  budget = float(np.sum(x))
-  return Measurement(run_id=run_id, data={d: float(v) for d, v in zip(domains, x)}, budget=budget, step=step,
+  total = float(np.sum(x))
+  return Measurement(run_id=run_id, data={d: float(v) for d, v in zip(domains, x)},
+                     budget=total if budget is None else float(budget), step=step,
                      loss={d: float(v) for d, v in zip(domains, loss) if np.isfinite(v)},
-                     weights={d: float(v / budget) for d, v in zip(domains, x)},
+                     weights={d: float(v / total) for d, v in zip(domains, x)},
                      available={d: float(v) for d, v in zip(domains, available)} if available is not None
-                     else {})
+                     else {}, strategy=strategy)
+
+
+def strategy_runs(domains, budgets, counts: dict, losses: dict, *, available=None, step: int = 1000,
+                  repeat: int = 0) -> list[Measurement]:
+  """Rows of runs that trained on strategies' allocations: counts[s] (budgets, domains) at `budgets`, with
+  measured losses[s] (budgets, domains); 'strategy' and 'budget' (the allocation's total) name the group
+  `compare --measurements` evaluates."""
+  return [_row(f"{s}-{b:.0f}-r{repeat}", domains, counts[s][k], losses[s][k], step, available, budget=b,
+               strategy=s)
+          for s in counts for k, b in enumerate(np.asarray(budgets, np.float64))]
 
 
 def single_source_runs(law: Law, domains, sizes, *, noise: float, seed: int = 0, repeats: int = 1,

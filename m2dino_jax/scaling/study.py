@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from m2dino_jax.errors import DataError
 from m2dino_jax.scaling import compare, measurements, simulate, strategies, transfer
 from m2dino_jax.scaling.law import Law, predict_loss
 from m2dino_jax.scaling.lawfile import PlantedLaw
@@ -38,10 +39,27 @@ def fit_rows(rows, *, n_bootstrap: int, seed: int, e_mode=None, return_samples=F
                               return_samples=return_samples)
 
 
+def compare_report(budgets, counts: dict, losses: dict, fits, domains) -> dict:
+  """The comparison report of both paths (planted truth, measured rows): gains, multipliers, slopes and hub /
+  island (compare.summarise on the fitted tau and E), the fitted law's prediction of the measured losses, and
+  each strategy's shares. counts, losses: {strategy: (budgets, domains)}."""
+  fitted = _law_numpy(fits.law)
+  report = compare.summarise(budgets, losses, domains, tau=fitted.tau, floor_hat=fitted.E)
+  pred = np.stack([np.asarray(predict_loss(fitted, c, xp=np)) for c in counts.values()])
+  meas = np.stack([losses[s] for s in counts])
+  report["prediction"] = {"pooled_r": transfer.pearson_r(pred, meas),
+                          "per_domain_r": [transfer.pearson_r(pred[..., i], meas[..., i])
+                                           for i in range(len(domains))]}
+  report["shares"] = {s: (c / c.sum(axis=1, keepdims=True)).tolist() for s, c in counts.items()}
+  return report
+
+
 def run_compare(planted: PlantedLaw, budgets, *, seed: int = 0, n_bootstrap: int = 64, e_mode=None,
                 temperature: float = strategies.DEFAULT_TEMPERATURE, floors=FLOORS,
-                strategy_names=strategies.STRATEGIES) -> tuple[dict, dict]:
-  """Steps 1-3 above; returns (report, counts per strategy)."""
+                strategy_names=strategies.STRATEGIES, rows_out: list | None = None) -> tuple[dict, dict]:
+  """Steps 1-3 above; returns (report, counts per strategy). rows_out: a list that receives the study's rows
+  (the fitted design runs, then one row per strategy and budget with its measured loss) in the format that
+  compare_from_rows reads."""
   budgets = np.asarray(budgets, np.float64)
   rows = simulate.law_measurements(planted, seed=seed)
   fits = fit_rows(rows, n_bootstrap=n_bootstrap, seed=seed, e_mode=e_mode)
@@ -51,25 +69,55 @@ def run_compare(planted: PlantedLaw, budgets, *, seed: int = 0, n_bootstrap: int
   rng = np.random.default_rng(seed + 7919)
   measure = lambda c: simulate.measure(planted.law, c, planted.noise, rng)
   losses = {s: measure(c) for s, c in counts.items()}
-  report = compare.summarise(budgets, losses, planted.domains, tau=fitted.tau, floor_hat=fitted.E)
-  predicted = {s: np.asarray(predict_loss(fitted, c, xp=np)) for s, c in counts.items()}
-  pred = np.stack(list(predicted.values()))
-  meas = np.stack(list(losses.values()))
-  report["prediction"] = {"pooled_r": transfer.pearson_r(pred, meas),
-                          "per_domain_r": [transfer.pearson_r(pred[..., i], meas[..., i])
-                                           for i in range(len(planted.domains))]}
-  report["shares"] = {s: (c / c.sum(axis=1, keepdims=True)).tolist() for s, c in counts.items()}
-  report["temperature"] = temperature
-  report["floor"] = planted.floor
-  report["noise"] = planted.noise
-  report["law"] = planted.source
-  report["fit"] = fit_summary(fits, planted)
-  report["rows"] = len(rows)
+  report = compare_report(budgets, counts, losses, fits, planted.domains)
+  report.update(source="planted", temperature=temperature, floor=planted.floor, noise=planted.noise,
+                law=planted.source, fit=fit_summary(fits, planted), rows=len(rows))
+  if rows_out is not None:
+    rows_out.extend(rows + simulate.strategy_runs(planted.domains, budgets, counts, losses,
+                                                  available=planted.available))
   if floors:
     alloc = lambda b, f: strategies.strategy_counts("transfer_aware", fitted, b, planted.available, floor=f,
                                                     names=planted.domains)
     report["floor_sweep"] = compare.floor_sweep(alloc, measure, budgets, floors)
   return report, counts
+
+
+def compare_from_rows(rows, *, path="<rows>", n_bootstrap: int = 64, seed: int = 0, e_mode=None) -> dict:
+  """The comparison on measured rows (measurements.py): the law is fitted on the rows without 'strategy', and
+  each strategy's measured loss at each budget is the mean over its runs (last steps) with that 'strategy' and
+  'budget'. Every strategy needs runs at the same budgets, and every run a loss on every domain. The report is
+  compare_report's, as on the planted path; there is no floor sweep (it needs runs per floor)."""
+  final = measurements.last_steps(rows)
+  design = [r for r in final if not r.strategy]
+  runs = [r for r in final if r.strategy]
+  if not runs:
+    raise DataError(path, "no rows with 'strategy': nothing to compare (see m2dino_jax/scaling/measurements.py)")
+  if not design:
+    raise DataError(path, "no rows without 'strategy': the law is fitted on the study's design runs")
+  domains = list(design[0].data)
+  fits = transfer.fit_scaling(measurements.to_arrays(design, domains), n_bootstrap=n_bootstrap, seed=seed,
+                              e_mode=e_mode)
+  groups: dict[tuple[str, float], list] = {}
+  for r in runs:
+    missing = [d for d in domains if d not in r.loss]
+    if missing:
+      raise DataError(path, f"run {r.run_id!r} (strategy {r.strategy!r}) has no loss for {missing}; a strategy "
+                      "run is evaluated on every domain")
+    groups.setdefault((r.strategy, r.budget), []).append(r)
+  names = list(dict.fromkeys(r.strategy for r in runs))
+  budgets = np.array(sorted({r.budget for r in runs}), np.float64)
+  counts, losses = {}, {}
+  for s in names:
+    lacking = [float(b) for b in budgets if (s, b) not in groups]
+    if lacking:
+      raise DataError(path, f"strategy {s!r} has no run at budget(s) {lacking}; every strategy needs runs at "
+                      f"the same budgets {budgets.tolist()}")
+    counts[s] = np.array([np.mean([[r.data[d] for d in domains] for r in groups[s, b]], axis=0) for b in budgets])
+    losses[s] = np.array([np.mean([[r.loss[d] for d in domains] for r in groups[s, b]], axis=0) for b in budgets])
+  report = compare_report(budgets, counts, losses, fits, domains)
+  report.update(source="measurements", temperature=None, floor=None, noise=None, law=str(path),
+                fit=fit_summary(fits), rows=len(design), strategy_runs=len(runs))
+  return report
 
 
 def fit_summary(fits, planted: PlantedLaw | None = None) -> dict:
