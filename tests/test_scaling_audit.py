@@ -219,3 +219,59 @@ def test_e_prior_through_the_cli(planted_rows, tmp_path):
     code, _, stderr = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
                             "--E", bad])
     assert code == 2 and "config key 'E'" in stderr and "prior:MU,SD" in stderr, (bad, stderr)
+
+
+def _toy_report(tau):
+  """A 2-domain report (compare_test's toy: DP L_i = c_i B^-0.5, TA 0.8x and 0.5x of it) ready for markdown."""
+  from m2dino_jax.scaling import compare
+  budgets = np.array([1e3, 2e3, 4e3, 8e3])
+  base = np.array([3.0, 5.0])[None] * budgets[:, None] ** -0.5
+  report = compare.summarise(budgets, {"transfer_aware": base * [0.8, 0.5], "data_proportional": base}, ["a", "b"],
+                             tau=tau, floor_hat=np.zeros(2))
+  report.update(source="planted", law="toy", floor=0.05, noise=0.0, temperature=3.0, rows=8,
+                prediction={"pooled_r": 1.0, "per_domain_r": [1.0, 1.0]},
+                fit={"converged": True, "beta": [0.5, 0.5], "E": [0.0, 0.0], "bootstrap_dropped": 0})
+  return report
+
+
+def test_report_flags_extrapolated_multipliers_and_negligible_transfer():
+  from m2dino_jax.scaling import compare_report
+  report = _toy_report(np.array([[0.0, 0.3], [0.02, 0.0]]))
+  # By hand: DP needs B' = (8 / 4.9)^2 B to match; B' lies within [1e3, 8e3] only for B = 1e3 and 2e3.
+  m = (8 / 4.9) ** 2
+  text = compare_report.markdown(report)
+  assert (f"per budget: 1e+03 {m:.2f}x, 2e+03 {m:.2f}x, 4e+03 {m:.2f}x†, 8e+03 {m:.2f}x†. † extrapolated: "
+          "data_proportional would need a budget outside the tested 1e+03-8e+03") in text
+  assert f"| {m:.2f}x to {m:.2f}x (2 of 4 extrapolated†) |" in text
+  assert "Hub (fitted tau): **b**; island: **b**." in text  # b gives 0.3, receives 0.02
+  assert not report["transfer"]["negligible"] and report["transfer"]["max_tau"] == 0.3
+  small = _toy_report(np.array([[0.0, 0.049], [0.01, 0.0]]))
+  assert small["transfer"]["negligible"]
+  text = compare_report.markdown(small)
+  assert "No hub/island: transfer ~0 (every fitted |tau| < 0.05; largest 0.049)" in text and "**b**" not in text
+  inside = _toy_report(np.zeros((2, 2)))
+  inside["vs"]["data_proportional"]["multiplier_in_range"] = [True] * 4
+  assert "†" not in compare_report.markdown(inside)
+
+
+def test_report_shows_per_domain_extrapolation_spreads_labelled_as_resampled_laws(bent):
+  from m2dino_jax.scaling import compare_report
+  _, out, *_ = bent
+  ex = json.loads((out / "report.json").read_text())["extrapolation"]
+  text = (out / "report.md").read_text()
+  chosen = ex["laws"][ex["chosen"]]
+  held = chosen["held_out"]
+  lo_r, hi_r = chosen["held_out_ci"]["per_domain_r"]
+  lo_m, hi_m = chosen["held_out_ci"]["per_domain_mape"]
+  domains = lawfile.SIX_DOMAIN["domains"]
+  for i, d in enumerate(domains):
+    row = (f"| {d} | {held['per_domain_r'][i]:.3f} | {lo_r[i]:.3f} to {hi_r[i]:.3f} | "
+           f"{100 * held['per_domain_mape'][i]:.1f}% | {100 * lo_m[i]:.1f}% to {100 * hi_m[i]:.1f}% |")
+    assert row in text, row
+  assert "(spread of resampled laws)" in text and compare_report.SPREAD_NOTE in text and "95% CI" not in text
+  for mode, e in ex["laws"].items():  # each extrapolation fit says whether it converged and what it dropped
+    fit = e["fit"]
+    row = next(x for x in text.splitlines() if x.startswith(f"| E {mode} |"))
+    assert row.endswith(("| yes" if fit["converged"] else "| **no**") + ("" if fit["converged"] else
+                        f" ({fit['domains_not_converged'] or 'tau'})") +
+                        f"; {fit['bootstrap_dropped']} of 16 resamples dropped |"), row

@@ -33,6 +33,7 @@ def test_transfer_aware_wins_on_measured_loss_at_every_budget(compared):
   assert dp["headline_domain"] == "hn_pet", dp["per_domain_mean"]
   assert (np.asarray(dp["budget_multiplier"]) > 1).all()
   assert rep["transfer"]["hub"] == "abd_ct" and rep["transfer"]["island"] == "hn_pet"
+  assert not rep["transfer"]["negligible"]
   assert rep["fit"]["converged"] and len(rep["slopes"]["transfer_aware"]) == 6
 
 
@@ -67,6 +68,8 @@ def test_without_transfer_aware_and_blind_agree_within_noise():
   assert np.abs(gain).max() < 0.025, gain
   assert np.max(np.abs(counts["transfer_aware"] - counts["transfer_blind"]) / BUDGETS[0]) < 0.05
   assert np.max(report["fit"]["tau"]) < 0.05  # noise only (the example's true transfers are 0.02-0.8)
+  assert report["transfer"]["negligible"]  # so the report names no hub or island
+  assert report["transfer"]["max_tau"] == pytest.approx(np.max(np.asarray(report["fit"]["tau"]) * (1 - np.eye(6))))
 
 
 def test_misspecified_truth_shows_error_growing_out_of_range():

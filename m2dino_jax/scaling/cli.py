@@ -236,7 +236,9 @@ def cmd_compare(args) -> int:
     agg = np.asarray(g["aggregate"])
     print(f"transfer_aware vs data_proportional: mean-loss gain {agg.min():.1%} to {agg.max():.1%}; "
           f"headline {g['headline_max']:.1%} ({g['headline_domain']})")
-  print(f"hub {report['transfer']['hub']}, island {report['transfer']['island']}")
+  t = report["transfer"]
+  print("no hub/island: transfer ~0 (max fitted tau {:.3g})".format(t["max_tau"]) if t["negligible"] else
+        f"hub {t['hub']}, island {t['island']}")
   for path in written:
     print(f"wrote {path}")
   print(f"wrote {out / 'report.json'} and {len(counts) * len(budgets)} allocation files")

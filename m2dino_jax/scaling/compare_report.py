@@ -105,6 +105,28 @@ def _pct(v) -> str:
   return f"{100 * v:.1f}%"
 
 
+def hub_island_line(t) -> str:
+  if t.get("negligible"):
+    return (f"No hub/island: transfer ~0 (every fitted |tau| < {t['negligible_below']:g}; largest "
+            f"{t['max_tau']:.3g}), so the names would only pick out noise.")
+  return f"Hub (fitted tau): **{t['hub']}**; island: **{t['island']}**."
+
+
+def _multipliers(report) -> list[str]:
+  """Per-budget multiplier over the baseline, flagging those whose matching budget lies beyond the tested ones."""
+  g = report["vs"].get(report["baseline"])
+  if not g:
+    return []
+  budgets = report["budgets"]
+  inside = g["multiplier_in_range"]
+  cells = [f"{b:.3g} {m:.2f}x{'' if ok else '†'}" for b, m, ok in zip(budgets, g["budget_multiplier"], inside)]
+  line = f"Budget multiplier over {report['baseline']} per budget: " + ", ".join(cells) + "."
+  if not all(inside):
+    line += (f" † extrapolated: {report['baseline']} would need a budget outside the tested "
+             f"{min(budgets):.3g}-{max(budgets):.3g}, read off its power-law fit of mean loss against budget.")
+  return ["", line]
+
+
 def _convergence_warning(fit) -> list[str]:
   """The report's first words when the fit behind it did not converge (the CLI then exits 3)."""
   if fit["converged"]:
@@ -128,16 +150,22 @@ def markdown(report, ex=None) -> str:
   d = report["domains"]
   lines = [f"# Scaling study: strategies on measured loss ({report['law']})", "", *_convergence_warning(report["fit"]),
            _setting(report),
-           f"Hub (fitted tau): **{report['transfer']['hub']}**; island: **{report['transfer']['island']}**.", "",
+           hub_island_line(report["transfer"]), "",
            f"## {report['focus']} against each strategy", "",
            "| vs | mean-loss gain (range over budgets) | headline: max per-domain gain | mean per-domain gain | "
            "reducible mean-loss gain | budget multiplier | wins at every budget |",
            "|---|---|---|---|---|---|---|"]
   for s, g in report["vs"].items():
     agg, red, mult = (np.asarray(g[k]) for k in ("aggregate", "reducible_aggregate", "budget_multiplier"))
+    out = int(np.size(mult) - np.sum(g["multiplier_in_range"]))
+    flag = f" ({out} of {np.size(mult)} extrapolated†)" if out else ""
     lines.append(f"| {s} | {_pct(agg.min())} to {_pct(agg.max())} | {_pct(g['headline_max'])} "
                  f"({g['headline_domain']}) | {_pct(g['mean'])} | {_pct(red.min())} to {_pct(red.max())} | "
-                 f"{mult.min():.2f}x to {mult.max():.2f}x | {g['beats_at_every_budget']} |")
+                 f"{mult.min():.2f}x to {mult.max():.2f}x{flag} | {g['beats_at_every_budget']} |")
+  if any(not all(g["multiplier_in_range"]) for g in report["vs"].values()):
+    lines += ["", "† budget multipliers whose matching budget lies outside the tested budgets: extrapolated "
+              "along the other strategy's power-law fit of mean loss, not measured."]
+  lines += _multipliers(report)
   base = report["vs"].get(report["baseline"])
   if base:
     lines += ["", f"Per-domain gain over {report['baseline']} (mean over budgets): " +
@@ -163,21 +191,42 @@ def markdown(report, ex=None) -> str:
     lines.append(f"| {n} | {fit['beta'][i]:.3f} | {true:.3f} | {fit['E'][i]:.4g} | {c} |")
   lines.append(f"\nConverged: {fit['converged']}; bootstrap resamples dropped: {fit['bootstrap_dropped']}.")
   if ex:
-    lines += ["", f"## Extrapolation (fit on budgets <= {ex['b_max']:.3g})", "",
-              "| law | in-range MAPE | extrapolated MAPE (95% CI) | extrapolated r (95% CI) | MAPE by budget/B_max |",
-              "|---|---|---|---|---|"]
-    for m, e in ex["laws"].items():
-      ci = e.get("held_out_ci", {})
-      mape_ci = " ({} to {})".format(*map(_pct, ci["pooled_mape"])) if ci else ""
-      r_ci = " ({:.4f} to {:.4f})".format(*ci["pooled_r"]) if ci else ""
-      by = ", ".join(f"{f:g}x {_pct(v)}" for f, v in zip(ex["factors"], e["mape_by_factor"]))
-      lines.append(f"| E {m} | {_pct(e['in_range']['pooled_mape'])} | {_pct(e['held_out']['pooled_mape'])}"
-                   f"{mape_ci} | {e['held_out']['pooled_r']:.4f}{r_ci} | {by} |")
-    chosen = ex["laws"][ex["chosen"]]["held_out"]
-    lines += ["", f"Chosen by extrapolated MAPE: E {ex['chosen']}. Per domain (r, MAPE): " +
-              ", ".join(f"{n} ({r:.3f}, {_pct(m)})" for n, r, m in
-                        zip(d, chosen["per_domain_r"], chosen["per_domain_mape"])) + "."]
+    lines += _extrapolation(ex, d)
   return "\n".join(lines) + "\n"
+
+
+SPREAD_NOTE = ("Ranges in brackets and the spread columns are the 2.5-97.5 percentiles of each metric over the "
+               "bootstrap refits: the "
+               "spread of resampled laws, not a confidence interval centred on the point fit (the point value "
+               "may lie near or outside an edge).")
+
+
+def _extrapolation(ex, d) -> list[str]:
+  lines = ["", f"## Extrapolation (fit on budgets <= {ex['b_max']:.3g})", "",
+           "| law | in-range MAPE | extrapolated MAPE (spread of resampled laws) | extrapolated r (spread) | "
+           "MAPE by budget/B_max | fit converged |", "|---|---|---|---|---|---|"]
+  for m, e in ex["laws"].items():
+    ci = e.get("held_out_ci", {})
+    mape_ci = " ({} to {})".format(*map(_pct, ci["pooled_mape"])) if ci else ""
+    r_ci = " ({:.4f} to {:.4f})".format(*ci["pooled_r"]) if ci else ""
+    by = ", ".join(f"{f:g}x {_pct(v)}" for f, v in zip(ex["factors"], e["mape_by_factor"]))
+    fit = e["fit"]
+    conv = "yes" if fit["converged"] else f"**no** ({fit.get('domains_not_converged') or 'tau'})"
+    if fit.get("n_bootstrap"):
+      conv += f"; {fit.get('bootstrap_dropped', 0)} of {fit['n_bootstrap']} resamples dropped"
+    lines.append(f"| E {m} | {_pct(e['in_range']['pooled_mape'])} | {_pct(e['held_out']['pooled_mape'])}"
+                 f"{mape_ci} | {e['held_out']['pooled_r']:.4f}{r_ci} | {by} | {conv} |")
+  chosen = ex["laws"][ex["chosen"]]
+  held, ci = chosen["held_out"], chosen.get("held_out_ci")
+  lines += ["", f"Chosen by extrapolated MAPE: E {ex['chosen']}. Per domain, extrapolated runs:", "",
+            "| domain | r | r spread | MAPE | MAPE spread |", "|---|---|---|---|---|"]
+  for i, n in enumerate(d):
+    r_s = f"{ci['per_domain_r'][0][i]:.3f} to {ci['per_domain_r'][1][i]:.3f}" if ci else "-"
+    m_s = f"{_pct(ci['per_domain_mape'][0][i])} to {_pct(ci['per_domain_mape'][1][i])}" if ci else "-"
+    lines.append(f"| {n} | {held['per_domain_r'][i]:.3f} | {r_s} | {_pct(held['per_domain_mape'][i])} | {m_s} |")
+  if any("held_out_ci" in e for e in ex["laws"].values()):
+    lines += ["", SPREAD_NOTE]
+  return lines
 
 
 def write_all(report, out_dir, ex=None) -> list[Path]:
