@@ -186,9 +186,9 @@ def markdown(report, ex=None) -> str:
   lines += ["", "## Fit", "", "| domain | beta | true beta | E | E-beta corr. (bootstrap) |", "|---|---|---|---|---|"]
   corr = fit.get("e_beta_correlation") or [None] * len(d)
   for i, n in enumerate(d):
-    true = fit.get("true_beta", [np.nan] * len(d))[i]
+    true = f"{fit['true_beta'][i]:.3f}" if "true_beta" in fit else "-"  # known only for a planted truth
     c = "-" if corr[i] is None else f"{corr[i]:.2f}"
-    lines.append(f"| {n} | {fit['beta'][i]:.3f} | {true:.3f} | {fit['E'][i]:.4g} | {c} |")
+    lines.append(f"| {n} | {fit['beta'][i]:.3f} | {true} | {fit['E'][i]:.4g} | {c} |")
   lines.append(f"\nConverged: {fit['converged']}; bootstrap resamples dropped: {fit['bootstrap_dropped']}.")
   if ex:
     lines += _extrapolation(ex, d)
