@@ -24,8 +24,10 @@ from jax.sharding import PartitionSpec as P
 
 from m2dino_jax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")
+# The mesh axes by name (shard_map specs and collectives name them through these, never as literals).
+DATA, FSDP, EXPERT, TENSOR = "data", "fsdp", "expert", "tensor"
+MESH_AXES = (DATA, FSDP, EXPERT, TENSOR)
+BATCH_AXES = (DATA, FSDP, EXPERT)
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 

@@ -101,6 +101,23 @@ def test_tensorboard_tags_per_task_without_counts(tmp_path):
   assert lines[1]["eval/lung/n"] == 10.0 and lines[1]["step"] == 4
 
 
+def test_loop_knows_nothing_about_tasks():
+  """The loop's tags come from generic conventions: string entries of a train line are its labels, and keys named
+  `n` / `n_<what>` are counts; the eval-file counts follow that convention and no metric name is taken for one."""
+  import ast
+  import inspect
+
+  from m2dino_jax.tasks import metrics, results
+  tree = ast.parse(inspect.getsource(loop))
+  imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+  imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  assert not [m for m in imported if m and m.startswith("m2dino_jax.tasks")], imported
+  assert all(loop.is_count(k) and loop.is_count(f"lung/{k}") for k in results.COUNT_KEYS)
+  assert not [k for k in metrics.HIGHER_IS_BETTER if loop.is_count(k)]
+  assert loop.tb_scalars({"phase": "warmup", "loss": 1.0, "lr": 0.1, "n_seen": 4.0}) == {
+      "train/warmup/loss": 1.0, "train/lr": 0.1}
+
+
 # ---------------------------------------------------------------------------------------- progress line
 
 def test_progress_rate_excludes_compile_time(tmp_path, capsys):

@@ -137,3 +137,75 @@ jax.distributed.shutdown()
   print(res)
   assert res["drop"] > 0.05 and res["a2a"] == 4, res
   assert res["diff"] < 1e-5, res
+
+
+def test_check_expert_parallel_config_errors():
+  """Each config-caused error of the expert-parallel layout names its key (abstract meshes: no devices)."""
+  from jax.sharding import AbstractMesh
+
+  from m2dino_jax import mesh as mesh_lib
+  from m2dino_jax.errors import ConfigError
+  from m2dino_jax.models import moe_dispatch
+
+  def mesh(data, fsdp, expert):
+    return AbstractMesh((data, fsdp, expert, 1), mesh_lib.MESH_AXES)
+
+  moe_dispatch.check_expert_parallel(8, 16, mesh(2, 2, 4))  # 8 experts over 4, batch 16 over 2*2*4 shards
+  with pytest.raises(ConfigError, match=r"'moe.num_experts'.*6 experts.*expert mesh axis \(4\)") as e:
+    moe_dispatch.check_expert_parallel(6, 16, mesh(2, 2, 4))
+  assert e.value.key == "moe.num_experts"
+  with pytest.raises(ConfigError, match=r"'data.batch_size'.*batch 8 is not divisible by the 16 batch shards") as e:
+    moe_dispatch.check_expert_parallel(8, 8, mesh(2, 2, 4))
+  assert e.value.key == "data.batch_size"
+
+
+@pytest.mark.slow
+def test_expert_parallel_with_fsdp_train_steps_equal_one_device():
+  """Preset 'ep' with mesh.fsdp = 2 (expert weights sharded over 'expert' and 'fsdp', gathered explicitly at the
+  shard_map boundary): two multi-task train steps on 8 devices (fsdp 2 x expert 4) equal one device (dense
+  dispatch); and the trainer refuses a layout that does not fit, at config time, naming the key."""
+  out = run_with_devices("""
+    import jax, numpy as np
+    from m2dino_jax import configlib
+    from m2dino_jax.data import pipeline
+    from m2dino_jax.errors import ConfigError
+    from m2dino_jax.tasks import registry
+    from m2dino_jax.train import multitask
+
+    def config(extra):
+      return configlib.load_config("configs/m2dino.py:paradigm=au,smoke,tasks=breast_2cls",
+                                   ["data.image_size=32", "data.source.synthetic_count=16", "data.batch_size=8",
+                                    "tensorboard=False", "optim.eps=1e-6", *extra])
+
+    def run(extra):
+      c = config(extra)
+      r = multitask._Run(c, None, "all", registry.resolve(c.tasks))
+      it = map(r.prepare, pipeline.make_train_iterator(c.data, r.tasks, seed=0))
+      state, losses = r.state, []
+      for _ in range(2):
+        state, m = r.step(state, next(it))
+        losses.append(m["loss"])
+      return r, jax.device_get({"params": state.params, "loss": losses})
+
+    _, ref = run(["moe.backend=dense", "sharding=dp", "mesh_devices=1", "mesh.data=1"])
+    EP = ["moe.backend=expert_parallel", "sharding=ep", "mesh_devices=8", "mesh.data=1", "mesh.fsdp=2",
+          "mesh.expert=4"]
+    r, got = run(EP)
+    w_in = [v for p, v in jax.tree_util.tree_leaves_with_path(r.state.params) if "w_in" in jax.tree_util.keystr(p)]
+    print("SPEC", w_in[0].sharding.spec)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True))
+    print("MAXDIFF", diff, "LOSS", ref["loss"], got["loss"])
+    for extra in (["moe.num_experts=6"], ["data.batch_size=4"]):
+      try:
+        multitask._Run(config(EP[:-1] + ["mesh.expert=4"] + extra), None, "all", registry.resolve("breast_2cls"))
+      except ConfigError as e:
+        print("REFUSED", e.key)
+  """, timeout=300)
+  print(out)
+  spec = next(line for line in out.splitlines() if line.startswith("SPEC"))
+  assert "'expert'" in spec and "'fsdp'" in spec, out  # the expert weights really are sharded over both axes
+  line = next(line for line in out.splitlines() if "MAXDIFF" in line)
+  assert float(line.split()[1]) <= 1e-5, out
+  assert [line.split()[1] for line in out.splitlines() if line.startswith("REFUSED")] == [
+      "moe.num_experts", "data.batch_size"], out

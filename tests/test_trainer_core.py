@@ -41,17 +41,19 @@ def _per_head_step(run, state, batch, task):
                                              key=state.key())
     pred = nnx.merge(run.model.head_gdefs[name], head_params)(enc_out, batch["image"].shape[1:3])
     loss, _ = types.task_loss(task, pred, batch, s.loss_cfg)
-    return loss + sum((a["aux_loss"] for a in moe_aux), jnp.zeros(()))
+    return loss + sum((a["aux_loss"] for a in moe_aux), jnp.zeros(())), loss
 
   @jax.jit
   def step(state, batch):
-    grads = jax.grad(loss_fn, argnums=(0, 1))(state.params["encoder"], state.params["heads"][name])
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (total, loss), grads = grad_fn(state.params["encoder"], state.params["heads"][name])
     grads, _ = optim.clip(grads, s.clip_norm)
     lr = s.lr_schedule(state.step)
     enc, opt_enc = optim.apply(s.tx, grads[0], state.opt_state["encoder"], state.params["encoder"], lr, s.enc_scales)
     head, opt_head = optim.apply(s.tx, grads[1], state.opt_state["heads"][name], state.params["heads"][name],
                                  lr * s.head_lr_mult)
-    return {"encoder": enc, "head": head, "opt_encoder": opt_enc, "opt_head": opt_head}
+    return {"encoder": enc, "head": head, "opt_encoder": opt_enc, "opt_head": opt_head, "loss": total,
+            "task_loss": loss}
 
   return step(state, batch)
 
@@ -72,9 +74,12 @@ def test_type_program_equals_per_head_programs_and_leaves_other_heads_untouched(
     state, metrics = run.step(state, prepared)
     after = jax.device_get(state)
     assert metrics["task"] == task.name and int(after.step) == int(before.step) + 1
-    for a, b in zip(_leaves(ref["encoder"]) + _leaves(ref["head"]) + _leaves(ref["opt_head"]),
-                    _leaves(after.params["encoder"]) + _leaves(after.params["heads"][task.name])
-                    + _leaves(after.opt_state["heads"][task.name])):
+    assert len(_leaves(ref["opt_encoder"])) == len(_leaves(after.opt_state["encoder"])) > 0
+    for a, b in zip(_leaves(ref["encoder"]) + _leaves(ref["opt_encoder"]) + _leaves(ref["head"])
+                    + _leaves(ref["opt_head"]) + [ref["loss"], ref["task_loss"]],
+                    _leaves(after.params["encoder"]) + _leaves(after.opt_state["encoder"])
+                    + _leaves(after.params["heads"][task.name]) + _leaves(after.opt_state["heads"][task.name])
+                    + [metrics["loss"], metrics["task_loss"]], strict=True):
       np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
     for other in run.tasks:
       if other.name != task.name:  # parameters and optimiser state bit for bit

@@ -44,7 +44,8 @@ class Record:
 
 
 def validate(rec: Record) -> Record:
-  """Checks `rec` against its task; returns it unchanged or raises DataError."""
+  """Checks `rec` against its task; returns it unchanged or raises DataError (a task of a type with no
+  CHECKS row is registry.unknown_type's ConfigError)."""
   img = rec.image
   if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
     rec.fail(f"image must be a non-empty 2D/3D array, got {getattr(img, 'shape', type(img))}")
@@ -58,33 +59,54 @@ def validate(rec: Record) -> Record:
   if rec.task_type and rec.task_type != task.type:
     rec.fail(f"task '{rec.task}' is {task.type}, record says {rec.task_type}")
   rec.task_type = task.type
-  h, w = img.shape[:2]
-  if task.type == registry.CLASSIFICATION:
-    if not 0 <= int(rec.label) < task.num_classes:
-      rec.fail(f"class label {rec.label} outside 0..{task.num_classes - 1} for task '{task.name}'")
-  elif task.type == registry.SEGMENTATION:
-    m = rec.mask
-    if m is None:
-      rec.fail("segmentation record has no mask")
-    if m.shape[:2] != (h, w):
-      rec.fail(f"mask size {m.shape[:2]} differs from image size {(h, w)}")
-    hi = int(m.max()) if m.size else 0
-    if int(m.min()) < 0 or hi >= task.num_classes:
-      rec.fail(f"mask value {hi if hi >= task.num_classes else int(m.min())} outside the "
-               f"{task.num_classes} classes of task '{task.name}'")
-  elif task.type == registry.DETECTION:
-    b = np.asarray(rec.box, np.float32) if rec.box is not None else None
-    if b is None or b.shape != (4,) or not np.all(np.isfinite(b)):
-      rec.fail("detection record needs a finite box (x_min, y_min, x_max, y_max)")
-    if b[2] < b[0] or b[3] < b[1]:
-      rec.fail(f"box {b.tolist()} has x_max < x_min or y_max < y_min")
-    if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
-      rec.fail(f"box {b.tolist()} lies outside the {w}x{h} image")
-    rec.box = b
-  elif task.type == registry.REGRESSION:
-    p = np.asarray(rec.points, np.float32) if rec.points is not None else None
-    if p is None or p.shape != (task.num_points, 2) or not np.all(np.isfinite(p)):
-      rec.fail(f"task '{task.name}' needs {task.num_points} finite (x, y) points, got "
-               f"{None if p is None else p.shape}")
-    rec.points = p
+  check = CHECKS.get(task.type)
+  if check is None:
+    raise registry.unknown_type(task.type)
+  check(rec, task)
   return rec
+
+
+def _check_label(rec: Record, task: registry.Task) -> None:
+  if not 0 <= int(rec.label) < task.num_classes:
+    rec.fail(f"class label {rec.label} outside 0..{task.num_classes - 1} for task '{task.name}'")
+
+
+def _check_mask(rec: Record, task: registry.Task) -> None:
+  h, w = rec.image.shape[:2]
+  m = rec.mask
+  if m is None:
+    rec.fail("segmentation record has no mask")
+  if m.shape[:2] != (h, w):
+    rec.fail(f"mask size {m.shape[:2]} differs from image size {(h, w)}")
+  hi = int(m.max()) if m.size else 0
+  if int(m.min()) < 0 or hi >= task.num_classes:
+    rec.fail(f"mask value {hi if hi >= task.num_classes else int(m.min())} outside the "
+             f"{task.num_classes} classes of task '{task.name}'")
+
+
+def _check_box(rec: Record, task: registry.Task) -> None:
+  h, w = rec.image.shape[:2]
+  b = np.asarray(rec.box, np.float32) if rec.box is not None else None
+  if b is None or b.shape != (4,) or not np.all(np.isfinite(b)):
+    rec.fail("detection record needs a finite box (x_min, y_min, x_max, y_max)")
+  if b[2] < b[0] or b[3] < b[1]:
+    rec.fail(f"box {b.tolist()} has x_max < x_min or y_max < y_min")
+  if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
+    rec.fail(f"box {b.tolist()} lies outside the {w}x{h} image")
+  rec.box = b
+
+
+def _check_points(rec: Record, task: registry.Task) -> None:
+  p = np.asarray(rec.points, np.float32) if rec.points is not None else None
+  if p is None or p.shape != (task.num_points, 2) or not np.all(np.isfinite(p)):
+    rec.fail(f"task '{task.name}' needs {task.num_points} finite (x, y) points, got "
+             f"{None if p is None else p.shape}")
+  rec.points = p
+
+
+# task type -> check of a Record's target against its task (DataError naming the source), normalising the
+# box / points to float32. Kept here rather than in tasks/types.py, which sits above the data layer
+# (types imports data.transforms, which imports this module); tests/test_task_types.py asserts it covers
+# exactly types.TYPES.
+CHECKS = {registry.CLASSIFICATION: _check_label, registry.SEGMENTATION: _check_mask,
+          registry.DETECTION: _check_box, registry.REGRESSION: _check_points}

@@ -21,6 +21,8 @@ nearest neighbour the way OpenCV's INTER_NEAREST samples), through this project'
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,6 @@ from m2dino_jax import fileio
 from m2dino_jax.data.adapters import fmc_uia
 from m2dino_jax.errors import DataError
 from m2dino_jax.tasks import metrics, registry, types
-
-FILES = {registry.CLASSIFICATION: "classification_predictions.json",
-         registry.DETECTION: "detection_predictions.json",
-         registry.REGRESSION: "regression_predictions.json"}
 
 
 def _cls_fields(pred, hw) -> dict:
@@ -52,10 +50,6 @@ def _reg_fields(pred, hw) -> dict:
   pts = np.asarray(pred, float).reshape(-1, 2)
   return {"predicted_points_normalized": (pts / np.array([w, h], float)).reshape(-1).tolist(),
           "predicted_points_pixels": pts.reshape(-1).tolist()}
-
-
-# task type -> the record fields of one prediction in original pixels (segmentation writes a mask instead)
-FIELDS = {registry.CLASSIFICATION: _cls_fields, registry.DETECTION: _det_fields, registry.REGRESSION: _reg_fields}
 
 
 def mask_file(out_dir, mask_path: str | None, image_path: str) -> Path:
@@ -79,29 +73,20 @@ class Submission:
 
   def __init__(self, out_dir):
     self.out = Path(out_dir)
-    self.entries: dict[str, list[dict]] = {t: [] for t in FILES}
+    self.entries: dict[str, list[dict]] = {t: [] for t, f in FORMATS.items() if f.file}
     self.counts: dict[str, int] = {}
 
   def add(self, task: registry.Task, image_path: str, pred, hw, mask_path: str | None = None) -> Path | None:
     """One prediction in original pixels; returns the mask file for segmentation."""
     self.counts[task.name] = self.counts.get(task.name, 0) + 1
-    return _WRITERS.get(task.type, Submission._add_entry)(self, task, image_path, pred, hw, mask_path)
-
-  def _add_mask(self, task, image_path, pred, hw, mask_path):
-    target = mask_file(self.out, mask_path, image_path)
-    write_mask(target, pred)
-    return target
-
-  def _add_entry(self, task, image_path, pred, hw, mask_path):
-    self.entries[task.type].append({"image_path": image_path, "task_id": task.name,
-                                    **FIELDS[task.type](pred, hw)})
+    return format_of(task.type).write(self, task, image_path, pred, hw, mask_path)
 
   def save(self) -> list[Path]:
     written = []
     for type_, new in self.entries.items():
       if not new:
         continue
-      path = self.out / FILES[type_]
+      path = self.out / FORMATS[type_].file
       old = read_predictions(path) if path.is_file() else []
       keys = {(e["task_id"], e["image_path"]) for e in new}
       merged = [e for e in old if (e.get("task_id"), e.get("image_path")) not in keys] + new
@@ -109,7 +94,17 @@ class Submission:
     return written
 
 
-_WRITERS = {registry.SEGMENTATION: Submission._add_mask}
+def _write_mask(sub: Submission, task, image_path, pred, hw, mask_path) -> Path:
+  target = mask_file(sub.out, mask_path, image_path)
+  write_mask(target, pred)
+  return target
+
+
+def _entry_writer(fields):
+  """A writer adding one record {image_path, task_id, **fields(pred, hw)} to the type's JSON file."""
+  def write(sub: Submission, task, image_path, pred, hw, mask_path) -> None:
+    sub.entries[task.type].append({"image_path": image_path, "task_id": task.name, **fields(pred, hw)})
+  return write
 
 
 def read_predictions(path) -> list[dict]:
@@ -155,9 +150,32 @@ def _reg_pred(pred_root, index, rec):
   return None if e is None else ((np.reshape(e["predicted_points_pixels"], (-1, 2)),), {})
 
 
-# task type -> (pred_root, {(task, image_path): record}, Record) -> ((prediction,), add() keywords) or None
-READERS = {registry.SEGMENTATION: _seg_pred, registry.CLASSIFICATION: _cls_pred, registry.DETECTION: _det_pred,
-           registry.REGRESSION: _reg_pred}
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """One task type's part of the challenge format. `file`: its JSON prediction file under OUT, or None when
+  its predictions are PNG masks (at `mask_file`); `write(submission, task, image_path, pred, hw, mask_path)`
+  adds one prediction in original pixels (returns the mask file, or None); `read(pred_root, index, rec)`:
+  ((prediction,), TaskEvaluator.add keywords) of a Record's prediction, or None when it has none."""
+  file: str | None
+  write: Callable
+  read: Callable
+
+
+# task type -> its part of the format. Kept here, keyed by the names of tasks/types.py's table, because
+# tasks sit below infer; tests/test_task_types.py asserts it covers exactly types.TYPES.
+FORMATS: dict[str, Format] = {
+    registry.SEGMENTATION: Format(None, _write_mask, _seg_pred),
+    registry.CLASSIFICATION: Format("classification_predictions.json", _entry_writer(_cls_fields), _cls_pred),
+    registry.DETECTION: Format("detection_predictions.json", _entry_writer(_det_fields), _det_pred),
+    registry.REGRESSION: Format("regression_predictions.json", _entry_writer(_reg_fields), _reg_pred),
+}
+
+
+def format_of(task_type: str) -> Format:
+  """The format of a task type; an unknown type is registry.unknown_type's ConfigError."""
+  if task_type not in FORMATS:
+    raise registry.unknown_type(task_type)
+  return FORMATS[task_type]
 
 
 def score(data_root, pred_root, convention: str = "official") -> dict[str, dict]:
@@ -165,13 +183,13 @@ def score(data_root, pred_root, convention: str = "official") -> dict[str, dict]
   a prediction are skipped and not counted in `n`, as the official script does)."""
   pred_root = Path(pred_root)
   index = {}
-  for name in FILES.values():
+  for name in (f.file for f in FORMATS.values() if f.file):
     if (pred_root / name).is_file():
       index.update({(e["task_id"], e["image_path"]): e for e in read_predictions(pred_root / name)})
   evaluators: dict[str, metrics.TaskEvaluator] = {}
   for rec in fmc_uia.read_folder(fmc_uia.csv_folder(data_root)):
     ev = evaluators.setdefault(rec.task, metrics.TaskEvaluator(rec.task, convention=convention))
-    got = READERS[rec.task_type](pred_root, index, rec)
+    got = format_of(rec.task_type).read(pred_root, index, rec)
     if got is not None:
       (pred,), kwargs = got
       ev.add(pred, types.of(rec.task_type).target_of(rec), **kwargs)

@@ -29,7 +29,6 @@ Every checkpoint knows its architecture (encoder.json, config.json, or the .pth 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
@@ -295,7 +294,7 @@ def load_encoder_params(path) -> tuple[vit.ViTConfig | None, dict[str, np.ndarra
   ours = folder / "encoder.json"
   if ours.is_file():
     cfg = vit.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in json.loads(ours.read_text()).items()})
+                           for k, v in fileio.read_json(ours, "encoder config").items()})
     if (folder / "params").is_dir():
       import orbax.checkpoint as ocp
       with ocp.StandardCheckpointer() as ckptr:

@@ -194,10 +194,7 @@ def capacity_dispatch_local(x, experts, gates, positions, capacity: int, params,
 
 def expert_mesh_size(mesh) -> int:
   """Size of the 'expert' axis of `mesh` (1 when there is no mesh or no such axis)."""
-  return mesh_lib.axis_size(mesh, EXPERT_AXIS)
-
-
-EXPERT_AXIS = "expert"
+  return mesh_lib.axis_size(mesh, mesh_lib.EXPERT)
 
 
 def check_expert_parallel(num_experts: int, batch: int, mesh) -> None:
@@ -221,7 +218,7 @@ def expert_parallel_dispatch(x, experts, gates, positions, capacity: int, params
   num_experts = params["w_in"].shape[0]
   check_expert_parallel(num_experts, x.shape[0], mesh)
   bspec = P(mesh_lib.batch_axes(mesh))
-  pspecs = {k: P(EXPERT_AXIS) for k in ("w_in", "b_in", "w_out", "b_out")}
+  pspecs = {k: P(mesh_lib.EXPERT) for k in ("w_in", "b_in", "w_out", "b_out")}
   # Inside the shard_map each device holds whole experts: weights also sharded over fsdp / tensor (preset
   # 'ep' with mesh.fsdp > 1) are gathered here, explicitly (an all-gather; its transpose in the backward
   # pass is a reduce-scatter, as in FSDP).
@@ -229,10 +226,10 @@ def expert_parallel_dispatch(x, experts, gates, positions, capacity: int, params
 
   def local(x, experts, gates, positions, params):
     buf = _to_slots(x, experts, positions, num_experts, capacity)               # [E, b, C, D]
-    buf = jax.lax.all_to_all(buf, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+    buf = jax.lax.all_to_all(buf, mesh_lib.EXPERT, split_axis=0, concat_axis=1, tiled=True)
     e_loc, rows, c, d = buf.shape                                               # [E/ep, ep*b, C, D]
     ys = expert_ffn(params, buf.reshape(e_loc, rows * c, d), activation).reshape(e_loc, rows, c, d)
-    ys = jax.lax.all_to_all(ys, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)  # [E, b, C, D]
+    ys = jax.lax.all_to_all(ys, mesh_lib.EXPERT, split_axis=1, concat_axis=0, tiled=True)  # [E, b, C, D]
     return _from_slots(ys, experts, gates, positions).astype(x.dtype)
 
   fn = jax.shard_map(local, mesh=mesh, in_specs=(bspec, bspec, bspec, bspec, pspecs), out_specs=bspec)

@@ -29,7 +29,9 @@ Regression (landmarks [K, 2] pixels): `mre`, the mean radial error: the Euclidea
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -60,9 +62,10 @@ METRICS_BY_TYPE: dict[str, tuple[str, ...]] = {
 
 
 def primary_metric(task_type: str) -> tuple[str, bool]:
-  """The headline metric of a task type and whether higher is better (seg dice, cls auc, det iou, reg mre)."""
+  """The headline metric of a task type and whether higher is better (seg dice, cls auc, det iou, reg mre);
+  an unknown type is registry.unknown_type's ConfigError."""
   if task_type not in METRICS_BY_TYPE:
-    raise ValueError(f"unknown task type '{task_type}'; known: {', '.join(METRICS_BY_TYPE)}")
+    raise registry.unknown_type(task_type)
   name = METRICS_BY_TYPE[task_type][0]
   return name, HIGHER_IS_BETTER[name]
 
@@ -225,6 +228,16 @@ def _seg_result(ev):
   return {"dice": float(np.mean(per_class["dice"])), "hd": float(np.mean(per_class["hd"]))}
 
 
+def _seg_per_class(ev):
+  d = np.stack([s[0] for s in ev._preds]).mean(axis=0)
+  h = np.stack([s[1] for s in ev._preds]).mean(axis=0)
+  return {"dice": d.tolist(), "hd": h.tolist()}
+
+
+def _no_per_class(ev):
+  return {}
+
+
 def _cls_result(ev):
   return classification_scores(np.array(ev._targets), np.stack(ev._preds), np.array(ev._classes),
                                ev.convention)
@@ -238,13 +251,21 @@ def _reg_result(ev):
   return {"mre": float(radial_errors(np.stack(ev._preds), np.stack(ev._targets)).mean(axis=1).mean())}
 
 
-# task type -> (add one example, the task's metrics from the accumulated examples)
-_BY_TYPE = {
-    registry.SEGMENTATION: (_seg_add, _seg_result),
-    registry.CLASSIFICATION: (_cls_add, _cls_result),
-    registry.DETECTION: (_shape_checked(lambda t: (4,)), _det_result),
-    registry.REGRESSION: (_shape_checked(lambda t: (t.num_points, 2)), _reg_result),
-}
+@dataclasses.dataclass(frozen=True)
+class Accumulator:
+  """How a task type's TaskEvaluator collects examples: `add(ev, pred, target, spacing, predicted_class)`
+  checks and stores one example, `result(ev)` gives the type's metrics from the stored examples (at least
+  one), `per_class(ev)` the per-class scores where the type has them ({} otherwise). tasks/types.py's table
+  names one per task type."""
+  add: Callable
+  result: Callable
+  per_class: Callable = _no_per_class
+
+
+SEGMENTATION_ACCUMULATOR = Accumulator(_seg_add, _seg_result, _seg_per_class)
+CLASSIFICATION_ACCUMULATOR = Accumulator(_cls_add, _cls_result)
+DETECTION_ACCUMULATOR = Accumulator(_shape_checked(lambda t: (4,)), _det_result)
+REGRESSION_ACCUMULATOR = Accumulator(_shape_checked(lambda t: (t.num_points, 2)), _reg_result)
 
 
 class TaskEvaluator:
@@ -265,7 +286,9 @@ class TaskEvaluator:
     self.task = task
     self.spacing = spacing
     self.convention = convention
-    self._add, self._result = _BY_TYPE[task.type]
+    # The table (tasks/types.py) refers to this module's accumulators, so it is read here, not at import.
+    from m2dino_jax.tasks import types  # noqa: PLC0415
+    self._kind = types.of(task)
     self._preds: list = []
     self._targets: list = []
     self._classes: list = []
@@ -274,7 +297,7 @@ class TaskEvaluator:
     return len(self._targets)
 
   def add(self, pred, target, spacing=None, predicted_class=None) -> None:
-    self._add(self, pred, target, spacing, predicted_class)
+    self._kind.accumulator.add(self, pred, target, spacing, predicted_class)
 
   def add_batch(self, preds, targets) -> None:
     """Adds every example of a batch (leading axis)."""
@@ -282,16 +305,13 @@ class TaskEvaluator:
       self.add(p, y)
 
   def per_class(self) -> dict[str, list[float]]:
-    """Segmentation only: mean Dice and HD per non-background class (classes 1..C-1)."""
-    if self.task.type != registry.SEGMENTATION or not self._preds:
-      return {}
-    d = np.stack([s[0] for s in self._preds]).mean(axis=0)
-    h = np.stack([s[1] for s in self._preds]).mean(axis=0)
-    return {"dice": d.tolist(), "hd": h.tolist()}
+    """Per-class scores where the type has them (segmentation: mean Dice and HD per non-background class,
+    classes 1..C-1); {} for other types or when nothing was added."""
+    return self._kind.accumulator.per_class(self) if self._preds else {}
 
   def result(self) -> dict[str, float]:
     """The task's metrics (NaN when nothing was added) and `n`, the number of examples."""
     n = len(self._targets)
-    out = self._result(self) if n else {name: math.nan for name in METRICS_BY_TYPE[self.task.type]}
+    out = self._kind.accumulator.result(self) if n else {name: math.nan for name in self._kind.metrics}
     out["n"] = n
     return out

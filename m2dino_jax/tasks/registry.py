@@ -41,6 +41,18 @@ DETECTION = "detection"
 REGRESSION = "regression"
 TASK_TYPES = (SEGMENTATION, CLASSIFICATION, DETECTION, REGRESSION)
 
+
+class UnknownTaskType(ConfigError, ValueError):
+  """A task type no table knows (a ConfigError; also a ValueError, which `metrics.primary_metric` raised
+  before the task-type table existed)."""
+
+
+def unknown_type(name, key: str = "tasks") -> UnknownTaskType:
+  """The one error for an unknown task type, raised by every per-type lookup (tasks/types.py's table and the
+  per-type tables kept below or beside it: data/records.py's target checks, infer/challenge.py's formats)."""
+  return UnknownTaskType(key, f"unknown task type '{name}'; known: {', '.join(TASK_TYPES)}")
+
+
 # The FMC_UIA CSVs spell the type this way (note the capital R).
 CSV_TYPE_NAMES = {"segmentation": SEGMENTATION, "classification": CLASSIFICATION,
                   "detection": DETECTION, "Regression": REGRESSION, "regression": REGRESSION}

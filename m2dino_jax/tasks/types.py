@@ -8,9 +8,14 @@ detection and regression, so that trainers, evaluation and inference never branc
   target       the batch / Record field holding the target (mask, label, box, points)
   to_original  one canvas prediction -> original pixel space (inverse of the letterbox / resize canvas)
   metrics      metric names of the type, headline first (tasks/metrics.py)
+  accumulator  how metrics.TaskEvaluator collects the type's examples and turns them into its metrics
   crop         one example's prediction padded to the type's largest head (shared programs) -> this task's
 
-A new task type is one new row here; an unknown type is a ConfigError naming it.
+A new task type is one new row here, plus a row in the two per-type tables that cannot live here without
+running against the data flow (tests/test_task_types.py asserts every table covers exactly these types):
+data/records.py's CHECKS (validation of a Record's target; data sits below this module) and
+infer/challenge.py's FORMATS (the challenge's prediction files: writer and reader; infer sits above tasks).
+An unknown type is a ConfigError naming it (registry.unknown_type, the one helper every lookup raises).
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2dino_jax.data import transforms
-from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import heads
 from m2dino_jax.tasks import losses, metrics, registry
 
@@ -38,6 +42,7 @@ class TaskType:
   to_original: Callable
   metrics: tuple[str, ...]
   crop: Callable
+  accumulator: metrics.Accumulator
 
   def target_of(self, record):
     """The target of a data/records.Record for this type."""
@@ -117,13 +122,13 @@ def _first_points(task, pred):
 
 TYPES: dict[str, TaskType] = {t.name: t for t in (
     TaskType(registry.SEGMENTATION, "mask", _seg_head, _seg_loss, _class_map, _mask_to_original,
-             metrics.METRICS_BY_TYPE[registry.SEGMENTATION], _unchanged),
+             metrics.METRICS_BY_TYPE[registry.SEGMENTATION], _unchanged, metrics.SEGMENTATION_ACCUMULATOR),
     TaskType(registry.CLASSIFICATION, "label", _cls_head, _cls_loss, _probabilities, _unchanged,
-             metrics.METRICS_BY_TYPE[registry.CLASSIFICATION], _first_classes),
+             metrics.METRICS_BY_TYPE[registry.CLASSIFICATION], _first_classes, metrics.CLASSIFICATION_ACCUMULATOR),
     TaskType(registry.DETECTION, "box", _box_head, _box_loss, lambda p: p, _box_to_original,
-             metrics.METRICS_BY_TYPE[registry.DETECTION], _unchanged),
+             metrics.METRICS_BY_TYPE[registry.DETECTION], _unchanged, metrics.DETECTION_ACCUMULATOR),
     TaskType(registry.REGRESSION, "points", _point_head, _point_loss, lambda p: p, _points_to_original,
-             metrics.METRICS_BY_TYPE[registry.REGRESSION], _first_points),
+             metrics.METRICS_BY_TYPE[registry.REGRESSION], _first_points, metrics.REGRESSION_ACCUMULATOR),
 )}
 
 
@@ -131,7 +136,7 @@ def of(task: registry.Task | str) -> TaskType:
   """The row of a task (or of a type name); an unknown type is a ConfigError."""
   name = task if isinstance(task, str) else task.type
   if name not in TYPES:
-    raise ConfigError("tasks", f"unknown task type '{name}'; known: {', '.join(TYPES)}")
+    raise registry.unknown_type(name)
   return TYPES[name]
 
 

@@ -16,13 +16,14 @@ restores it from the state any process wrote when the process count changed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from m2dino_jax import fileio
 
 _STARTED = False
 
@@ -76,7 +77,7 @@ class ElasticIteratorHandler(grain.checkpoint.CheckpointHandler):
     files = sorted(directory.glob("process_*-of-*.json"))
     if not files:
       raise ValueError(f"{directory}: no data iterator state (process_*-of-*.json)")
-    states = [json.loads(f.read_text()) for f in files]
+    states = [fileio.read_json(f, "data iterator state") for f in files]
     if any(s != states[0] for s in states[1:]):
       raise ValueError(f"{directory}: the {len(files)} processes saved different data iterator states, so "
                        f"they cannot be re-split over {jax.process_count()} processes")

@@ -24,26 +24,32 @@ import jax
 import numpy as np
 
 from m2dino_jax.errors import NonFiniteError
-from m2dino_jax.tasks.results import COUNT_KEYS
 from m2dino_jax.train import checkpointing
 
-RUN_WIDE = ("lr",)  # train metrics that belong to the run, not to the batch's task
+RUN_WIDE = ("lr",)  # train metrics that belong to the run, not to the batch's labels
+
+
+def is_count(key: str) -> bool:
+  """Whether a metric key is an example count rather than a curve: its last path part is `n` or `n_<what>`
+  (the naming convention of every trainer's metrics; tasks/results.COUNT_KEYS follow it, a test checks)."""
+  last = key.rsplit("/", 1)[-1]
+  return last == "n" or last.startswith("n_")
 
 
 def tb_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
   """The TensorBoard scalars of one metrics.jsonl line: {tag: value}.
 
-  Train lines (prefix "") are tagged `train/<task>/<name>` when they carry a string "task" label (one task per
-  multi-task batch), else `train/<name>`; the schedule's values (`RUN_WIDE`: lr) stay `train/<name>`, one curve.
-  Other lines keep `<prefix><name>` (e.g. eval/<task>/<metric>).
-  Example counts (`COUNT_KEYS`: n, n_train, ... as the last path part) are not curves and are left out, as are
+  Train lines (prefix "") are tagged `train/<labels>/<name>` when they carry string labels (the trainer's
+  own: the multi-task trainer labels each batch with its task), else `train/<name>`; the schedule's values
+  (`RUN_WIDE`: lr) stay `train/<name>`, one curve. Other lines keep `<prefix><name>` (e.g. eval/<task>/<metric>).
+  Example counts (`is_count`: n, n_train, ... as the last path part) are not curves and are left out, as are
   strings, lists and non-finite values (they stay in metrics.jsonl).
   """
-  task = metrics.get("task") if isinstance(metrics.get("task"), str) else None
-  base = prefix or ("train/" + (f"{task}/" if task else ""))
+  labels = [v for v in metrics.values() if isinstance(v, str)]
+  base = prefix or "/".join(["train", *labels, ""])
   out = {}
   for k, v in metrics.items():
-    if isinstance(v, float) and math.isfinite(v) and k.rsplit("/", 1)[-1] not in COUNT_KEYS:
+    if isinstance(v, float) and math.isfinite(v) and not is_count(k):
       out[("train/" if not prefix and k in RUN_WIDE else base) + k] = v
   return out
 
