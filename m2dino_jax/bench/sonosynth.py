@@ -2,8 +2,8 @@
 
 Speed: every task is timed on CPU seconds of this process (`time.process_time`: the one-core speed even
 when other jobs share the machine), one image at a time, the tasks interleaved so that load changes
-hit them all alike; geometry / filter caches are warmed first. Goal (issue 18): >= 60 images/s per core
-at 256 px for every task.
+hit them all alike; geometry / filter caches are warmed first (generator.warm_caches). Goal (issue 18):
+>= 60 images/s per core at 256 px for every task.
 
 Border CNR (segmentation tasks, `--cnr-images` samples each): for every labelled class the smallest
 contrast-to-noise ratio over its neighbouring labels, on the displayed images (sonosynth.measure).
@@ -50,7 +50,8 @@ def speed(tasks, sizes, images: int, seed: int = 0) -> list[dict]:
   rows = []
   for size in sizes:
     cpu = dict.fromkeys(tasks, 0.0)
-    for t in tasks:  # warm the caches
+    for t in tasks:  # warm the caches: geometry and every jittered PSF filter (the steady state)
+      generator.warm_caches(t, size)
       generator.sample(t, 0, seed=seed, size=size)
     for i in range(images):
       for t in tasks:

@@ -138,6 +138,12 @@ def _filters_cached(probe: Probe, h: int, w: int):
   return tf_x, tf_z, pad_x, pad_z
 
 
+def warm(probe: Probe, h: int, w: int) -> None:
+  """Build (and cache) the geometry and PSF filters of `probe` at h x w."""
+  geometry(probe, h, w)
+  _filters(probe, h, w)
+
+
 def _to_beam(image_map: np.ndarray, geo: scan.Geometry) -> np.ndarray:
   return image_map if geo.to_beam is None else geo.to_beam(image_map)
 
