@@ -175,3 +175,18 @@ def test_cardiac_is_no_longer_the_slow_task():
     return (time.process_time() - t0) / 4
   assert per_image("cardiac_multi") < 1.5 * per_image("fetal_head")
   assert math.isfinite(per_image("cardiac_multi"))
+
+
+def test_bench_stats_prints_every_realism_check(tmp_path, capsys):
+  """`m2dino bench sonosynth --stats` prints the realism table (the numbers of issue 18's note) and writes it."""
+  from m2dino_jax import cli, fileio
+  out = tmp_path / "stats.json"
+  assert cli.main(["bench", "sonosynth", "--images", "0", "--cnr-images", "0", "--stats",
+                   "--stats-realisations", "40", "--out", str(out)]) in (0, None)
+  text = capsys.readouterr().out
+  for check in ("log-envelope std convex 256px", "per-pixel log-std p5/p95", "lateral/axial phased 128px",
+                "Nakagami m muscle", "skull near-far", "cyst re tissue", "A-lines at k x pleural depth"):
+    assert check in text, check
+  stats = {r["check"]: r for r in fileio.read_json(out)["stats"]}
+  assert all(stats[f"Nakagami m {t}"]["ok"] for t in realism.TISSUES)
+  assert stats["cyst re tissue"]["ok"] and stats["skull near-far / side walls (3 scenes)"]["ok"]
