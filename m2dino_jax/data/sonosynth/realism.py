@@ -8,6 +8,7 @@ Each function simulates what it needs with fixed seeds and returns plain numbers
 - `grain_mm`: intensity-grain FWHM in mm (lateral, axial) in a depth band of a sector;
 - `tissue_m`: Nakagami m of fat / muscle / parenchyma / fluid in one scene, and its theory;
 - `skull_wall_ratio_db`: a fetal skull ring's near/far walls over its side walls;
+- `capsule_ratio_db`: the same for a kidney capsule (soft-tissue interfaces are partly specular);
 - `cyst_db`: an anechoic cyst re the tissue level with it;
 - `a_lines`: where a specular plate's reverberations peak, in multiples of its depth.
 """
@@ -189,3 +190,23 @@ def a_lines(size: int = 256, depth: int = 60, ratio_db: float = -8.0, seed: int 
     out[f"echo{k}_above_db"] = float(with_m[peak] - without[peak])
   out["fade_db"] = float(with_m[2 * depth] - with_m[3 * depth])
   return out
+
+
+def capsule_ratio_db(index: int, size: int = 256) -> float:
+  """A kidney capsule (organ_cls scene `index`, label kidney) where the beam meets it square on (|cos| > 0.9)
+  over where it runs along it (|cos| < 0.3), displayed power in dB (the capsule: a 2 px ring outside the
+  kidney, whose cortex the scene paints at exactly -6 dB; normals from the smoothed outline)."""
+  rng = np.random.default_rng([11, index])
+  cv = Canvas(size, scenes.CONVEX)
+  scene = scenes.organ_cls(cv, rng, 1)
+  kidney = ndimage.binary_fill_holes(scene.echo == np.float32(-6.0))
+  kidney = ndimage.binary_opening(kidney, iterations=2)
+  ring = ndimage.binary_dilation(kidney, iterations=2) & ~kidney & cv.fov
+  smooth = ndimage.gaussian_filter(kidney.astype(np.float32), 3.0)
+  ny, nx = np.gradient(smooth)
+  ys, xs = np.nonzero(ring)
+  norm = np.maximum(np.hypot(nx[ys, xs], ny[ys, xs]), 1e-9)
+  cos = np.abs(nx[ys, xs] * cv.beam_dir[0, ys, xs] + ny[ys, xs] * cv.beam_dir[1, ys, xs]) / norm
+  env = np.mean([physics.display_envelope(scene.echo, quiet("convex"), np.random.default_rng(s), scene.atten) ** 2
+                 for s in range(4)], axis=0)
+  return float(10 * np.log10(env[ys[cos > 0.9], xs[cos > 0.9]].mean() / env[ys[cos < 0.3], xs[cos < 0.3]].mean()))
