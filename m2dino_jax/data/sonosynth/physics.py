@@ -304,10 +304,10 @@ def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=
   else:
     a = _to_beam(np.asarray(atten, np.float32), geo) * two_way
     loss_db = np.cumsum(a, axis=0) - 0.5 * a
-  excess_db = loss_db - tgc_db[:, None]
+  excess_db = loss_db - tgc_db.astype(np.float32)[:, None]  # float32: the maps are, and it halves the work
   if probe.auto_tgc and atten is not None:
     excess_db = excess_db - probe.auto_tgc * _slider_profile(excess_db, geo.depth_step_mm)[:, None]
-  power = power * np.power(10.0, -excess_db / 10.0).astype(np.float32)
+  power = power * np.power(np.float32(10.0), excess_db * np.float32(-0.1))
   reverb = None
   if mirror is not None:
     reverb = _reverberation(power, _to_beam(np.asarray(mirror, np.float32), geo), excess_db)
