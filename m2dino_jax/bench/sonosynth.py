@@ -127,7 +127,7 @@ def realism_stats(realisations: int = 2000) -> list[dict]:
         f"{f['peak_lateral']:.2f} / {f['peak_axial']:.2f}", max(f["peak_lateral"], f["peak_axial"]) < 3)
   for name in ("convex", "phased"):
     p = realism.quiet(name)
-    g = {size: realism.grain_mm(p, size, (0.75, 0.92), seeds=12) for size in (128, 256, 512)}
+    g = {size: realism.grain_mm(p, size, (0.75, 0.92), seeds=30) for size in (128, 256, 512)}
     row(f"lateral grain mm {name} 128/256/512", "same +-10%", " / ".join(f"{g[s][0]:.2f}" for s in g))
     row(f"  lateral 256/512, 128/512 {name}", "1 +- 0.1", f"{g[256][0] / g[512][0]:.3f}, {g[128][0] / g[512][0]:.3f}",
         abs(g[256][0] / g[512][0] - 1) <= 0.1 and abs(g[128][0] / g[512][0] - 1) <= 0.1)
