@@ -185,6 +185,7 @@ def test_cardiac_is_no_longer_the_slow_task():
   assert math.isfinite(per_image("cardiac_multi"))
 
 
+@pytest.mark.slow
 def test_bench_stats_prints_every_realism_check(tmp_path, capsys):
   """`m2dino bench sonosynth --stats` prints the realism table (the numbers of issue 18's note) and writes it."""
   from m2dino_jax import cli, fileio
