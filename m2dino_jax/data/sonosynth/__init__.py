@@ -6,8 +6,9 @@
 
 physics: image formation (convolution model); scenes (27 task builders) on views, anatomy, obstetric,
 shapes; generator: records (opt-in scanner nuisances: nuisance); writer: the FMC_UIA layout; measure:
-border contrast-to-noise of labelled images. `m2dino bench sonosynth` times every task and renders a
-contact sheet.
+border contrast-to-noise of labelled images; realism: the issue-18 realism measurements (speckle statistics,
+flatness, grain, Nakagami m per tissue, specular walls, cyst level, A-lines). `m2dino bench sonosynth` times
+every task, renders a contact sheet and (`--stats`) prints the realism table.
 """
 
 from m2dino_jax.data.sonosynth.generator import generate, sample, task_size, throughput

@@ -30,12 +30,16 @@ def task_size(task_name: str, scale: float = 1.0) -> int:
   return max(MIN_IMAGES, int(round(SPECS[registry.get(task_name).name].base_size * scale)))
 
 
+_F0_SCALES = (0.85, 1.0, 1.15)
+_FOCUS_SCALES = (0.75, 1.0, 1.25)
+
+
 def _jitter_probe(probe: physics.Probe, rng) -> physics.Probe:
   """Per-image scanner settings: frequency, focus, dynamic range and gain vary as between machines.
   Frequency and focus take a few discrete values so the PSF filter cache stays small."""
   return dataclasses.replace(
-      probe, f0_mhz=probe.f0_mhz * float(rng.choice([0.85, 1.0, 1.15])),
-      focus_mm=probe.focus_mm * float(rng.choice([0.75, 1.0, 1.25])),
+      probe, f0_mhz=probe.f0_mhz * float(rng.choice(list(_F0_SCALES))),
+      focus_mm=probe.focus_mm * float(rng.choice(list(_FOCUS_SCALES))),
       dynamic_range_db=float(rng.uniform(50.0, 65.0)), tissue_grey=float(rng.uniform(0.4, 0.52)))
 
 
@@ -94,6 +98,15 @@ def sample(task_name: str, index: int, *, seed: int, size: int = 256, nuisance=N
   if names:
     rec = nuisances.apply(rec, names, nrng, cv.fov)
   return validate(rec)
+
+
+def warm_caches(task_name: str, size: int = 256) -> None:
+  """Build the geometry and every PSF filter (one per jittered frequency x focus) a task uses at `size`, as a
+  long-running data loader has them after its first few dozen images: timings then measure the steady state."""
+  probe = SPECS[registry.get(task_name).name].probe
+  for f0 in _F0_SCALES:
+    for focus in _FOCUS_SCALES:
+      physics.warm(dataclasses.replace(probe, f0_mhz=probe.f0_mhz * f0, focus_mm=probe.focus_mm * focus), size, size)
 
 
 def generate(task_name: str, n: int, *, seed: int, size: int = 256, start: int = 0, nuisance=None) -> list[Record]:

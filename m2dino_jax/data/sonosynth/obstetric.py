@@ -23,6 +23,7 @@ from m2dino_jax.data.sonosynth.shapes import (
   FLUID_ATTEN,
   FLUID_DB,
   MUSCLE_DB,
+  MUSCLE_DENSITY,
   WALL_DB,
   Canvas,
   blob,
@@ -45,16 +46,18 @@ FETAL_TISSUE_DB = -1.0
 
 def _layers(cv: Canvas, rng, echo, atten, depth, bounds, levels, kinds):
   """Paints depth layers in one pass: layer k lies between bounds[k - 1] and bounds[k] (mm along the beam).
-  kinds[k]: 'add' (level added to the texture already in echo), 'fluid', or 'fat' (added, sparse scatterers)."""
+  kinds[k]: 'add' (level added to the texture already in echo), 'fluid', 'fat' or 'muscle' (added, with
+  FAT_DENSITY / MUSCLE_DENSITY scatterers: pre-Rayleigh speckle)."""
   idx = np.searchsorted(np.asarray(bounds, np.float32), depth)
   level = np.asarray(levels, np.float32)[idx]
   fluid_k = np.array([k == "fluid" for k in kinds])
   fluid = fluid_k[idx]
   echo[...] = np.where(fluid, np.float32(FLUID_DB), echo + level)
   atten[fluid] = FLUID_ATTEN
-  fat_k = [i for i, k in enumerate(kinds) if k == "fat"]
-  if fat_k:
-    cv.density_map()[np.isin(idx, fat_k)] = FAT_DENSITY
+  for kind, density in (("fat", FAT_DENSITY), ("muscle", MUSCLE_DENSITY)):
+    ks = [i for i, k in enumerate(kinds) if k == kind]
+    if ks:
+      cv.density_map()[np.isin(idx, ks)] = density
   return idx
 
 
@@ -71,7 +74,7 @@ def maternal_context(cv: Canvas, rng, echo, atten, clear_mm: float, placenta_p: 
   depth = cv.depth_mm + wave[None, :].astype(np.float32)
   wall = [rng.uniform(1.5, 2.5), rng.uniform(4.0, 14.0), 0.6, rng.uniform(4.0, 8.0), 0.5, rng.uniform(4.0, 9.0)]
   wall_lv = [8.0, FAT_DB, WALL_DB, MUSCLE_DB, WALL_DB, MYOMETRIUM_DB]
-  wall_kind = ["add", "fat", "add", "add", "add", "add"]
+  wall_kind = ["add", "fat", "add", "muscle", "add", "add"]
   room = clear_mm - rng.uniform(1.5, 8.0)
   placenta = [1.5, rng.uniform(16.0, 30.0), 1.0]  # basal (retroplacental) zone, placenta, chorionic plate
   where = rng.choice(["front", "back", "none"], p=[placenta_p, placenta_p, 1 - 2 * placenta_p])

@@ -38,7 +38,10 @@ from m2dino_jax.data.sonosynth import scan
 SPEED_OF_SOUND_MM_US = 1.54
 # E[20 log10 R] for a Rayleigh amplitude R with E[R^2] = 1 is 10 log10(exp(-Euler gamma)).
 LOG_RAYLEIGH_MEAN_DB = -10.0 * 0.5772156649015329 / math.log(10.0)
-ANTI_ALIAS_SIGMA = 0.5  # PSF floor in display pixels: the scanner's decimation filter before display
+ANTI_ALIAS_SIGMA = 0.5  # PSF floor in display pixels: the scanner's decimation filter before display (linear)
+# Sector: the area-averaging scan conversion is itself a (box) decimation filter, so the Gaussian floor before it
+# is smaller; 0.5 px on top of the box blurred sub-pixel grain by ~40% at 128 px (issue 18 grain target).
+SECTOR_ANTI_ALIAS_SIGMA = 0.3
 MAX_LATERAL_SIGMA_PX = 24.0  # cap, in lines: a phased array's apex would otherwise blur ~500 lines
 HAZE_DB, HAZE_DEPTH_MM = 10.0, 8.0  # near-field clutter: clutter_db + HAZE_DB at the skin, e-folding depth
 RINGDOWN_SPACING_MM = 0.5  # bounce spacing of a ring-down resonator (fluid trapped between air bubbles)
@@ -86,8 +89,10 @@ def psf_sigmas_px(probe: Probe, h: int, w: int) -> tuple[float, np.ndarray]:
   lambda * focus / aperture at the focus, the aperture's geometric cone away from it) and the receive
   beam (dynamic focusing at F# = max(f_number, depth / aperture): diffraction-limited until the array's
   full aperture is in use, then widening in proportion to depth), so 1/s^2 = 1/s_tx^2 + 1/s_rx^2.
-  Both get the display's anti-alias filter (ANTI_ALIAS_SIGMA display pixels, in quadrature); the
-  lateral one is capped at MAX_LATERAL_SIGMA_PX lines (a phased array's apex, where lines converge).
+  Both get the display's anti-alias filter in quadrature, in mm on both axes (ANTI_ALIAS_SIGMA display
+  pixels for a linear probe, SECTOR_ANTI_ALIAS_SIGMA before a sector's area-averaging scan conversion; in
+  lines it is wider near a sector's apex, where lines converge); the lateral one is capped at
+  MAX_LATERAL_SIGMA_PX lines (a phased array's apex).
   """
   geo = geometry(probe, h, w)
   # Gaussian pulse with -6 dB bandwidth B*f0: sigma_t = sqrt(2 ln 2) / (pi B f0); depth = c t / 2.
@@ -102,9 +107,10 @@ def psf_sigmas_px(probe: Probe, h: int, w: int) -> tuple[float, np.ndarray]:
   sigma_cone_mm = tx_aperture / fwhm * np.abs(geo.depth_mm - probe.focus_mm) / probe.focus_mm
   sigma_tx_mm = np.sqrt(sigma_focus_mm ** 2 + sigma_cone_mm ** 2)
   sigma_x_mm = 1.0 / np.sqrt(1.0 / sigma_tx_mm ** 2 + 1.0 / sigma_rx_mm ** 2)
-  floor = ANTI_ALIAS_SIGMA * geo.spacing_mm[1] / geo.depth_step_mm  # beam samples per display pixel
-  sigma_z = math.hypot(sigma_z_mm / geo.depth_step_mm, floor)
-  sigma_x = np.minimum(np.hypot(sigma_x_mm / geo.line_step_mm, floor), MAX_LATERAL_SIGMA_PX)
+  # the display filter, in mm on both axes (a sector's lines converge: in lines it is wider near the apex)
+  floor_mm = (ANTI_ALIAS_SIGMA if geo.to_image is None else SECTOR_ANTI_ALIAS_SIGMA) * geo.spacing_mm[1]
+  sigma_z = math.hypot(sigma_z_mm, floor_mm) / geo.depth_step_mm
+  sigma_x = np.minimum(np.hypot(sigma_x_mm, floor_mm) / geo.line_step_mm, MAX_LATERAL_SIGMA_PX)
   return sigma_z, sigma_x
 
 
@@ -136,6 +142,12 @@ def _filters_cached(probe: Probe, h: int, w: int):
   tf_x = _unit_energy_gaussian_tf(sigma_x_padded, nx)
   tf_z = _unit_energy_gaussian_tf(np.array([sigma_z]), nzp)[0][:, None]
   return tf_x, tf_z, pad_x, pad_z
+
+
+def warm(probe: Probe, h: int, w: int) -> None:
+  """Build (and cache) the geometry and PSF filters of `probe` at h x w."""
+  geometry(probe, h, w)
+  _filters(probe, h, w)
 
 
 def _to_beam(image_map: np.ndarray, geo: scan.Geometry) -> np.ndarray:
@@ -292,10 +304,10 @@ def envelope(echo_db: np.ndarray, probe: Probe, rng: np.random.Generator, atten=
   else:
     a = _to_beam(np.asarray(atten, np.float32), geo) * two_way
     loss_db = np.cumsum(a, axis=0) - 0.5 * a
-  excess_db = loss_db - tgc_db[:, None]
+  excess_db = loss_db - tgc_db.astype(np.float32)[:, None]  # float32: the maps are, and it halves the work
   if probe.auto_tgc and atten is not None:
     excess_db = excess_db - probe.auto_tgc * _slider_profile(excess_db, geo.depth_step_mm)[:, None]
-  power = power * np.power(10.0, -excess_db / 10.0).astype(np.float32)
+  power = power * np.power(np.float32(10.0), excess_db * np.float32(-0.1))
   reverb = None
   if mirror is not None:
     reverb = _reverberation(power, _to_beam(np.asarray(mirror, np.float32), geo), excess_db)

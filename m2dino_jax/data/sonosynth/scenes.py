@@ -49,10 +49,16 @@ from m2dino_jax.data.sonosynth.shapes import (
   blob,
   ellipse,
   ellipse_at,
+  ellipse_normal,
   polar_dir,
   segment_distance,
   smooth_noise,
+  specular_db,
 )
+
+# Soft-tissue interfaces (organ capsules, the diaphragm, a bladder wall) are partly specular: brightest where the
+# beam meets them square on, down to this much (dB) where it runs along them (rougher than bone: floor -18 dB).
+CAPSULE_FLOOR_DB = -10.0
 
 # Apertures: a convex array's ~64 active elements at 3.5 MHz span ~24 mm, a phased array's ~20 mm,
 # an endocavity array's ~12 mm; beyond depth = aperture * F# the beam widens with depth.
@@ -242,15 +248,18 @@ def organ_cls(cv, rng, label):
   s = cv.size
   ang = rng.uniform(-0.5, 0.5)
   if label == 0:  # liver: big parenchyma, vessels, diaphragm
-    diaphragm = np.abs(ellipse(cv, c[0], c[1] - s * 0.1, s * 0.6, s * 0.45, ang) - 1) < 0.02
-    echo[diaphragm] = WALL_DB + 4
+    shape = (c[0], c[1] - s * 0.1, s * 0.6, s * 0.45, ang)
+    diaphragm = np.abs(ellipse(cv, *shape) - 1) < 0.02
+    echo[diaphragm] = WALL_DB + 4 + specular_db(cv, *ellipse_normal(cv, *shape), CAPSULE_FLOOR_DB)[diaphragm]
     for _ in range(3):
       p0, p1 = V.centre(cv, rng, y=0.4, jitter=0.25), V.centre(cv, rng, y=0.4, jitter=0.25)
       echo[segment_distance(cv, p0, p1) < cv.px(0.012)] = BLOOD_DB
   elif label == 1:  # kidney: dark cortex, bright central sinus, capsule
-    rho = ellipse(cv, *c, s * rng.uniform(0.2, 0.26), s * rng.uniform(0.1, 0.13), ang)
+    shape = (*c, s * rng.uniform(0.2, 0.26), s * rng.uniform(0.1, 0.13), ang)
+    rho = ellipse(cv, *shape)
     echo[rho < 1] = -6.0
-    echo[(rho >= 1) & (rho < 1.06)] = WALL_DB
+    capsule = (rho >= 1) & (rho < 1.06)
+    echo[capsule] = WALL_DB + specular_db(cv, *ellipse_normal(cv, *shape), CAPSULE_FLOOR_DB)[capsule]
     sinus = blob(cv, rng, *c, s * 0.12, s * 0.04, ang, wobble=0.2) < 1
     echo[sinus] = 9.0 + 2.0 * smooth_noise(cv, rng, 30)[sinus]
   elif label == 2:  # spleen: homogeneous crescent

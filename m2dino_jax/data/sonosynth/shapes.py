@@ -23,6 +23,9 @@ FAT_DENSITY = 0.4  # scatterers per beam sample in fat: few per resolution cell,
 SPECULAR_FLOOR_DB = -18.0  # a specular surface seen edge-on still scatters this much (rough bone)
 WALL_DB = 10.0
 MUSCLE_DB = -3.0
+# Skeletal muscle: scatterers concentrated on the fibrous septa between fascicles, fewer per resolution cell
+# than parenchyma (dense, fully developed: Nakagami m = 1), more than fat: m ~ 0.8 with a linear probe.
+MUSCLE_DENSITY = 0.6
 BLOOD_DB, BLOOD_ATTEN = -32.0, 0.18
 
 
