@@ -66,6 +66,43 @@ def test_table_without_na_has_no_na_footnote_and_official_names_its_convention()
   assert "official convention" in table.format_table(ok, "t", convention="official")
 
 
+BASELINES = {
+    "fetal_head": {"dice": 0.625, "hd": 30.0, "n": 20},
+    "lung": {"dice": 0.6, "hd": 20.0, "n": 10},
+    "lung_2cls": {"auc": 0.5, "accuracy": 0.7, "n": 10},
+    "breast_2cls": {"auc": 0.5, "accuracy": 0.5, "n": 12},
+    "fetal_femur": {"mre": 9.0, "n": 8},
+}
+
+
+def test_table_baseline_column_follows_the_primary_metric_and_counts_wins():
+  text = table.format_table(RESULTS, "per-task metrics (au)", baselines=BASELINES)
+  lines = text.splitlines()
+  rows = _rows(text)
+  seg_header = next(ln for ln in lines if ln.startswith("segmentation "))
+  assert re.split(r"\s{2,}", seg_header.strip()) == ["segmentation", "n", "n_train", "dice ↑", "baseline",
+                                                       "hd [px] ↓"]
+  assert rows["fetal_head"] == ["fetal_head", "20", "80", "0.8000", "0.6250", "12.00"]
+  assert rows["lung_2cls"][3:6] == ["n/a", "0.5000", "0.7000"]  # baseline right after AUC, before accuracy
+  assert rows["fetal_femur"][3:] == ["7.25", "9.00"]  # pixel metric: 2 decimals
+  seg_mean = next(ln for ln in lines if ln.startswith("segmentation: mean of 2 tasks"))
+  assert seg_mean.split()[-3:] == ["0.6500", "0.6125", "26.50"]  # (0.625 + 0.6) / 2
+  # dice 0.8 > 0.625, 0.5 < 0.6; AUC 0.6 > 0.5, n/a does not beat; MRE 7.25 < 9 (lower is better)
+  assert "segmentation: beats baseline: 1 of 2 tasks" in lines
+  assert "classification: beats baseline: 1 of 2 tasks" in lines
+  assert "regression: beats baseline: 1 of 1 task" in lines
+  assert any(ln.startswith("baseline = the trivial prediction fitted on the training split") for ln in lines)
+  assert table.beats_baseline(RESULTS, BASELINES) == {"segmentation": (1, 2), "classification": (1, 2),
+                                                      "regression": (1, 1)}
+  # a task without a baseline is left out of the count and shows n/a in the column
+  partial = {k: v for k, v in BASELINES.items() if k != "lung"}
+  assert "segmentation: beats baseline: 1 of 1 task" in table.format_table(RESULTS, "t", baselines=partial)
+  assert _rows(table.format_table(RESULTS, "t", baselines=partial))["lung"][4] == "n/a"
+  # without baselines the table is unchanged
+  assert table.format_table(RESULTS, "t", baselines={}) == table.format_table(RESULTS, "t")
+  assert "baseline" not in table.format_table(RESULTS, "t")
+
+
 def test_trainer_prints_the_shared_table(tmp_path, capsys):
   from m2dino_jax.tasks import results
   results.write_eval(tmp_path / "eval", 5, "au", RESULTS)
