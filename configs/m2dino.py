@@ -97,6 +97,8 @@ def get_config(arg=None):
   c.log_every = 10
   c.eval_every = 0  # 0 = only at the end
   c.tensorboard = True
+  # the final per-task table also shows each task's trivial baseline (tasks/baselines.py; fitted on the train split)
+  c.report_baselines = False
   c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=2, async_save=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.mesh_devices = -1  # use the first N devices (-1 = all)

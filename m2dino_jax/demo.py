@@ -148,34 +148,13 @@ def ensure_data(root: Path = DATA, settings: dict | None = None, tasks=None, wor
 
 
 def train(paradigm: str, steps: int) -> int:
-  """Trains one paradigm; the trainer's own table is replaced by the one with baselines (`print_results`)."""
-  from m2dino_jax.train.multitask import trainer
-
+  """Trains one paradigm; the trainer prints the per-task table with each task's trivial baseline."""
   s = TRAIN_SETTINGS
   argv = [f"--config=configs/m2dino.py:paradigm={paradigm},smoke,steps={steps}",
           f"--workdir={RUNS / paradigm}", "--config.data.source.kind=folder",
-          f"--config.data.source.root={DATA}", "--config.log_every=20",
+          f"--config.data.source.root={DATA}", "--config.log_every=20", "--config.report_baselines=True",
           f"--config.data.image_size={s['image_size']}", f"--config.data.batch_size={s['batch_size']}"]
-  printer, trainer.print_table = trainer.print_table, lambda run: None
-  try:
-    return main.main(argv)
-  finally:
-    trainer.print_table = printer
-
-
-def print_results(paradigm: str) -> tuple[int, int]:
-  """Prints the run's per-task table with each task's trivial baseline; returns (tasks beating it, tasks)."""
-  import ml_collections
-
-  from m2dino_jax.tasks import baselines, results, table
-
-  root = RUNS / paradigm
-  run = results.load_run(root, paradigm)
-  config = ml_collections.ConfigDict(fileio.read_json(root / "config.json"))
-  base = baselines.for_config(config.data, list(run.tasks))
-  print("\n" + table.format_table(run.tasks, f"per-task metrics ({run.label})", baselines=base))
-  counts = table.beats_baseline(run.tasks, base).values()
-  return sum(k for k, _ in counts), sum(n for _, n in counts)
+  return main.main(argv)
 
 
 def run(argv=None) -> int:
@@ -189,8 +168,6 @@ def run(argv=None) -> int:
     code = train(paradigm, args.steps)
     if code:
       return code
-    k, n = print_results(paradigm)
-    print(f"{paradigm}: beats its trivial baseline on {k} of {n} tasks")
   if args.all:
     cli.main(["report", "--runs", *(f"{k}={RUNS / k}" for k in ("ts", "cg", "au")), "--out", str(RUNS / "report")])
   print(f"\ndone in {time.perf_counter() - t0:.0f} s; runs under {RUNS}/ "

@@ -63,23 +63,22 @@ def test_simulator_hash_follows_the_simulator_source(tmp_path, monkeypatch):
   assert demo.simulator_hash() != first
 
 
-def test_print_results_puts_each_task_beside_its_baseline(tmp_path, capsys, monkeypatch):
-  from m2dino_jax import fileio
+def test_trainer_table_puts_each_task_beside_its_baseline(tmp_path, capsys):
   from m2dino_jax.tasks import baselines, results
+  from m2dino_jax.train.multitask import trainer
 
   data = demo.ensure_data(tmp_path / "sonosynth", SMALL, TASKS, workers=1)
   cfg = pipeline.default_data_config()
   cfg.source.kind, cfg.source.root = "folder", str(data)
-  monkeypatch.setattr(demo, "RUNS", tmp_path / "runs")
-  fileio.write_json(tmp_path / "runs" / "au" / "config.json", {"data": cfg.to_dict()})
   base = baselines.for_config(cfg, TASKS)
   model = {"lung_2cls": {"auc": 0.75, "accuracy": 0.5, "n": 3},  # AUC 0.75 > 0.5
            "fetal_femur": {"mre": base["fetal_femur"]["mre"] + 1.0, "n": 3}}  # 1 px worse than the mean points
   results.write_eval(tmp_path / "runs" / "au" / "eval", 10, "au", model)
   capsys.readouterr()
-  assert demo.print_results("au") == (1, 2)
+  assert trainer.print_table(results.load_run(tmp_path / "runs" / "au", "au"), cfg) == (1, 2)
   out = capsys.readouterr().out
   row = next(ln for ln in out.splitlines() if ln.startswith("  fetal_femur")).split()
   mre = base["fetal_femur"]["mre"]
   assert [float(v) for v in row[-2:]] == [round(mre + 1, 2), round(mre, 2)]
   assert "classification: beats baseline: 1 of 1 task" in out and "regression: beats baseline: 0 of 1 task" in out
+  assert "au: beats its trivial baseline on 1 of 2 tasks" in out

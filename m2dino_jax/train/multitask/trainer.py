@@ -30,7 +30,7 @@ from m2dino_jax.data import pipeline
 from m2dino_jax.errors import ConfigError
 from m2dino_jax.models import convert, moe_dispatch, vit
 from m2dino_jax.models import moe as moe_lib
-from m2dino_jax.tasks import registry, table, types
+from m2dino_jax.tasks import baselines, registry, table, types
 from m2dino_jax.tasks import results as results_lib
 from m2dino_jax.train import checkpointing, core, loop, optim
 from m2dino_jax.train import workdir as workdir_lib
@@ -341,10 +341,19 @@ def train_and_evaluate(config, workdir: str) -> str:
   for name, tasks in plan_models(config):
     if _Run(config, root / name, name, tasks).train() == loop.PREEMPTED:
       return loop.PREEMPTED
-  print_table(results_lib.load_run(root, config.paradigm))
+  print_table(results_lib.load_run(root, config.paradigm), config.data if config.get("report_baselines") else None)
   return loop.COMPLETED
 
 
-def print_table(run) -> None:
-  """The per-task table of a run's chosen eval files (`tasks.table`: n, units, better direction, type means)."""
-  print("\n" + table.format_table(run.tasks, f"per-task metrics ({run.label})"))
+def print_table(run, data_config=None) -> tuple[int, int] | None:
+  """The per-task table of a run's chosen eval files (`tasks.table`: n, units, better direction, type means).
+  With the run's `data_config`, each task's trivial baseline (tasks/baselines.py) is shown next to its primary
+  metric, and (tasks beating it, tasks) is returned."""
+  base = baselines.for_config(data_config, list(run.tasks)) if data_config is not None else None
+  print("\n" + table.format_table(run.tasks, f"per-task metrics ({run.label})", baselines=base))
+  if base is None:
+    return None
+  counts = table.beats_baseline(run.tasks, base).values()
+  beat, total = sum(k for k, _ in counts), sum(n for _, n in counts)
+  print(f"{run.label}: beats its trivial baseline on {beat} of {total} tasks")
+  return beat, total
