@@ -36,7 +36,8 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, crop=96, in_chans=1, mask_ratio=0.75, dec_dim=384, dec_depth=4, dec_heads=12,
       dec_mlp_ratio=4, norm_pix_loss=True, remat=False, dtype="float32"))
-  c.head = ml_collections.ConfigDict(dict(feature_size=16, skips=(), hidden=256, pool="mean"))
+  # raw_skip=False: UNETR without its conv path on the input voxels (tokens only; the encoder's contribution)
+  c.head = ml_collections.ConfigDict(dict(feature_size=16, skips=(), hidden=256, pool="mean", raw_skip=True))
 
   c.data = ml_collections.ConfigDict(dict(
       source="phantoms",  # 'phantoms' | 'files' (segmentation: files + label_files, sorted into pairs)

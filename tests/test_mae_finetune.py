@@ -126,22 +126,37 @@ def test_smoke_finetunes_from_the_checkpoint_lower_the_loss_and_report_dice_and_
 # 8^3 patches: 8 tokens, so the MAE must learn the anatomy to inpaint), then the same UNETR fine-tune (one
 # labelled brain_t1 volume, 40 steps, encoder lr 3e-4 with layer decay 0.75, head x10) from the checkpoint and
 # from random init, over paired seeds (the same data order and head init for both).
+#
+# The fine-tune runs WITHOUT the UNETR's raw-voxel conv path (head.raw_skip=False): the diagnostic of what the
+# encoder contributes. With the default path (raw_skip=True) a full-resolution conv net on the voxels learns these
+# intensity-defined classes in 40 steps whatever the encoder holds, and pretraining does NOT beat random init:
+# measured (nice 5, 2 loaded cores, sample sd over seeds 0-2) pretrained 0.3218 +- 0.092 vs random 0.3311 +- 0.110,
+# paired -0.009 +- 0.023 (per seed +0.010, -0.035, -0.003); encoder frozen 0.3212 vs 0.3300; with a 3000-step
+# pretraining 0.3265 vs 0.3311, paired -0.005 +- 0.008. Without the raw path (this test's setting), seeds 0-4:
+# pretrained 0.1603 +- 0.0162 vs random 0.1486 +- 0.0223, paired +0.0117 +- 0.0090 (5 of 5 seeds positive; seeds
+# 0-2 here: +0.026, +0.010, +0.008); encoder frozen, seeds 0-2: +0.014; 3000 pretraining steps, seeds 0-4: +0.0086
+# +- 0.0054 (4 of 5 positive). The gain is an early-learning gain, seeds 0-2: 20 fine-tune steps (3000-step
+# pretraining) +0.003 +- 0.006 (both barely learn); 100 steps -0.002 +- 0.019 (both reach ~0.26: the random encoder
+# has caught up). The MLP classifier (lesion present; whole volume resized to 16^3, 16 labelled / 16 held-out
+# volumes, 60 steps, seeds 0-2) stays at chance from either init (accuracy 0.44 = the majority class; AUC 0.48 vs
+# 0.57 over 16 volumes), so it shows nothing at this scale.
 PRETRAIN = ["total_steps=1000", "data.per_domain=6", "data.heldout=1", "model.variant=mu/8", "model.crop=16",
             "data.crop=16", "data.phantom_size=24"]
 FINETUNE = ["total_steps=40", "data.domain=brain_t1", "data.train_volumes=1", "model.variant=mu/8", "model.crop=16",
             "data.crop=16", "data.phantom_size=24", "optim.lr=3e-4", "optim.head_lr_mult=10", "optim.layer_decay=0.75",
-            "save_params=False", "log_every=100"]
+            "head.raw_skip=False", "save_params=False", "log_every=100"]
 SEEDS = 3
 
 
 @pytest.mark.slow
-def test_smoke_unetr_from_the_mae_checkpoint_against_random_init(tmp_path):
+def test_smoke_unetr_from_the_mae_checkpoint_beats_random_init_on_the_encoder_only_decoder(tmp_path):
   from m2dino_jax.scaling import measurements
   from m2dino_jax.train import mae
   work = tmp_path / "mae"
   assert mae.train_and_evaluate(configlib.load_config("configs/mae3d.py:smoke", PRETRAIN), str(work)) == loop.COMPLETED
   first, last = measurements.read_measurements(work / "measurements.jsonl")
-  assert all(last.loss[d] < first.loss[d] for d in first.loss), (first.loss, last.loss)
+  # the held-out loss falls substantially in every domain (measured: 1.13-1.15 -> 0.34-0.86)
+  assert all(last.loss[d] < 0.8 * first.loss[d] for d in first.loss), (first.loss, last.loss)
   cache, dice = {}, {"pretrained": [], "random": []}
   for seed in range(SEEDS):
     for name, init in (("pretrained", str(work)), ("random", "")):
@@ -151,13 +166,12 @@ def test_smoke_unetr_from_the_mae_checkpoint_against_random_init(tmp_path):
       dice[name].append(json.loads((out / "done.json").read_text())["mean_dice"])
   pre, rand = np.asarray(dice["pretrained"]), np.asarray(dice["random"])
   diff = pre - rand
-  msg = (f"mean Dice over {SEEDS} seeds: pretrained {pre.mean():.4f} +- {pre.std():.4f} {np.round(pre, 4).tolist()}, "
-         f"random init {rand.mean():.4f} +- {rand.std():.4f} {np.round(rand, 4).tolist()}; paired difference "
-         f"{diff.mean():+.4f} +- {diff.std():.4f}")
+  msg = (f"mean Dice over {SEEDS} seeds: pretrained {pre.mean():.4f} +- {pre.std(ddof=1):.4f} "
+         f"{np.round(pre, 4).tolist()}, random init {rand.mean():.4f} +- {rand.std(ddof=1):.4f} "
+         f"{np.round(rand, 4).tolist()}; paired difference {diff.mean():+.4f} +- {diff.std(ddof=1):.4f}")
   print(msg)
   assert np.all(np.isfinite(diff)) and rand.mean() > 0.1 and pre.mean() > 0.1, msg  # both learn the large classes
-  # What holds at this scale: pretraining is not worse (margin 0.05 Dice on the paired mean). It does NOT beat
-  # random init: measured (nice 5, 2 loaded cores) pretrained 0.3218 +- 0.0753 vs random 0.3311 +- 0.0902, paired
-  # -0.009; with the encoder frozen 0.3212 vs 0.3300: the UNETR decoder's full-resolution conv path learns these
-  # intensity-defined classes in 40 steps and the encoder's features (pretrained or random) barely matter.
-  assert diff.mean() > -0.05, msg
+  # Pretrained beats random init on the paired mean. The margin is 0: over 5 seeds the paired difference was
+  # +0.0117 with sd 0.0090, so a 3-seed mean has a standard error of ~0.005 and mean - 2 SE is ~+0.001; a larger
+  # margin would claim more than the spread supports. Most seeds must agree, not one outlier carry the mean.
+  assert diff.mean() > 0 and (diff > 0).sum() >= SEEDS - 1, msg

@@ -94,3 +94,23 @@ def test_finetune_encoder_is_the_mae_encoder_and_heads_have_the_right_shapes():
   cls = unetr.FineTune3D(enc, unetr.HeadConfig(task="classification", num_classes=3, hidden=8, pool="cls_mean"),
                          rngs=nnx.Rngs(0))
   assert nnx.jit(lambda m, v: m(v))(cls, vol).shape == (1, 3)
+
+
+def test_without_the_raw_voxel_path_the_logits_are_a_function_of_the_encoder_tokens_only():
+  enc = mae3d.MAE3DConfig.from_config(dict(variant="mu/8", crop=16, depth=2, dec_dim=16, dec_depth=1, dec_heads=2))
+  vol = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 16, 1)), jnp.float32)
+  grid = (2, 2, 2)
+  for raw_skip in (True, False):
+    seg = unetr.FineTune3D(enc, unetr.HeadConfig(num_classes=3, feature_size=4, raw_skip=raw_skip), rngs=nnx.Rngs(0))
+    full, blind = nnx.jit(lambda m, v: (m(v), m.head(jnp.zeros_like(v), *m.encoder(v, m.skips), grid)))(seg, vol)
+    assert full.shape == (1, 16, 16, 16, 3)
+    _, params = nnx.split(seg, nnx.Param)
+    level0 = seg.head.ups[-1].block.conv1.kernel.value.shape  # the level-0 block reads (upsampled, raw?)
+    if raw_skip:  # the decoder reads the voxels: zeroing them (encoder tokens fixed) changes the logits
+      assert "stem" in params["head"] and level0 == (3, 3, 3, 8, 4)
+      assert np.abs(np.asarray(full) - np.asarray(blind)).max() > 1e-3
+    else:  # only the encoder reads the voxels
+      assert "stem" not in params["head"] and level0 == (3, 3, 3, 4, 4)
+      np.testing.assert_array_equal(np.asarray(full), np.asarray(blind))
+  with pytest.raises(ConfigError, match="head.raw"):
+    unetr.HeadConfig.from_config({"raw": False}, "segmentation", 2)

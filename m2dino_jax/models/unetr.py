@@ -4,7 +4,10 @@ sliding-window inference over whole volumes.
 UNETR (Hatamizadeh et al. 2022; MONAI's layout): the encoder (`mae3d.Encoder3D`, the MAE's weights) sees all
 p^3 patches of a crop. With p = 2^k the decoder has k + 1 resolution levels, level l at 1 / 2^l of the input
 (level k = the token grid):
-  level 0      a residual conv block on the input voxels (fs channels)
+  level 0      a residual conv block on the input voxels (fs channels); `raw_skip=False` drops it (the level-0
+               block then refines the upsampled features alone), so every voxel's logit is a function of the
+               encoder's tokens only: the diagnostic of what the encoder contributes (with the raw-voxel path a
+               conv net on the voxels can learn intensity-defined classes whatever the encoder holds)
   level l      the output of encoder block skips[l - 1] (1 <= l < k), brought up from the token grid by
                k - l transposed convolutions (fs * 2^l channels)
   bottleneck   the final normed tokens on the token grid
@@ -45,6 +48,7 @@ class HeadConfig:
   skips: tuple[int, ...] = ()
   hidden: int = 256  # classifier hidden width
   pool: str = "mean"
+  raw_skip: bool = True  # UNETR: the full-resolution conv path on the input voxels (False: tokens only)
 
   @classmethod
   def from_config(cls, cfg, task: str, num_classes: int) -> HeadConfig:
@@ -149,14 +153,15 @@ class SkipPath(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-  """x2 transposed conv, concatenate the skip, res block."""
+  """x2 transposed conv, concatenate the skip (if any), res block."""
 
-  def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, embed_in: bool = False):
+  def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, embed_in: bool = False, skip: bool = True):
     self.up = _deconv(cin, cout, rngs, embed_in=embed_in)
-    self.block = ResBlock(2 * cout, cout, rngs=rngs)
+    self.block = ResBlock(2 * cout if skip else cout, cout, rngs=rngs)
 
-  def __call__(self, x, skip):
-    return self.block(jnp.concatenate([self.up(x), skip], axis=-1))
+  def __call__(self, x, skip=None):
+    x = self.up(x)
+    return self.block(x if skip is None else jnp.concatenate([x, skip], axis=-1))
 
 
 class UNETRDecoder(nnx.Module):
@@ -166,16 +171,18 @@ class UNETRDecoder(nnx.Module):
     k, fs = levels(enc.patch), head.feature_size
     self.k, self.skips = k, resolve_skips(head, enc)
     ch = [fs] + [fs * 2 ** level for level in range(1, k)]
-    self.stem = ResBlock(enc.in_chans, fs, rngs=rngs)
+    self.stem = ResBlock(enc.in_chans, fs, rngs=rngs) if head.raw_skip else None
     self.skip_paths = nnx.List([SkipPath(enc.dim, ch[level], k - level, rngs=rngs) for level in range(1, k)])
     self.ups = nnx.List([UpBlock(enc.dim if level == k - 1 else ch[level + 1], ch[level], rngs=rngs,
-                                 embed_in=level == k - 1) for level in range(k - 1, -1, -1)])
+                                 embed_in=level == k - 1, skip=level > 0 or head.raw_skip)
+                         for level in range(k - 1, -1, -1)])
     self.out = _conv(fs, head.num_classes, 1, rngs)
 
   def __call__(self, vol, tokens, tapped, grid):
     b = vol.shape[0]
     to_grid = lambda t: t[:, 1:].reshape(b, *grid, t.shape[-1])  # drop CLS; patches are row-major (d, h, w)
-    skips = [self.stem(vol.astype(tokens.dtype))] + [p(to_grid(t)) for p, t in zip(self.skip_paths, tapped)]
+    raw = self.stem(vol.astype(tokens.dtype)) if self.stem is not None else None
+    skips = [raw] + [p(to_grid(t)) for p, t in zip(self.skip_paths, tapped)]
     x = to_grid(tokens)
     for up, level in zip(self.ups, range(self.k - 1, -1, -1)):
       x = up(x, skips[level])
