@@ -201,3 +201,40 @@ def test_bench_all_smoke_writes_valid_json_for_every_benchmark(tmp_path):
     obj = json.loads((tmp_path / f"{name}.json").read_text())
     assert common.validate(obj) == [] and obj["smoke"] is True and obj["benchmark"] == name
   assert "suite: encoder" in proc.stdout
+
+
+def documented_examples() -> list[tuple[str, str]]:
+  """(file, command) of every `m2dino bench ...` example in the bench package's sources: indented lines (an
+  optional `taskset -c N` first; text after two or more spaces is a comment) and `backtick` spans; spans with a
+  placeholder (NAME, a|b) are descriptions, not examples."""
+  import re
+  from pathlib import Path
+  out = []
+  for path in sorted((Path(ROOT) / "m2dino_jax" / "bench").glob("*.py")):
+    for line in path.read_text().splitlines():
+      m = re.match(r"^\s+(?:taskset -c \S+\s+)?(m2dino bench\b.*)$", line)
+      if m:
+        out.append((path.name, re.split(r"\s{2,}", m.group(1).strip())[0]))
+      for span in re.findall(r"`(m2dino bench\b[^`]*)`", line):
+        if "NAME" not in span and "|" not in span:
+          out.append((path.name, span))
+  return out
+
+
+def test_documented_bench_examples_parse():
+  """Each example in the bench docstrings is accepted by the real `m2dino` parser (a wrong flag such as
+  `--dtype` for `bench train` exits 2)."""
+  import shlex
+
+  from m2dino_jax import cli
+  examples = documented_examples()
+  assert ("cli.py", "m2dino bench train --variant B/16 --jax bfloat16") in examples and len(examples) >= 8
+  for where, example in examples:
+    argv = shlex.split(example)[1:]
+    try:
+      args = cli.build_parser(argv).parse_args(argv)
+    except SystemExit as e:
+      raise AssertionError(f"{where}: `{example}` does not parse (exit {e.code})") from None
+    assert args.command == "bench", example
+  with pytest.raises(SystemExit):  # the example the audit found: argparse has no --dtype for bench train
+    cli.build_parser(["bench"]).parse_args(["bench", "train", "--variant", "B/16", "--dtype", "bfloat16"])

@@ -1,8 +1,11 @@
 """`m2dino bench NAME|all|report`: the benchmark suite.
 
-  m2dino bench train --variant B/16 --dtype bfloat16      one benchmark, full size
-  m2dino bench all --smoke                                 every benchmark at smoke size (CI: about a minute)
-  m2dino bench report                                      bench_results/*.json -> bench_results/PERFORMANCE.md
+  m2dino bench train --variant B/16 --jax bfloat16          one benchmark, full size (bf16 JAX step)
+  m2dino bench all --smoke                                   every benchmark at smoke size (CI: about a minute)
+  m2dino bench report                                        bench_results/*.json -> bench_results/PERFORMANCE.md
+
+Every indented line that starts with `m2dino bench` in the docstrings of this package parses with the real parser
+(tests/test_bench_suite.py); text after two or more spaces is a comment.
 
 Each benchmark is a module in m2dino_jax.bench with `add_args(p)`, `run(args)` and `SMOKE` (the argument
 values of its smoke size); results go to bench_results/NAME.json in the schema of bench/common.py.
