@@ -24,6 +24,7 @@ from m2dino_jax.errors import DataError
 # Row fields shown, in this order, when any row of a benchmark has them: (key, header, format).
 COLUMNS = (
     ("name", "what", "{}"),
+    ("runs_on", "runs on", "{}"),
     ("batch", "batch", "{}"),
     ("median_s", "median s", "{:.4g}"),
     ("images_per_s_per_device", "images/s/device", "{:.4g}"),
