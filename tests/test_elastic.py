@@ -4,7 +4,10 @@ Fast tests: the pipeline's global batches do not depend on the process count; th
 written by 2 processes restores on 1 (and disagreeing states are refused); an 8-device fsdp checkpoint restores
 on a 2-device data-parallel mesh with equal values in the target's shardings. The slow tests run the real
 trainer through launch/local.py: 2 processes x 4 devices against 1 process x 8 devices (loss curve and final
-state), then a run written by 2 processes resumed by 1 and one written by 1 resumed by 2.
+state); then an fsdp run written by 2 processes resumed by 1 under dp and one written by 1 resumed by 2, and
+each of those dp runs (at step 3) resumed back under fsdp on the other process count (dp 1 -> 2 and 2 -> 1);
+every resumed run's steps, final state and saved data iterator states (the global position) equal the
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -162,12 +165,36 @@ def _max_diff(a, b) -> float:
 
 
 def _rewind(src, dst, step: int):
-  """A copy of run `src` as it was at checkpoint `step` (later checkpoints and the done marker removed)."""
+  """A copy of run `src` as it was at checkpoint `step` (later checkpoints, metrics and the done marker removed)."""
   shutil.copytree(src, dst)
   for p in (dst / "all" / "ckpt").iterdir():
     if p.name.isdigit() and int(p.name) > step:
       shutil.rmtree(p)
   (dst / "all" / "done.json").unlink()
+  metrics = dst / "all" / "metrics.jsonl"
+  kept = [line for line in metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+  metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def _data_states(workdir, step: int) -> dict[str, dict]:
+  """{file: state} of the data iterator saved with checkpoint `step` (one process_I-of-N.json per process)."""
+  folder = workdir / "all" / "ckpt" / str(step) / "data"
+  return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("process_*-of-*.json"))}
+
+
+def _assert_resumed_equal(ref, work, processes: int, steps: tuple[int, ...]):
+  """Steps `steps` of the resumed run `work` (on `processes` processes) equal the uninterrupted run `ref`: the
+  same task and loss, the same final state, and the data iterator at the same global position: every one of
+  the resumed run's processes saved the state the reference run's processes saved."""
+  want, got = _losses(ref), _losses(work)
+  assert sorted(got) == [1, 2, 3, 4]
+  assert [got[s][0] for s in steps] == [want[s][0] for s in steps]
+  assert max(abs(got[s][1] - want[s][1]) for s in steps) <= 1e-5
+  assert _max_diff(_state(ref, 4), _state(work, 4)) <= 1e-5
+  ref_data, got_data = _data_states(ref, 4), _data_states(work, 4)
+  assert sorted(got_data) == [f"process_{i}-of-{processes}.json" for i in range(processes)]
+  ref_states = list(ref_data.values())
+  assert all(s == ref_states[0] for s in ref_states) and all(s == ref_states[0] for s in got_data.values())
 
 
 @pytest.fixture(scope="module")
@@ -190,16 +217,41 @@ def test_two_processes_equal_one_process(runs):
   assert _max_diff(_state(runs["one"], 4), _state(runs["two"], 4)) <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def dp_resumed(runs, tmp_path_factory):
+  """(written, processes) -> the fsdp run `written` rewound to step 2 and resumed under dp on `processes`
+  processes (checkpoints every step, so the dp run leaves one at step 3 for the dp -> fsdp case); made once."""
+  made = {}
+
+  def get(written: str, processes: int):
+    if (written, processes) not in made:
+      work = tmp_path_factory.mktemp("dp") / f"{written}-to-{processes}"
+      _rewind(runs[written], work, 2)
+      log = _train(work, processes, DP + ["resume_policy=override", "checkpoint.every=1"])  # a changed mesh is
+      assert "resumed from step 2" in log  # accepted only on request
+      made[written, processes] = work
+    return made[written, processes]
+  return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("written,resumed", [("two", 1), ("one", 2)])
-def test_resume_on_another_process_count_and_preset(runs, tmp_path, written, resumed):
+def test_resume_on_another_process_count_and_preset(runs, dp_resumed, written, resumed):
   """A checkpoint (fsdp) written by 2 processes resumes on 1 (and 1 -> 2) under dp, at the same global data
-  position: steps 3-4 and the final state equal the uninterrupted run's."""
+  position: steps 3-4, the final state and the saved data iterator states equal the uninterrupted run's."""
+  _assert_resumed_equal(runs[written], dp_resumed(written, resumed), resumed, (3, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written,resumed", [("one", 1), ("two", 2)], ids=["dp2-fsdp1", "dp1-fsdp2"])
+def test_resume_dp_checkpoint_into_fsdp_on_another_process_count(runs, dp_resumed, tmp_path, written, resumed):
+  """The other direction: a dp checkpoint (step 3 of the dp runs above, written by 2 processes, or by 1)
+  resumes under fsdp on 1 process (or 2): step 4, the final state and the data iterator states equal the
+  uninterrupted run's. The fsdp programs are the base runs' (the same global mesh), so they come from the
+  compilation cache."""
+  dp_run = dp_resumed(written, 3 - resumed)
   work = tmp_path / "resumed"
-  _rewind(runs[written], work, 2)
-  log = _train(work, resumed, DP + ["resume_policy=override"])  # a changed mesh is accepted only on request
-  assert "resumed from step 2" in log
-  ref, got = _losses(runs[written]), _losses(work)
-  assert [got[s][0] for s in (3, 4)] == [ref[s][0] for s in (3, 4)]
-  assert max(abs(got[s][1] - ref[s][1]) for s in (3, 4)) <= 1e-5
-  assert _max_diff(_state(runs[written], 4), _state(work, 4)) <= 1e-5
+  _rewind(dp_run, work, 3)
+  log = _train(work, resumed, FSDP + ["resume_policy=override"])
+  assert "resumed from step 3" in log
+  _assert_resumed_equal(runs[written], work, resumed, (4,))

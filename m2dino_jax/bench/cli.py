@@ -1,8 +1,12 @@
 """`m2dino bench NAME|all|report`: the benchmark suite.
 
-  m2dino bench train --variant B/16 --dtype bfloat16      one benchmark, full size
-  m2dino bench all --smoke                                 every benchmark at smoke size (CI: about a minute)
-  m2dino bench report                                      bench_results/*.json -> bench_results/PERFORMANCE.md
+  m2dino bench train --variant B/16 --jax bfloat16          one benchmark, full size (bf16 JAX step)
+  m2dino bench all --smoke                                   every benchmark at smoke size (CI: about a minute)
+  m2dino bench report                                        bench_results/*.json -> bench_results/PERFORMANCE.md
+  m2dino bench report --readme README.md                     ... and spliced into README.md between its markers
+
+Every indented line that starts with `m2dino bench` in the docstrings of this package parses with the real parser
+(tests/test_bench_suite.py); text after two or more spaces is a comment.
 
 Each benchmark is a module in m2dino_jax.bench with `add_args(p)`, `run(args)` and `SMOKE` (the argument
 values of its smoke size); results go to bench_results/NAME.json in the schema of bench/common.py.
@@ -89,6 +93,9 @@ def register(sub) -> None:
   rp = bsub.add_parser("report", help="README performance section (Markdown) from the JSON results")
   rp.add_argument("--results", default=RESULTS, help="folder of benchmark JSON files")
   rp.add_argument("--out", default=f"{RESULTS}/PERFORMANCE.md", help="Markdown file to write")
+  rp.add_argument("--readme", default="",
+                  help="also splice the section into this file between <!-- bench:begin --> and <!-- bench:end --> "
+                       "(created under '## Performance' when absent)")
   rp.set_defaults(func=lambda args: importlib.import_module("m2dino_jax.bench.report").run(args))
 
 

@@ -75,12 +75,23 @@ def config_path(name: str) -> str:
   return str(here if here.is_file() else Path("configs") / name)
 
 
+def program_devices(compiled) -> int:
+  """Devices a compiled (SPMD) program runs on: the largest device set among its input shardings."""
+  try:
+    shardings = jax.tree.leaves(compiled.input_shardings)
+  except Exception:  # noqa: BLE001 - a backend without sharding information: one device
+    return 1
+  return max((len(s.device_set) for s in shardings if hasattr(s, "device_set")), default=1)
+
+
 def xla_flops(compiled) -> float | None:
-  """FLOPs of a compiled XLA program from its cost analysis (None when the backend gives none)."""
+  """FLOPs of one call of a compiled XLA program, all devices together, from its cost analysis (None when the
+  backend gives none). XLA analyses the partitioned per-device program, so its count is multiplied by the
+  program's devices (replicated work, such as a data-parallel optimiser update, then counts once per device)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   value = float((cost or {}).get("flops", 0.0))
-  return value if value > 0 else None
+  return value * program_devices(compiled) if value > 0 else None
 
 
 # ------------------------------------------------------------------------------------------ machine / device
@@ -120,15 +131,22 @@ def device_of(args) -> dict:
 
 
 def throughput(args, *, images: float, seconds: float, flops: float | None = None,
-               xla: float | None = None, devices: int = 1) -> dict:
-  """Per-device rates of a step that processes `images` and does `flops` (analytic) / `xla` FLOPs in
-  `seconds` on `devices` devices, and its MFU against the device's peak."""
+               xla: float | None = None, devices: int = 1, peak_applies: bool = True) -> dict:
+  """Per-device rates of a step that processes `images` and does `flops` (analytic) / `xla` FLOPs (all devices
+  together) in `seconds` on `devices` devices, and its MFU against the device's peak. `peak_applies=False`
+  for a step that did not run on this run's devices (a CPU reference on an accelerator host): no MFU."""
   dev = device_of(args)
+  peak = dev["peak_tflops_per_device"] if peak_applies else None
   out = {"images_per_s_per_device": images / seconds / devices if images else None,
          "tflops_per_device": flops / seconds / devices / 1e12 if flops else None,
          "xla_tflops_per_device": xla / seconds / devices / 1e12 if xla else None,
-         "mfu": peaks.mfu(flops, seconds, devices, dev["peak_tflops_per_device"]) if flops else None}
+         "mfu": peaks.mfu(flops, seconds, devices, peak) if flops else None}
   return out
+
+
+def on_accelerator() -> bool:
+  """Whether JAX's default backend is an accelerator (GPU / TPU), i.e. the peak is not this CPU's."""
+  return jax.default_backend() != "cpu"
 
 
 # ------------------------------------------------------------------------------------------ output

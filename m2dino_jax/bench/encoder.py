@@ -4,7 +4,8 @@ Both models are built from one random transformers DINOv3ViTModel (eval mode, fp
 attention); ours imports its weights, so both compute the same function (checked in the run).
 Timings exclude compilation (reported apart) and are taken round-robin, so the ratio is measured in one
 run, side by side. FLOPs per image: the analytic encoder count (bench/flops.py), cross-checked with XLA's
-cost analysis of the compiled forward; MFU against the device's peak (bench/peaks.py).
+cost analysis of the compiled forward; MFU against the device's peak (bench/peaks.py). JAX runs on the default
+device; torch on the CPU, so on an accelerator host its row says so and has no MFU (the peak is the accelerator's).
 """
 
 from __future__ import annotations
@@ -71,12 +72,14 @@ def run(args) -> int:
   xla = common.xla_flops(fwd)
   times = common.time_interleaved({"jax (ours)": run_jax, "torch (transformers)": run_torch}, args.repeats)
   rows = []
+  accelerator = common.on_accelerator()
   for name, t in times.items():
     ours = name.startswith("jax")
-    rows.append({"name": name, "batch": args.batch, "size": args.size, "median_s": t["median_s"],
-                 "min_s": t["min_s"], "repeats": args.repeats, "gflop_per_img": fwd_flops / args.batch / 1e9,
+    rows.append({"name": name if ours or not accelerator else f"{name} on the CPU", "batch": args.batch,
+                 "size": args.size, "median_s": t["median_s"], "min_s": t["min_s"], "repeats": args.repeats,
+                 "gflop_per_img": fwd_flops / args.batch / 1e9,
                  **common.throughput(args, images=args.batch, seconds=t["median_s"], flops=fwd_flops,
-                                     xla=xla if ours else None)})
+                                     xla=xla if ours else None, peak_applies=ours or not accelerator)})
   ratio = rows[0]["images_per_s_per_device"] / rows[1]["images_per_s_per_device"]
   print(f"encoder {args.variant} at {args.size}px, batch {args.batch}, torch threads {torch.get_num_threads()}, "
         f"max |diff| {diff:.2e}")
