@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -91,9 +90,7 @@ def write_data(root: Path, settings: dict | None = None, tasks=None, workers: in
   s = dict(settings or DATA_SETTINGS)
   chosen = registry.resolve(tasks or "all")
   root = Path(root)
-  root.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-  try:
+  with fileio.atomic_dir(root) as tmp:
     jobs = [(str(tmp / "parts" / t.name), t.name, s["seed"], generator.task_size(t.name, s["train_scale"]),
              s["val_per_task"], s["size"]) for t in chosen]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
@@ -119,16 +116,6 @@ def write_data(root: Path, settings: dict | None = None, tasks=None, workers: in
                       "is simulated by m2dino_jax's embedded simulator; none comes from a patient or a scanner. "
                       "The layout is the FMC_UIA challenge's. Sizes per task: manifest.json.\n")
     fileio.write_json(tmp / STAMP, stamp(s))  # last: a folder without a stamp is never reused
-    if root.exists():
-      old = root.with_name(f".{root.name}.old-{os.getpid()}")
-      os.replace(root, old)
-      os.replace(tmp, root)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, root)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
   return manifest
 
 

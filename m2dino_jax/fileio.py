@@ -35,6 +35,29 @@ def atomic_path(path):
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path):
+  """Yields a temporary folder next to `path`; on success it replaces `path` (an existing folder is swapped out
+  only once the new one is complete, then removed). On failure the temporary folder is removed and `path` is
+  left as it was."""
+  import shutil
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+  try:
+    yield tmp
+    if path.exists():
+      old = path.with_name(f".{path.name}.old-{os.getpid()}")
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path, text: str) -> Path:
   with atomic_path(path) as tmp:
     tmp.write_text(text)

@@ -27,3 +27,20 @@ def test_broken_iterator_state_names_the_file(tmp_path):
   with pytest.raises(DataError, match=r"process_1-of-2\.json: not valid JSON") as e:
     distributed.ElasticIteratorHandler().restore(Path(tmp_path), item=it)
   assert e.value.path == str(tmp_path / "process_1-of-2.json")
+
+
+def test_atomic_dir_replaces_the_folder_only_on_success(tmp_path):
+  from m2dino_jax import fileio
+  dest = tmp_path / "data"
+  dest.mkdir()
+  (dest / "old.txt").write_text("old")
+  with pytest.raises(RuntimeError):
+    with fileio.atomic_dir(dest) as tmp:
+      (tmp / "new.txt").write_text("half")
+      raise RuntimeError("simulated crash")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary folder left
+  assert [p.name for p in dest.iterdir()] == ["old.txt"]
+  with fileio.atomic_dir(dest) as tmp:
+    (tmp / "new.txt").write_text("new")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+  assert [p.name for p in dest.iterdir()] == ["new.txt"]

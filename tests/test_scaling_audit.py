@@ -2,8 +2,6 @@
 the dropped-resample count), the tau printout, `--E fixed:V` through the CLI, `fit --available` over the limit,
 the extrapolation's chosen law in report.md; the Gaussian prior on E against scipy."""
 
-import contextlib
-import io
 import json
 import re
 
@@ -11,18 +9,13 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from m2dino_jax import cli
 from m2dino_jax.scaling import law, lawfile, measurements, powerlaw, transfer
 from m2dino_jax.scaling.cli import NOT_CONVERGED
+from tests.util import run_cli
 
 BUDGETS = "5e3,1e4,2e4,4e4"
 
 
-def _run(argv) -> tuple[int, str, str]:
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main(argv)
-  return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +26,7 @@ def bent(tmp_path_factory):
   path = root / "law.json"
   path.write_text(json.dumps({**lawfile.SIX_DOMAIN, "gamma": 0.7, "noise": 0.01}))
   out = root / "compare"
-  code, stdout, stderr = _run(["scaling", "compare", "--law", str(path), "--budgets", BUDGETS, "--bootstrap", "16",
+  code, stdout, stderr = run_cli(["scaling", "compare", "--law", str(path), "--budgets", BUDGETS, "--bootstrap", "16",
                                "--floors", "", "--b-max", "4e4", "--out", str(out)])
   return path, out, code, stdout, stderr
 
@@ -56,9 +49,9 @@ def test_compare_exits_3_and_warns_when_the_fit_does_not_converge(bent):
 def test_fit_exits_3_with_the_dropped_count(bent, tmp_path):
   path, out, *_ = bent
   rows = tmp_path / "m.jsonl"
-  assert _run(["scaling", "simulate", "--law", str(path), "--out", str(rows)])[0] == 0
+  assert run_cli(["scaling", "simulate", "--law", str(path), "--out", str(rows)])[0] == 0
   fits_path = tmp_path / "fits.json"
-  code, stdout, stderr = _run(["scaling", "fit", "--measurements", str(rows), "--out", str(fits_path),
+  code, stdout, stderr = run_cli(["scaling", "fit", "--measurements", str(rows), "--out", str(fits_path),
                                "--bootstrap", "16"])
   assert code == 3
   assert "bootstrap: 8 of 16 resamples dropped (not converged)" in stdout
@@ -84,13 +77,13 @@ def _printed_tau(stdout: str, domains) -> np.ndarray:
 def planted_rows(tmp_path_factory):
   root = tmp_path_factory.mktemp("planted")
   rows = root / "m.jsonl"
-  assert _run(["scaling", "simulate", "--out", str(rows), "--seed", "2"])[0] == 0
+  assert run_cli(["scaling", "simulate", "--out", str(rows), "--seed", "2"])[0] == 0
   return rows
 
 
 def test_fit_prints_the_tau_matrix_and_fixed_e_equals_the_library(planted_rows, tmp_path):
   fits_path = tmp_path / "fits.json"
-  code, stdout, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+  code, stdout, _ = run_cli(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
                           "--bootstrap", "0", "--E", "fixed:0.35"])
   assert code == 0
   written = law.read_fits(fits_path)
@@ -105,29 +98,29 @@ def test_fit_prints_the_tau_matrix_and_fixed_e_equals_the_library(planted_rows, 
     np.testing.assert_allclose(getattr(written.law, key), getattr(ref.law, key), rtol=1e-12)
   assert transfer.fit_scaling(arrays, n_bootstrap=0).law.beta[0] != pytest.approx(ref.law.beta[0], rel=1e-3)
   # The named form holds only the named domain's E.
-  code, stdout, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+  code, stdout, _ = run_cli(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
                           "--bootstrap", "0", "--E", "fixed:mri=0.4"])
   named = transfer.fit_scaling(arrays, n_bootstrap=0, e_mode=np.array([np.nan, 0.4, np.nan]))
   assert code == 0 and law.read_fits(fits_path).law.E[1] == 0.4
   np.testing.assert_allclose(law.read_fits(fits_path).law.beta, named.law.beta, rtol=1e-12)
-  code, _, stderr = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+  code, _, stderr = run_cli(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
                           "--E", "fixed:x"])
   assert code == 2 and "config key 'E'" in stderr
 
 
-def test_fit_available_over_the_limit_names_the_domain_and_run(planted_rows, tmp_path):
+def test_fit_available_over_the_limit_names_the_domain_andrun_cli(planted_rows, tmp_path):
   arrays = measurements.to_arrays(measurements.read_measurements(planted_rows))
   ct = arrays.data[:, 0]
   limit = 1e5
   over = np.flatnonzero(ct > limit)
-  code, _, stderr = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(tmp_path / "f.json"),
+  code, _, stderr = run_cli(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(tmp_path / "f.json"),
                           "--available", f"ct={limit:g}"])
   assert code == 2 and len(stderr.strip().splitlines()) == 1
   assert "config key 'available'" in stderr and "stated for ['ct']" in stderr
   assert f"ct: run {arrays.run_ids[over[0]]!r} trained on {ct[over[0]]:g} > 100000 ({over.size} run(s) over)" in stderr
   assert not (tmp_path / "f.json").exists()
   # At the largest ct run's size it is accepted.
-  code, _, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(tmp_path / "f.json"),
+  code, _, _ = run_cli(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(tmp_path / "f.json"),
                      "--available", f"ct={float(ct.max())!r}", "--bootstrap", "0"])
   assert code == 0 and law.read_fits(tmp_path / "f.json").available[0] == ct.max()
 
@@ -207,7 +200,7 @@ def test_e_prior_equals_scipy_with_the_penalty_as_a_residual():
 
 def test_e_prior_through_the_cli(planted_rows, tmp_path):
   fits_path = tmp_path / "fits.json"
-  code, _, _ = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+  code, _, _ = run_cli(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
                      "--bootstrap", "0", "--E", "prior:0.3,0.01"])
   arrays = measurements.to_arrays(measurements.read_measurements(planted_rows))
   ref = transfer.fit_scaling(arrays, n_bootstrap=0, e_mode=powerlaw.EPrior(0.3, 0.01))
@@ -216,7 +209,7 @@ def test_e_prior_through_the_cli(planted_rows, tmp_path):
   for key in ("E", "A", "beta", "tau"):
     np.testing.assert_allclose(getattr(written.law, key), getattr(ref.law, key), rtol=1e-12)
   for bad in ("prior:0.3", "prior:0.3,0", "prior:a,b"):
-    code, _, stderr = _run(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
+    code, _, stderr = run_cli(["scaling", "fit", "--measurements", str(planted_rows), "--out", str(fits_path),
                             "--E", bad])
     assert code == 2 and "config key 'E'" in stderr and "prior:MU,SD" in stderr, (bad, stderr)
 

@@ -1,38 +1,31 @@
 """`m2dino scaling compare --measurements`: the report from measured rows equals the planted-truth path's report
 where both measure the same thing (rows written by `compare --law --write-rows`, i.e. the simulate path)."""
 
-import contextlib
 import dataclasses
-import io
 import json
 
 import numpy as np
 import pytest
 
-from m2dino_jax import cli
 from m2dino_jax.errors import DataError
 from m2dino_jax.scaling import measurements, study
+from tests.util import run_cli
 
 BUDGETS = "5e3,1e4,2e4,4e4"
 SAME = ("budgets", "domains", "focus", "baseline", "mean_loss", "loss", "vs", "slopes", "transfer", "prediction",
         "shares")
 
 
-def _run(argv):
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main(argv)
-  return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
   root = tmp_path_factory.mktemp("rows")
   rows = root / "rows.jsonl"
-  code, stdout, _ = _run(["scaling", "compare", "--law", "example:six_domain", "--budgets", BUDGETS, "--floors", "",
+  code, stdout, _ = run_cli(["scaling", "compare", "--law", "example:six_domain", "--budgets", BUDGETS, "--floors", "",
                           "--bootstrap", "4", "--write-rows", str(rows), "--out", str(root / "law")])
   assert code == 0 and f"(20 strategy runs) to {rows}" in stdout
-  code, _, err = _run(["scaling", "compare", "--measurements", str(rows), "--bootstrap", "4",
+  code, _, err = run_cli(["scaling", "compare", "--measurements", str(rows), "--bootstrap", "4",
                        "--out", str(root / "rows")])
   assert code == 0, err
   load = lambda name: json.loads((root / name / "report.json").read_text())["compare"]
@@ -75,10 +68,10 @@ def test_repeats_are_averaged_and_gaps_are_errors(both, tmp_path):
   partial = [dataclasses.replace(r, loss={"abd_ct": 1.0}) if r.strategy == "uniform" else r for r in rows]
   with pytest.raises(DataError, match=r"run 'uniform-5000-r0' \(strategy 'uniform'\) has no loss for"):
     study.compare_from_rows(partial, n_bootstrap=4)
-  code, _, err = _run(["scaling", "compare", "--measurements", str(path), "--b-max", "4e4",
+  code, _, err = run_cli(["scaling", "compare", "--measurements", str(path), "--b-max", "4e4",
                        "--out", str(tmp_path)])
   assert code == 2 and "['--b-max'] need a planted truth (--law)" in err
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({**rows[-1].to_json(), "strategy": 3}) + "\n")
-  code, _, err = _run(["scaling", "compare", "--measurements", str(bad), "--out", str(tmp_path)])
+  code, _, err = run_cli(["scaling", "compare", "--measurements", str(bad), "--out", str(tmp_path)])
   assert code == 2 and "row 1: 'strategy' must be a non-empty string" in err

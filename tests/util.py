@@ -1,7 +1,10 @@
-"""Test utilities: run code in a fresh Python with N simulated CPU devices; signal a training run at a known step."""
+"""Test utilities: run code in a fresh Python with N simulated CPU devices; signal a training run at a known step;
+run the CLI in-process and capture its output."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -47,3 +50,12 @@ def signal_run(args: list[str], tmp_path: Path, sig: str, at: int, timeout: int 
   assert marker.exists() and marker.read_text() == str(at), err[-3000:]
   assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: restart wrappers rerun, which resumes
   return err
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+  """`m2dino ARGV` in this process: (exit code, stdout, stderr)."""
+  from m2dino_jax import cli
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(argv)
+  return code, out.getvalue(), err.getvalue()

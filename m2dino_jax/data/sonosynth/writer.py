@@ -24,9 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -153,9 +150,7 @@ def write_dataset(out_dir, *, seed: int, scale: float = 1.0, size: int = 256, ta
     counts[task.name] = {"type": task.type, "train": n - len(val), "val": len(val)}
     jobs.extend((task.name, i, "val" if i in val else "train") for i in range(n))
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-  try:
+  with fileio.atomic_dir(out) as tmp:
     t0 = time.perf_counter()
     work = [(str(tmp), name, i, split, seed, size, nuisance) for name, i, split in jobs]
     if workers > 1:
@@ -186,16 +181,6 @@ def write_dataset(out_dir, *, seed: int, scale: float = 1.0, size: int = 256, ta
     }
     fileio.write_json(tmp / "manifest.json", manifest)
     fileio.write_text(tmp / "README.md", _readme(manifest))
-    if out.exists():  # overwrite: swap the old folder out only once the new one is complete
-      old = out.with_name(f".{out.name}.old-{os.getpid()}")
-      os.replace(out, old)
-      os.replace(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
   return manifest
 
 
