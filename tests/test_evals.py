@@ -80,6 +80,30 @@ def test_pooled_dice_and_per_image_dice_match_references():
   assert fewshot.per_image_dice(preds, targets, 3) == pytest.approx(ev.result()["dice"])
 
 
+def test_linear_seg_head_matches_torch():
+  """DINOv2's linear protocol head: a 1x1 convolution on the last (or, '+ms', the last n concatenated) patch-token
+  maps, logits upsampled bilinearly (align_corners=False) to the image, against torch's conv2d / interpolate."""
+  import torch
+  import torch.nn.functional as F
+  rng = np.random.default_rng(0)
+  maps = tuple(rng.normal(size=(2, 4, 3, 8)).astype(np.float32) for _ in range(3))
+  task = registry.get("head_symphysis_multi")
+  for kind, n in (("linear", 1), ("linear+ms", 3)):
+    head = fewshot._head(kind, task, 8, 16, 3, 0, seed=1)
+    got = np.asarray(head({"features": maps, "grid": (4, 3)}, (64, 48)))
+    w, b = np.asarray(head.classify.kernel[...]), np.asarray(head.classify.bias[...])
+    assert w.shape == (8 * n, task.num_classes)
+    x = torch.from_numpy(np.concatenate(maps[-n:], -1)).permute(0, 3, 1, 2)
+    logits = F.conv2d(x, torch.from_numpy(w.T.copy())[:, :, None, None], torch.from_numpy(b))
+    want = F.interpolate(logits, size=(64, 48), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  # the standardiser: per-channel mean 0 / std 1 over the shots' patches
+  (mu, sd), = fewshot.standardiser(maps[:1])
+  z = (maps[0] - mu) / sd
+  np.testing.assert_allclose(z.reshape(-1, 8).mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(z.reshape(-1, 8).std(0), 1, atol=1e-4)
+
+
 def test_fewshot_cli_writes_splits_and_spread(tmp_path):
   out = tmp_path / "fewshot.json"
   assert cli.main(["eval", "fewshot", "--encoder", "random:mu/16", "--image-size", "32", "--synthetic-count", "24",
@@ -87,6 +111,7 @@ def test_fewshot_cli_writes_splits_and_spread(tmp_path):
                    "16", "--batch-size", "8", "--out", str(out)]) == 0
   res = json.loads(out.read_text())["trained"]["segmentation"]
   assert res["task"] == "head_symphysis_multi" and res["test_images"] == 24 and len(res["splits"]) == 2
+  assert res["head"] == "upernet" and res["lr"] == fewshot.HEAD_LR["upernet"]
   draws = [r["train_images"] for r in res["splits"]]
   assert all(len(set(d)) == 6 for d in draws) and draws[0] != draws[1]
   vals = [r["mDice"] for r in res["splits"]]

@@ -43,8 +43,12 @@ def _seg_args(p) -> None:
   p.add_argument("--shots", type=int, default=20, help="labelled training images per few-shot split")
   p.add_argument("--splits", type=int, default=5, help="random few-shot splits averaged")
   p.add_argument("--steps", type=int, default=500, help="training steps of the segmentation head")
-  p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the segmentation head")
+  p.add_argument("--lr", type=float, default=None,
+                 help="learning rate of the segmentation head (default: 1e-3 upernet, 1e-1 linear)")
   p.add_argument("--seg-channels", type=int, default=128, help="channels of the segmentation head")
+  p.add_argument("--head", choices=("upernet", "linear", "linear+ms"), default="upernet",
+                 help="few-shot head: UperNet-lite over out_blocks, or DINOv2's linear protocol on the last block's "
+                      "patch tokens ('linear+ms': the last out_blocks maps concatenated)")
   p.add_argument("--seg-dataset", default="", help="ssl: dataset of the few-shot part (default: --dataset)")
   p.add_argument("--seg-root", default="", help="ssl: its folder (default: --root)")
 
@@ -93,7 +97,8 @@ def evaluate(args, *, random_init: bool) -> dict:
         synthetic_count=args.synthetic_count, synthetic_size=args.synthetic_size)
     out["segmentation"] = suite.segmentation(
         encoder, name, seg_cfg, task=args.task if args.kind == "fewshot" else "", shots=args.shots,
-        splits=args.splits, steps=args.steps, lr=args.lr, seg_channels=args.seg_channels, seed=args.seed)
+        splits=args.splits, steps=args.steps, lr=args.lr, seg_channels=args.seg_channels, seed=args.seed,
+        head=args.head)
   out["headline"] = suite.headline(out)
   out["seconds"] = time.perf_counter() - t0
   return out

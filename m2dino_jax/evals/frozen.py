@@ -11,6 +11,7 @@ of `out_blocks`, in source order with the labels, canvas masks and the untouched
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,19 +68,21 @@ class Features:
     return np.concatenate([self.cls, self.avg], axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(gdef, maps: bool, state, images):
+  out = nnx.merge(gdef, state)(images)
+  res = {"cls": out["cls"], "avg": out["patch_tokens"].mean(axis=1)}
+  if maps:
+    res["maps"] = out["features"]
+  return res
+
+
 def forward_fn(encoder: vit.Encoder, maps: bool):
-  """A jitted images [B, S, S, C] -> {cls, avg, maps} of the frozen encoder."""
+  """A jitted images [B, S, S, C] -> {cls, avg, maps} of the frozen encoder. One compiled program per
+  architecture (the graph definition is the static argument): encoders of the same architecture (a teacher
+  and its random-init baselines) and every split share it."""
   gdef, state = nnx.split(encoder)
-
-  @jax.jit
-  def fwd(state, images):
-    out = nnx.merge(gdef, state)(images)
-    res = {"cls": out["cls"], "avg": out["patch_tokens"].mean(axis=1)}
-    if maps:
-      res["maps"] = out["features"]
-    return res
-
-  return lambda images: fwd(state, jnp.asarray(images))
+  return lambda images: _forward(gdef, maps, state, jnp.asarray(images))
 
 
 def extract(encoder: vit.Encoder, data_cfg, task: registry.Task | str, split: str, *, maps: bool = False,
