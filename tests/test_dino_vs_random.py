@@ -34,8 +34,8 @@ the student. Measured (simulator of 2026-11-28):
              KoLeo 2.34 -> 0.19; RankMe 6.8 -> 13.6
 Epoch-based warm-ups scaled to the run's length (600 steps: lr 100, teacher temperature 200 steps) make the rise
 larger (5.74 -> 7.80: the low warm-up temperature gives sharper, lower-entropy targets early), so the schedule is
-not the cause. Asserted: the loss less H(t) falls by > 0.1 and the KL halves (both measure the student, at a fixed
-target); the total loss is not asserted."""
+not the cause. Asserted: at 300 steps the total loss falls (by any amount), the loss less H(t) falls by > 0.1 and
+the KL halves (both measure the student, at a fixed target)."""
 
 import json
 import shutil
@@ -86,6 +86,7 @@ def test_pretrained_teacher_beats_random_init(tmp_path):
   # total loss alone follows the teacher's entropy at smoke scale (module docstring)
   excess = [r["loss"] - r["teacher_entropy"] for r in rows if "loss" in r]
   kl = [r["student_teacher_kl"] for r in rows if "loss" in r]
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
   assert np.mean(excess[-5:]) < np.mean(excess[:5]) - 0.1, (losses, excess)
   assert np.mean(kl[-5:]) < 0.5 * np.mean(kl[:5]), kl
   ranks = [r["monitor/rankme"] for r in rows if "monitor/rankme" in r]
