@@ -123,6 +123,14 @@ def test_unknown_task_id(fmc):
   _fails(fmc, "unknown task id 'fetal_tail'", "fetal_head", line=3)
 
 
+@pytest.mark.parametrize("task,column,value", [("fetal_head", "num_classes", "1e309"), ("breast_3cls", "mask", "inf"),
+                                               ("breast_3cls", "mask", "1.5")])
+def test_integer_columns_refuse_inf_and_fractions(fmc, task, column, value):
+  """Found by the CSV fuzz test: an overflowing integer column raised OverflowError, not a DataError."""
+  _rewrite(_csv(fmc, task), lambda rows: rows[0].update({column: value}))
+  _fails(fmc, f"column '{column}' is not a whole number: '{value}'", task)
+
+
 def test_task_type_mismatch_and_bad_points(fmc):
   _rewrite(_csv(fmc, "IUGC"), lambda rows: rows[0].update(point_2_xy="[3.0]"))
   _fails(fmc, r"'point_2_xy' is not a JSON \[x, y\] pair", "IUGC")

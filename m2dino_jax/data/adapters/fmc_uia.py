@@ -64,6 +64,14 @@ def _number(row: dict, key: str, csv_path, line: int) -> float:
     raise DataError(csv_path, f"column '{key}' is not a number: '{v}'", row=line) from None
 
 
+def _integer(row: dict, key: str, csv_path, line: int) -> int:
+  """A whole number (`2`, `2.0`); inf, NaN or a fraction is a DataError naming the column."""
+  v = _number(row, key, csv_path, line)
+  if not np.isfinite(v) or v != int(v):
+    raise DataError(csv_path, f"column '{key}' is not a whole number: '{base.cell(row, key)}'", row=line)
+  return int(v)
+
+
 def _points(row: dict, header: list[str], csv_path, line: int) -> np.ndarray:
   cols = sorted((int(m.group(1)), h) for h in header if (m := _POINT_COLUMN.match(h)))
   pts = []
@@ -104,7 +112,7 @@ def _load_row(csv_path: Path, header: list[str], line: int, row: dict, split: st
   rec = records.Record(image=image, task=task_id, task_type=task_type, source=str(csv_path), row=line,
                        extra={"split": split, "image_path": str(resolve(rel)), "csv_image_path": rel})
   expected = task.num_points if task.type == registry.REGRESSION else task.num_classes
-  n = None if base.cell(row, "num_classes") is None else int(_number(row, "num_classes", csv_path, line))
+  n = None if base.cell(row, "num_classes") is None else _integer(row, "num_classes", csv_path, line)
   if n is not None and n != expected:
     raise DataError(csv_path, f"num_classes {n} does not match task '{task_id}' ({expected})", row=line)
   if task_type == registry.SEGMENTATION:
@@ -121,7 +129,7 @@ def _load_row(csv_path: Path, header: list[str], line: int, row: dict, split: st
     rec.extra["mask_path"] = str(resolve(mrel))
     rec.extra["csv_mask_path"] = mrel
   elif task_type == registry.CLASSIFICATION:
-    rec.label = int(_number(row, "mask", csv_path, line))
+    rec.label = _integer(row, "mask", csv_path, line)
   elif task_type == registry.DETECTION:
     rec.box = np.array([_number(row, k, csv_path, line) for k in BOX_COLUMNS], np.float32)
   elif task_type == registry.REGRESSION:
