@@ -36,11 +36,15 @@ MIN_BETA = 0.05
 FLOOR_SHARE = 0.5  # least weight per task, as a fraction of its uniform share 1/n
 
 
+def _row_scale(z: np.ndarray) -> np.ndarray:
+  """Each task's own-step effect |Z[i, i]| (its row's largest |entry| where that is ~0): the unit of T."""
+  own = np.abs(np.diag(z)).copy()
+  return np.where(own > 1e-12, own, np.maximum(np.abs(z).max(axis=1), 1e-12))
+
+
 def transfer_matrix(z) -> np.ndarray:
   z = np.asarray(z, np.float64)
-  own = np.abs(np.diag(z)).copy()
-  scale = np.where(own > 1e-12, own, np.maximum(np.abs(z).max(axis=1), 1e-12))
-  return z / scale[:, None]
+  return z / _row_scale(z)[:, None]
 
 
 def shrunk_tau(z_per_repeat, tau_max: float = TAU_MAX) -> np.ndarray:
@@ -50,10 +54,7 @@ def shrunk_tau(z_per_repeat, tau_max: float = TAU_MAX) -> np.ndarray:
   n = zs.shape[-1]
   if zs.ndim != 3 or zs.shape[0] < 2:
     return np.zeros((n, n))
-  mean = zs.mean(0)
-  own = np.abs(np.diag(mean)).copy()
-  scale = np.where(own > 1e-12, own, np.maximum(np.abs(mean).max(axis=1), 1e-12))
-  ts = zs / scale[None, :, None]
+  ts = zs / _row_scale(zs.mean(0))[None, :, None]
   m = ts.mean(0)
   se2 = ts.var(0, ddof=1) / ts.shape[0]
   keep = np.clip(1.0 - se2 / np.maximum(m * m, 1e-300), 0.0, 1.0)
