@@ -112,3 +112,61 @@ def border_cnr(image, mask, fov=None, band=None, min_pixels=None) -> dict[int, f
 def border_cnr_global(image, mask, fov=None, band=None, min_pixels=None) -> dict[int, float]:
   """Per class (> 0): the smallest whole-border CNR over its neighbours (see the module docstring)."""
   return _per_class(border_cnr_pairs(image, mask, fov, band, min_pixels, local=False), mask)
+
+
+# ---- shortcut measure: can a classifier tell the classes apart without looking at anatomy? -----------------
+#
+# A classification scene is a caricature when its classes differ in image-wide statistics (one class darker
+# overall, another with a black lower half): a network then learns the shortcut, not the anatomy. The measure:
+# features of each image that carry no anatomy, its grey-level histogram inside the imaged field (`bins` bins
+# over 0..255, as fractions) and the mean grey level of `bands` equal depth (row) bands of the field, and the
+# stratified k-fold cross-validated accuracy of a standardised logistic regression on them, next to chance
+# (1 / classes). Anatomy in context keeps it near chance: the classes share their field and differ in which
+# structure is the subject.
+
+SHORTCUT_BINS = 32
+SHORTCUT_BANDS = 16
+
+
+def global_features(image: np.ndarray, fov: np.ndarray, bins: int = SHORTCUT_BINS,
+                    bands: int = SHORTCUT_BANDS) -> np.ndarray:
+  """[bins + bands] float64: the histogram of the uint8 grey levels inside `fov` (fractions, `bins` equal bins
+  over 0..255) and the mean grey level inside `fov` of each of `bands` equal row bands (0 where a band holds no
+  field pixel)."""
+  img = np.asarray(image)
+  h = img.shape[0]
+  vals = img[fov].astype(np.int64)
+  hist = np.bincount(vals * bins // 256, minlength=bins)[:bins] / max(vals.size, 1)
+  band = (np.arange(h) * bands // h)[:, None] * np.ones(img.shape[1], np.int64)[None, :]
+  n = np.bincount(band[fov], minlength=bands)
+  s = np.bincount(band[fov], img[fov].astype(np.float64), minlength=bands)
+  return np.concatenate([hist, s / np.maximum(n, 1)])
+
+
+def shortcut_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+  """Stratified `folds`-fold cross-validated accuracy of a standardised logistic regression (scikit-learn,
+  fixed seed) predicting `labels` from `features` [n, f]."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.model_selection import StratifiedKFold, cross_val_score
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+  cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+  return float(cross_val_score(model, np.asarray(features, np.float64), np.asarray(labels), cv=cv).mean())
+
+
+def task_shortcut(task_name: str, per_class: int = 48, size: int = 128, seed: int = 0) -> dict:
+  """The shortcut measure of a simulated classification task: `per_class` images per class at `size` px
+  (samples 0 .. classes * per_class - 1: balanced), their `global_features` and `shortcut_accuracy`.
+  Returns {'accuracy', 'chance', 'images'}."""
+  from m2dino_jax.data.sonosynth import generator, physics, scenes
+  from m2dino_jax.tasks import registry
+  task = registry.get(task_name)
+  fov = physics.geometry(scenes.SPECS[task.name].probe, size, size).fov
+  feats, labels = [], []
+  for i in range(task.num_classes * per_class):
+    rec = generator.sample(task.name, i, seed=seed, size=size)
+    feats.append(global_features(rec.image, fov))
+    labels.append(rec.label)
+  return {"accuracy": shortcut_accuracy(np.stack(feats), np.asarray(labels)), "chance": 1.0 / task.num_classes,
+          "images": len(labels)}

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from m2dino_jax.data.sonosynth import abdomen as AB
 from m2dino_jax.data.sonosynth import anatomy as A
 from m2dino_jax.data.sonosynth import obstetric as O
 from m2dino_jax.data.sonosynth import views as V
@@ -49,11 +50,9 @@ from m2dino_jax.data.sonosynth.shapes import (
   blob,
   ellipse,
   ellipse_at,
-  ellipse_normal,
   polar_dir,
   segment_distance,
   smooth_noise,
-  specular_db,
 )
 
 # Soft-tissue interfaces (organ capsules, the diaphragm, a bladder wall) are partly specular: brightest where the
@@ -243,53 +242,11 @@ def lung_disease_3cls(cv, rng, label):
 
 
 def organ_cls(cv, rng, label):
+  """The six organs in one abdominal field (`abdomen`): the class is the view's central subject."""
   echo, atten = background(cv, rng, layers=False)
-  c = V.centre(cv, rng, y=0.42, jitter=0.06)
-  s = cv.size
-  ang = rng.uniform(-0.5, 0.5)
-  if label == 0:  # liver: big parenchyma, vessels, diaphragm
-    shape = (c[0], c[1] - s * 0.1, s * 0.6, s * 0.45, ang)
-    diaphragm = np.abs(ellipse(cv, *shape) - 1) < 0.02
-    echo[diaphragm] = WALL_DB + 4 + specular_db(cv, *ellipse_normal(cv, *shape), CAPSULE_FLOOR_DB)[diaphragm]
-    for _ in range(3):
-      p0, p1 = V.centre(cv, rng, y=0.4, jitter=0.25), V.centre(cv, rng, y=0.4, jitter=0.25)
-      echo[segment_distance(cv, p0, p1) < cv.px(0.012)] = BLOOD_DB
-  elif label == 1:  # kidney: dark cortex, bright central sinus, capsule
-    shape = (*c, s * rng.uniform(0.2, 0.26), s * rng.uniform(0.1, 0.13), ang)
-    rho = ellipse(cv, *shape)
-    echo[rho < 1] = -6.0
-    capsule = (rho >= 1) & (rho < 1.06)
-    echo[capsule] = WALL_DB + specular_db(cv, *ellipse_normal(cv, *shape), CAPSULE_FLOOR_DB)[capsule]
-    sinus = blob(cv, rng, *c, s * 0.12, s * 0.04, ang, wobble=0.2) < 1
-    echo[sinus] = 9.0 + 2.0 * smooth_noise(cv, rng, 30)[sinus]
-  elif label == 2:  # spleen: homogeneous crescent
-    outer = ellipse(cv, *c, s * 0.25, s * 0.16, ang) < 1
-    inner = ellipse(cv, c[0], c[1] + s * 0.09, s * 0.22, s * 0.13, ang) < 1
-    echo[:] -= 4.0
-    echo[outer & ~inner] = 3.0
-  elif label in (3, 4):  # bladder (large, squarish) or gallbladder (small pear with a stone)
-    big = label == 3
-    a, b = (s * rng.uniform(0.18, 0.25), s * rng.uniform(0.14, 0.2)) if big else (s * 0.12, s * 0.055)
-    u, v = cv.xx - c[0], cv.yy - c[1]
-    cs, sn = math.cos(ang), math.sin(ang)
-    p = 4.0 if big else 2.0
-    rho = (np.abs((cs * u + sn * v) / a) ** p + np.abs((-sn * u + cs * v) / b) ** p) ** (1 / p)
-    echo[(rho >= 1) & (rho < 1.08)] += WALL_DB
-    echo[rho < 1] = FLUID_DB
-    atten[rho < 1] = FLUID_ATTEN
-    if not big and rng.random() < 0.5:
-      stone = ellipse(cv, c[0] + 0.5 * a * cs, c[1] + b * 0.6, 4, 3) < 1
-      echo[stone] = BONE_DB
-      atten[stone] = BONE_ATTEN
-  else:  # transverse aorta in front of a vertebral body
-    r = s * rng.uniform(0.05, 0.08)
-    rho = ellipse(cv, *c, r, r)
-    echo[rho < 1] = BLOOD_DB - 8
-    echo[(rho >= 1) & (rho < 1.15)] = WALL_DB
-    vb = (np.abs(ellipse(cv, c[0], c[1] + r * 3.5, r * 2.2, r * 1.5) - 1) < 0.1) & (cv.yy < c[1] + r * 3.5)
-    echo[vb] = BONE_DB
-    atten[ellipse(cv, c[0], c[1] + r * 3.5, r * 2.2, r * 1.5) < 1] = BONE_ATTEN
-  return Scene(echo, atten, label=label)
+  field = AB.Field(cv, rng, echo, atten)
+  AB.VIEWS[label](field)
+  return Scene(echo, atten, label=label, mirror=field.mirror)
 
 
 # ---- detection --------------------------------------------------------------------------------
