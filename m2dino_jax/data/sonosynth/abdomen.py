@@ -97,13 +97,16 @@ class Field:
     self.atten[region] = FLUID_ATTEN
 
   def gas(self, c, r):
-    """A bowel gas pocket: bright curved front surface, opaque (a shadow behind it), reverberating."""
+    """A bowel gas pocket: bright curved front surface, opaque (a shadow behind it), reverberating (the physics'
+    mirror map) when it lies just under the wall."""
     cv = self.cv
     w, rho = ellipse_at(cv, c[0], c[1], r, 0.55 * r, self.rng.uniform(-0.3, 0.3))
     pocket = rho < 1
     front = pocket & (cv.yy[w] < c[1])
     self.echo[w][pocket] = GAS_DB
     self.atten[w][pocket & ~front] = GAS_ATTEN
+    if c[1] > self.top + self.px(0.15):  # deeper pockets' reverberations fade into their shadow: not simulated
+      return
     if self.mirror is None:
       self.mirror = np.zeros_like(self.echo)
     self.mirror[w][front] = 10.0 ** (GAS_MIRROR_DB / 10.0)
@@ -137,7 +140,7 @@ class Field:
     cv, rng = self.cv, self.rng
     rho = ellipse(cv, c[0], c[1], a, b, ang)
     fat = (rho >= 1) & (rho < 1.0 + self.px(rng.uniform(0.02, 0.05)) / b) & self.deep
-    self.echo[fat] = PERIRENAL_DB + smooth_noise(cv, rng, 24)[fat]
+    self.echo[fat] = PERIRENAL_DB + smooth_noise(cv, rng, 16)[fat]
     inside = (rho < 1) & self.deep
     self.echo[inside] = CORTEX_DB
     u = np.array([math.cos(ang), math.sin(ang)], np.float32)
@@ -189,11 +192,12 @@ def wall(cv: Canvas, rng, echo, atten):
 
 # ---- the six views (organ_cls classes) -------------------------------------------------------------------
 
-def _centre(f: Field, y_below: float, jitter=0.05):
-  """A subject centre: mid-field laterally, `y_below` (fraction of the size) under the peritoneum."""
+def _centre(f: Field, y_below: float, jitter=0.05, depth_jitter=0.1):
+  """A subject centre: mid-field laterally, about `y_below` (fraction of the size) under the peritoneum (as deep
+  as the patient and the window put it: the depth varies more than the lateral position)."""
   rng = f.rng
-  return np.array([f.px(0.5 + rng.uniform(-jitter, jitter)), f.top + f.px(y_below + rng.uniform(-jitter, jitter))],
-                  np.float32)
+  return np.array([f.px(0.5 + rng.uniform(-jitter, jitter)),
+                   f.top + f.px(y_below + rng.uniform(-depth_jitter, depth_jitter))], np.float32)
 
 
 def _liver_field(f: Field, ang):
@@ -204,7 +208,7 @@ def _liver_field(f: Field, ang):
   a, b = f.px(rng.uniform(0.6, 0.75)), f.px(rng.uniform(0.38, 0.48))
   rho = f.organ(c, a, b, ang, LIVER_DB, tex=1.0, cells=16, wobble=0.03)
   beyond = (rho >= 1.03) & f.deep & (f.cv.yy > c[1])
-  f.echo[beyond] = LUNG_DB + 2.0 * smooth_noise(f.cv, rng, 10)[beyond]
+  f.echo[beyond] = LUNG_DB + 2.0 * smooth_noise(f.cv, rng, 16)[beyond]
   dia = (rho >= 1) & (rho < 1.03) & f.deep & (f.cv.yy > c[1])
   f.echo[dia] = WALL_DB + 4 + specular_db(f.cv, *ellipse_normal(f.cv, c[0], c[1], a, b, ang), CAPSULE_FLOOR_DB)[dia]
   liver = (rho < 1) & f.deep
@@ -253,9 +257,9 @@ def kidney(f: Field):
   f.kidney(c, a, b, ang)
   if rng.random() < 0.6:  # the spine deep on the medial side (coronal flank view)
     f.vertebra((c[0] + f.px(rng.choice([-0.25, 0.25])), c[1] + b + f.px(rng.uniform(0.18, 0.26))), f.px(0.12))
-  if rng.random() < 0.4:
-    f.ribs(1)
-  if rng.random() < 0.4:  # colon at the lower pole
+  if rng.random() < 0.6:  # intercostal window
+    f.ribs(int(rng.integers(1, 3)))
+  if rng.random() < 0.5:  # colon at the lower pole
     f.bowel((c[0] + f.px(rng.choice([-0.3, 0.3])), c[1] - f.px(0.05)), f.px(rng.uniform(0.04, 0.07)))
 
 
@@ -271,8 +275,8 @@ def spleen(f: Field):
   if rng.random() < 0.7:  # the upper pole of the left kidney below the spleen
     f.kidney(c + n * (b + f.px(0.08)) + u * a * rng.uniform(-0.3, 0.3), f.px(0.15), f.px(0.085), ang)
   lung = (ellipse(f.cv, c[0], c[1], a * 1.6, b * 1.6, ang) >= 1.0) & f.deep & (f.cv.yy < c[1] + 0.3 * b)
-  f.echo[lung] = LUNG_DB + 2.0 * smooth_noise(f.cv, rng, 10)[lung]
-  rho = f.organ(c, a, b, ang, SPLEEN_DB, tex=0.7, cells=20, wobble=0.04, capsule=2.0)
+  f.echo[lung] = LUNG_DB + 2.0 * smooth_noise(f.cv, rng, 16)[lung]
+  rho = f.organ(c, a, b, ang, SPLEEN_DB, tex=0.7, cells=16, wobble=0.04, capsule=2.0)
   hilum = (ellipse(f.cv, *(c + n * 0.9 * b), 0.7 * a, 0.45 * b, ang) < 1) & (rho < 1) & f.deep
   f.echo[hilum] = LIVER_DB + smooth_noise(f.cv, rng, 16)[hilum]  # the concave hilar side: fat, vessels
   if rng.random() < 0.7:
@@ -304,7 +308,7 @@ def bladder(f: Field):
   else:  # prostate: rounded, hypoechoic, a few calcifications
     pc = (c[0], c[1] + b + f.px(rng.uniform(0.06, 0.1)))
     r = f.px(rng.uniform(0.07, 0.1))
-    f.organ(pc, r, 0.85 * r, 0.0, -4.0, tex=1.5, cells=20, capsule=1.2)
+    f.organ(pc, r, 0.85 * r, 0.0, -4.0, tex=1.5, cells=30, capsule=1.2)
     for _ in range(int(rng.integers(0, 3))):
       w, rr = ellipse_at(cv, pc[0] + rng.uniform(-0.4, 0.4) * r, pc[1] + rng.uniform(-0.3, 0.3) * r, 1.5, 1.5)
       f.echo[w][rr < 1] = BONE_DB
@@ -386,7 +390,7 @@ def aorta(f: Field):
   f.echo[ring] = WALL_DB + 2 + specular_db(cv, *ellipse_normal(cv, *shape), CAPSULE_FLOOR_DB)[ring]
   f.echo[rho < 1] = BLOOD_DB
   f.atten[rho < 1] = FLUID_ATTEN
-  for _ in range(int(rng.integers(0, 3))):  # bowel (transverse colon, stomach) with gas above
+  for _ in range(int(rng.integers(0, 2))):  # bowel (transverse colon, stomach) with gas above
     f.bowel((f.px(rng.uniform(0.25, 0.75)), f.top + f.px(rng.uniform(0.04, 0.1))), f.px(rng.uniform(0.04, 0.07)))
 
 

@@ -5,7 +5,7 @@ Label conventions (ours; the simulator defines them, so they hold exactly):
 - breast_2cls: 0 benign, 1 malignant. breast_3cls: 0 normal, 1 benign, 2 malignant.
 - fetal_head_pos_cls / fetal_sacral_pos_cls: k = direction of the face (orbits) / the sacrum from
   the centre, k * 45 degrees clockwise from 12 o'clock. A horizontal flip changes the class.
-- fetal_plane_cls: 0 abdomen, 1 brain, 2 femur, 3 thorax, 4 maternal cervix, 5 other.
+- fetal_plane_cls: 0 abdomen, 1 brain, 2 femur, 3 thorax, 4 maternal cervix (transabdominal), 5 other.
 - liver_lesion_2cls: 0 benign (hyperechoic), 1 malignant (target lesion). lung_2cls: 0 A-lines,
   1 B-lines. lung_disease_3cls: 0 normal, 1 interstitial (B-lines), 2 consolidation.
 - organ_cls: 0 liver, 1 kidney, 2 spleen, 3 bladder, 4 gallbladder, 5 aorta.
@@ -189,11 +189,23 @@ def _fetal_other(cv, rng, echo, atten, c, r):
     atten[bone] = BONE_ATTEN
 
 
+def _maternal_cervix(cv, rng, echo, atten, c, r):
+  """fetal_plane_cls 'maternal cervix', transabdominal (the probe of the other planes), in the same obstetric
+  field: maternal wall, amniotic fluid with loose fetal parts, and the cervix in the lower uterine segment
+  (myometrium around it), the bladder in front and the presenting part beyond the internal os (A.cervix)."""
+  cavity = O.obstetric_field(cv, rng, echo, atten, c, r * 1.4)
+  seg = (blob(cv, rng, *c, r * rng.uniform(1.0, 1.3), r * rng.uniform(0.65, 0.9), rng.uniform(-0.4, 0.4),
+              wobble=0.1) < 1) & cavity
+  echo[seg] = O.MYOMETRIUM_DB + 1.5 * smooth_noise(cv, rng, 16)[seg]
+  atten[seg] = cv.probe.nominal_atten
+  A.cervix(cv, rng, echo, atten, c, r * 1.1, r * 0.45, rng.uniform(-0.4, 0.4))
+
+
 def fetal_plane_cls(cv, rng, label):
   echo, atten = background(cv, rng, layers=False)
   c = np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32)
   r = cv.px(rng.uniform(0.18, 0.24))
-  if label != 4:  # the maternal cervix is a transvaginal view; the others sit in the obstetric field
+  if label != 4:  # every plane sits in the obstetric field (the cervix draws its own, with the lower segment)
     O.obstetric_field(cv, rng, echo, atten, c, r * 1.1)
   if label == 0:
     O.abdomen(cv, rng, echo, atten, c, r)
@@ -206,7 +218,7 @@ def fetal_plane_cls(cv, rng, label):
   elif label == 3:
     O.thorax(cv, rng, echo, atten, c, r)
   elif label == 4:
-    A.cervix(cv, rng, echo, atten, c, r * 1.1, r * 0.45, rng.uniform(-0.4, 0.4))
+    _maternal_cervix(cv, rng, echo, atten, c, r)
   else:
     _fetal_other(cv, rng, echo, atten, c, r)
   return Scene(echo, atten, label=label)
