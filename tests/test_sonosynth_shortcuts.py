@@ -23,16 +23,19 @@ Measured (seed 0, 48 per class, 128 px; chance 0.167 for 6 classes, 0.125 for 8)
   fetal_head_pos_cls     0.406    0.406   0.781   unchanged (already in the obstetric field)
 """
 
+import json
+
 import numpy as np
 import pytest
 
+from m2dino_jax import cli
 from m2dino_jax.data.sonosynth import measure, physics, scenes
 
-FRACTION = 0.75  # of the gap from chance to perfect a shortcut classifier may close
 
-
-def bound(chance: float) -> float:
-  return chance + FRACTION * (1.0 - chance)
+def test_the_bound_is_three_quarters_of_the_gap():
+  assert measure.SHORTCUT_FRACTION == 0.75
+  assert measure.shortcut_bound(1 / 6) == pytest.approx(0.7917, abs=1e-4)
+  assert measure.shortcut_bound(1 / 8) == pytest.approx(0.78125)
 
 
 def _loop_features(image, fov, bins, bands):
@@ -86,5 +89,15 @@ def test_shortcut_accuracy_reads_chance_on_noise_and_one_on_a_global_cue():
 ])
 def test_classes_are_not_separable_by_global_statistics(task):
   r = measure.task_shortcut(task, per_class=48, size=128, seed=0)
-  assert r["accuracy"] <= bound(r["chance"]), (task, r, bound(r["chance"]))
+  assert r["accuracy"] <= measure.shortcut_bound(r["chance"]), (task, r, measure.shortcut_bound(r["chance"]))
   assert r["accuracy"] > r["chance"]  # the features are not blind: real anatomy does change global statistics
+
+
+def test_bench_sonosynth_prints_shortcuts_for_classification_tasks_only(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert cli.main(["bench", "sonosynth", "--tasks", "organ_cls,fetal_femur", "--images", "0", "--cnr-images", "0",
+                   "--shortcut", "5", "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())["shortcuts"]
+  assert [(r["task"], r["images"], r["chance"]) for r in rows] == [("organ_cls", 30, 0.167)]
+  assert 0.0 <= rows[0]["shortcut_accuracy"] <= 1.0 and rows[0]["bound"] == 0.792
+  assert "shortcut_accuracy" in capsys.readouterr().out

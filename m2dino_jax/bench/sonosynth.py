@@ -15,6 +15,11 @@ the per-pixel log-envelope std (5th/95th percentile re median, fixed-pattern par
 per output size, Nakagami m per tissue, skull side/near-far ratio, cyst level, A-line positions. A few CPU
 minutes at the default `--stats-realisations 2000`; `--images 0 --cnr-images 0 --stats` gives the table alone.
 
+`--shortcut N` (classification tasks among `--tasks`): the shortcut measure (sonosynth.measure.task_shortcut, the
+one tests/test_sonosynth_shortcuts.py asserts): cross-validated accuracy of a logistic regression on anatomy-free
+global statistics (grey-level histogram in the field, depth-band means) of N images per class at 128 px, next to
+chance and the bound chance + 0.75 * (1 - chance).
+
 `--contact-sheet PATH` renders `--sheet-per-task` samples of every task at `--sheet-size` px as one PNG,
 the labels drawn on top (mask borders, boxes, points; class id in the corner), quantised to 128 colours.
 """
@@ -46,6 +51,8 @@ def add_args(p) -> None:
   p.add_argument("--seed", type=int, default=0, help="simulator seed")
   p.add_argument("--stats", action="store_true", help="measure and print the realism statistics (issue 18)")
   p.add_argument("--stats-realisations", type=int, default=2000, help="--stats: realisations for the flatness")
+  p.add_argument("--shortcut", type=int, default=0,
+                 help="classification tasks: shortcut accuracy on global statistics, N images per class (0 = skip)")
   p.add_argument("--contact-sheet", default=None, help="write a contact sheet PNG here")
   p.add_argument("--sheet-size", type=int, default=128, help="contact sheet: image side")
   p.add_argument("--sheet-per-task", type=int, default=2, help="contact sheet: samples per task")
@@ -154,6 +161,20 @@ def realism_stats(realisations: int = 2000) -> list[dict]:
   return rows
 
 
+def shortcuts(tasks, per_class: int, seed: int = 0) -> list[dict]:
+  """Per classification task: the shortcut measure (sonosynth.measure.task_shortcut) next to chance and its bound."""
+  from m2dino_jax.data.sonosynth import measure
+  rows = []
+  for t in tasks:
+    if registry.get(t).type != registry.CLASSIFICATION:
+      continue
+    r = measure.task_shortcut(t, per_class=per_class, size=128, seed=seed)
+    limit = measure.shortcut_bound(r["chance"])
+    rows.append({"task": t, "shortcut_accuracy": round(r["accuracy"], 3), "chance": round(r["chance"], 3),
+                 "bound": round(limit, 3), "images": r["images"], "goal_met": r["accuracy"] <= limit})
+  return rows
+
+
 def _outline(mask: np.ndarray) -> np.ndarray:
   edge = np.zeros(mask.shape, bool)
   edge[:-1] |= mask[:-1] != mask[1:]
@@ -217,13 +238,16 @@ def run(args) -> None:
   stats = realism_stats(args.stats_realisations) if args.stats else []
   if stats:
     common.print_table(stats, ["check", "target", "measured", "ok"])
+  short = shortcuts(tasks, args.shortcut, args.seed) if args.shortcut > 0 else []
+  if short:
+    common.print_table(short, ["task", "shortcut_accuracy", "chance", "bound", "images", "goal_met"])
   sheet = None
   if args.contact_sheet:
     sheet = contact_sheet(args.contact_sheet, tasks, args.sheet_size, args.sheet_per_task, args.seed,
                           args.sheet_columns)
     print(f"wrote contact sheet {sheet}")
   rows = [{"name": f"{r['task']}@{r['size']}", "median_s": 1.0 / r["images_per_s"], **r} for r in rows] or \
-      [{"name": "border_cnr" if cnr else "realism_stats", "median_s": None}]
+      [{"name": "border_cnr" if cnr else ("shortcuts" if short else "realism_stats"), "median_s": None}]
   common.write_results(args, "sonosynth", rows, shapes={"sizes": list(args.sizes)}, cnr=cnr, stats=stats,
-                       contact_sheet=sheet,
+                       shortcuts=short, contact_sheet=sheet,
                        clock="process_time", speed_goal=SPEED_GOAL, cnr_goal=CNR_GOAL)

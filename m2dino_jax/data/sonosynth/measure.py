@@ -126,6 +126,13 @@ def border_cnr_global(image, mask, fov=None, band=None, min_pixels=None) -> dict
 
 SHORTCUT_BINS = 32
 SHORTCUT_BANDS = 16
+SHORTCUT_FRACTION = 0.75  # the bound: of the gap from chance to perfect, a shortcut classifier may close this much
+
+
+def shortcut_bound(chance: float) -> float:
+  """chance + SHORTCUT_FRACTION * (1 - chance): the most a global-statistics classifier may reach (the reasons are
+  in tests/test_sonosynth_shortcuts.py)."""
+  return chance + SHORTCUT_FRACTION * (1.0 - chance)
 
 
 def global_features(image: np.ndarray, fov: np.ndarray, bins: int = SHORTCUT_BINS,
