@@ -18,7 +18,7 @@ minutes at the default `--stats-realisations 2000`; `--images 0 --cnr-images 0 -
 `--shortcut N` (classification tasks among `--tasks`): the shortcut measure (sonosynth.measure.task_shortcut, the
 one tests/test_sonosynth_shortcuts.py asserts): cross-validated accuracy of a logistic regression on anatomy-free
 global statistics (grey-level histogram in the field, depth-band means) of N images per class at 128 px, next to
-chance and the bound chance + 0.75 * (1 - chance).
+chance and the bound chance + 2/3 * (1 - chance).
 
 `--contact-sheet PATH` renders `--sheet-per-task` samples of every task at `--sheet-size` px as one PNG,
 the labels drawn on top (mask borders, boxes, points; class id in the corner), quantised to 128 colours.

@@ -127,10 +127,12 @@ class Field:
   def ribs(self, count):
     """Rib cross-sections in the wall (intercostal / subcostal window): bright cortex, a shadow behind."""
     cv = self.cv
-    for _ in range(count):
-      x = self.px(self.rng.choice([self.rng.uniform(0.1, 0.3), self.rng.uniform(0.7, 0.9)]))
-      y = self.top - self.px(0.03)
-      w, rho = ellipse_at(cv, x, y, self.px(0.06), self.px(0.03))
+    y = self.top - self.px(0.03)
+    cols = np.flatnonzero(cv.fov[int(np.clip(y, 0, cv.size - 1))])
+    lo, hi = (float(cols[0]), float(cols[-1])) if cols.size else (0.0, float(cv.size))
+    for _ in range(count):  # in the outer quarters of the fan at that depth, flanking the subject
+      x = lo + (hi - lo) * self.rng.choice([self.rng.uniform(0.0, 0.25), self.rng.uniform(0.75, 1.0)])
+      w, rho = ellipse_at(cv, x, y, self.px(0.04), self.px(0.025))  # ~12 mm wide
       self.echo[w][(rho < 1) & (cv.yy[w] < y)] = BONE_DB
       self.atten[w][rho < 1] = BONE_ATTEN * 3
 
@@ -226,9 +228,9 @@ def liver(f: Field):
   c, _ = _liver_field(f, rng.uniform(-0.4, 0.4))
   if rng.random() < 0.5:  # transverse: IVC behind the liver, the spine deeper
     x = f.px(0.5 + rng.uniform(-0.15, 0.15))
-    y = f.top + f.px(rng.uniform(0.38, 0.5))
+    y = f.top + f.px(rng.uniform(0.28, 0.42))
     f.fluid((ellipse(f.cv, x, y, f.px(rng.uniform(0.05, 0.08)), f.px(rng.uniform(0.03, 0.05))) < 1) & f.deep)
-    f.vertebra((x + f.px(rng.uniform(-0.08, 0.08)), y + f.px(rng.uniform(0.12, 0.16))), f.px(0.14))
+    f.vertebra((x + f.px(rng.uniform(-0.08, 0.08)), y + f.px(rng.uniform(0.1, 0.14))), f.px(0.14))
   if rng.random() < 0.5:  # ligamentum teres: a bright dot of fat
     w, rr = ellipse_at(f.cv, c[0] + f.px(rng.uniform(-0.2, 0.2)), c[1] - f.px(rng.uniform(0.0, 0.1)),
                        f.px(0.03), f.px(0.022))
@@ -247,7 +249,7 @@ def kidney(f: Field):
   rng = f.rng
   ang = rng.uniform(-0.5, 0.5)
   c = _centre(f, 0.3)
-  a, b = f.px(rng.uniform(0.19, 0.26)), f.px(rng.uniform(0.09, 0.13))
+  a, b = f.px(rng.uniform(0.16, 0.28)), f.px(rng.uniform(0.08, 0.14))
   wc = (c[0] + f.px(rng.uniform(-0.15, 0.15)), c[1] - f.px(rng.uniform(0.1, 0.2)))
   level = LIVER_DB if rng.random() < 0.6 else SPLEEN_DB
   f.organ(wc, f.px(rng.uniform(0.4, 0.6)), f.px(rng.uniform(0.18, 0.25)), rng.uniform(-0.3, 0.3), level,
@@ -256,7 +258,7 @@ def kidney(f: Field):
            f.px(rng.uniform(0.06, 0.1)), ang + rng.uniform(-0.2, 0.2))
   f.kidney(c, a, b, ang)
   if rng.random() < 0.6:  # the spine deep on the medial side (coronal flank view)
-    f.vertebra((c[0] + f.px(rng.choice([-0.25, 0.25])), c[1] + b + f.px(rng.uniform(0.18, 0.26))), f.px(0.12))
+    f.vertebra((c[0] + f.px(rng.choice([-0.25, 0.25])), c[1] + b + f.px(rng.uniform(0.06, 0.14))), f.px(0.12))
   if rng.random() < 0.6:  # intercostal window
     f.ribs(int(rng.integers(1, 3)))
   if rng.random() < 0.5:  # colon at the lower pole
@@ -269,7 +271,7 @@ def spleen(f: Field):
   rng = f.rng
   ang = rng.uniform(-0.5, 0.5)
   c = _centre(f, 0.25)
-  a, b = f.px(rng.uniform(0.26, 0.34)), f.px(rng.uniform(0.14, 0.19))
+  a, b = f.px(rng.uniform(0.22, 0.36)), f.px(rng.uniform(0.12, 0.2))
   u = np.array([math.cos(ang), math.sin(ang)], np.float32)
   n = np.array([-u[1], u[0]], np.float32)
   if rng.random() < 0.7:  # the upper pole of the left kidney below the spleen
@@ -279,9 +281,10 @@ def spleen(f: Field):
   rho = f.organ(c, a, b, ang, SPLEEN_DB, tex=0.7, cells=16, wobble=0.04, capsule=2.0)
   hilum = (ellipse(f.cv, *(c + n * 0.9 * b), 0.7 * a, 0.45 * b, ang) < 1) & (rho < 1) & f.deep
   f.echo[hilum] = LIVER_DB + smooth_noise(f.cv, rng, 16)[hilum]  # the concave hilar side: fat, vessels
-  if rng.random() < 0.7:
-    p = c + n * 0.7 * b
-    f.vessel(p - u * 0.3 * a, p + n * f.px(0.12), f.px(rng.uniform(0.01, 0.018)))
+  for _ in range(int(rng.integers(1, 4))):  # splenic vein and artery branches at the hilum
+    p = c + n * 0.7 * b + u * rng.uniform(-0.3, 0.3) * a
+    t = rng.uniform(-0.8, 0.8)
+    f.vessel(p, p + (n * math.cos(t) + u * math.sin(t)) * f.px(rng.uniform(0.08, 0.16)), f.px(rng.uniform(0.01, 0.02)))
   if rng.random() < 0.6:
     f.ribs(int(rng.integers(1, 3)))
   if rng.random() < 0.5:  # the stomach medially: gas or fluid contents
@@ -333,7 +336,7 @@ def gallbladder(f: Field):
   ang = rng.uniform(-0.5, 0.5)
   _liver_field(f, rng.uniform(-0.4, 0.4))
   c = _centre(f, 0.22)
-  a, b = f.px(rng.uniform(0.1, 0.17)), f.px(rng.uniform(0.045, 0.075))
+  a, b = f.px(rng.uniform(0.08, 0.18)), f.px(rng.uniform(0.04, 0.08))
   u = np.array([math.cos(ang), math.sin(ang)], np.float32)
   n = np.array([-u[1], u[0]], np.float32) * (1 if math.cos(ang) > 0 else -1)
   pv = c + n * (b + f.px(rng.uniform(0.04, 0.07))) - u * 0.5 * a
@@ -351,7 +354,7 @@ def gallbladder(f: Field):
   if rng.random() < 0.4:
     f.gas((c[0] + f.px(rng.choice([-0.25, 0.25])), c[1] + f.px(0.12)), f.px(0.045))
   if rng.random() < 0.3:  # oblique-transverse: the spine deep
-    f.vertebra((f.px(0.5 + rng.uniform(-0.2, 0.2)), c[1] + f.px(rng.uniform(0.3, 0.4))), f.px(0.13))
+    f.vertebra((f.px(0.5 + rng.uniform(-0.2, 0.2)), c[1] + f.px(rng.uniform(0.2, 0.3))), f.px(0.13))
   if rng.random() < 0.3:
     f.ribs(1)
 
@@ -363,7 +366,7 @@ def aorta(f: Field):
   rng = f.rng
   cv = f.cv
   c = _centre(f, 0.3, jitter=0.08)
-  r = f.px(rng.uniform(0.04, 0.065))
+  r = f.px(rng.uniform(0.035, 0.07))
   if rng.random() < 0.4:
     return _aorta_long(f, c, r)
   if rng.random() < 0.7:  # left lobe of the liver
@@ -390,7 +393,7 @@ def aorta(f: Field):
   f.echo[ring] = WALL_DB + 2 + specular_db(cv, *ellipse_normal(cv, *shape), CAPSULE_FLOOR_DB)[ring]
   f.echo[rho < 1] = BLOOD_DB
   f.atten[rho < 1] = FLUID_ATTEN
-  for _ in range(int(rng.integers(0, 2))):  # bowel (transverse colon, stomach) with gas above
+  for _ in range(int(rng.integers(1, 3))):  # bowel (transverse colon, stomach) with gas above
     f.bowel((f.px(rng.uniform(0.25, 0.75)), f.top + f.px(rng.uniform(0.04, 0.1))), f.px(rng.uniform(0.04, 0.07)))
 
 
@@ -404,15 +407,17 @@ def _aorta_long(f: Field, c, r):
   if rng.random() < 0.6:  # left lobe of the liver over it
     f.organ((c[0] - f.px(rng.uniform(0.1, 0.3)), f.top + f.px(0.02)), f.px(rng.uniform(0.3, 0.45)),
             f.px(rng.uniform(0.08, 0.13)), ang, LIVER_DB, capsule=1.5)
-  step = f.px(rng.uniform(0.16, 0.2))
+  step = f.px(rng.uniform(0.13, 0.17))  # one vertebra + disc: ~30 mm
+  depth = r + f.px(rng.uniform(0.02, 0.05))  # the aorta lies on the spine
   x0 = rng.uniform(-1.0, 0.0) * step
-  for k in range(-4, 5):  # vertebral bodies
-    p = c + u * (x0 + k * step) + n * (r + f.px(rng.uniform(0.05, 0.07)))
-    w, rho = ellipse_at(f.cv, p[0] + n[0] * 0.3 * step, p[1] + n[1] * 0.3 * step, 0.4 * step, 0.3 * step, ang)
-    body = (rho < 1) & f.deep[w]
-    front = body & (rho > 0.8) & ((f.cv.xx[w] - p[0]) * n[0] + (f.cv.yy[w] - p[1]) * n[1] < 0.3 * step)
-    f.echo[w][front] = BONE_DB
-    f.atten[w][body] = BONE_ATTEN
+  for k in range(-5, 6):  # vertebral bodies: a flat bright front (square on to the beam), shadow behind; discs
+    p = c + u * (x0 + k * step) + n * depth
+    w = f.cv.window(p[0], p[1], 0.75 * step)
+    dx, dy = f.cv.xx[w] - np.float32(p[0]), f.cv.yy[w] - np.float32(p[1])
+    along, across = dx * u[0] + dy * u[1], dx * n[0] + dy * n[1]
+    body = (np.abs(along) < 0.38 * step) & (across >= 0) & (across < 0.7 * step) & f.deep[w]
+    f.echo[w][body & (across < 2.0)] = BONE_DB
+    f.atten[w][body & (across >= 1.0)] = BONE_ATTEN
   d = np.abs((f.cv.xx - c[0]) * n[0] + (f.cv.yy - c[1]) * n[1])
   ring = (d >= r) & (d < r + 2.0) & f.deep
   f.echo[ring] = WALL_DB + 2 + specular_db(f.cv, float(n[0]), float(n[1]), CAPSULE_FLOOR_DB)[ring]
@@ -422,7 +427,7 @@ def _aorta_long(f: Field, c, r):
   if rng.random() < 0.5:  # the SMA leaving it towards the probe
     p = c - n * r + u * f.px(rng.uniform(-0.1, 0.1))
     f.vessel(p, p - n * f.px(0.1) + u * f.px(0.25), f.px(0.012), walls=2.0)
-  for _ in range(int(rng.integers(0, 3))):
+  for _ in range(int(rng.integers(1, 3))):
     f.bowel((f.px(rng.uniform(0.25, 0.75)), f.top + f.px(rng.uniform(0.04, 0.1))), f.px(rng.uniform(0.04, 0.07)))
 
 

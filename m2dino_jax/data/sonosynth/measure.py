@@ -126,7 +126,7 @@ def border_cnr_global(image, mask, fov=None, band=None, min_pixels=None) -> dict
 
 SHORTCUT_BINS = 32
 SHORTCUT_BANDS = 16
-SHORTCUT_FRACTION = 0.75  # the bound: of the gap from chance to perfect, a shortcut classifier may close this much
+SHORTCUT_FRACTION = 2 / 3  # the bound: of the gap from chance to perfect, a shortcut classifier may close this much
 
 
 def shortcut_bound(chance: float) -> float:

@@ -162,6 +162,11 @@ def fetal_sacral_pos_cls(cv, rng, label):
   return Scene(echo, atten, label=label)
 
 
+def _extent_up(a, b, ang):
+  """How far an ellipse (semi-axes a along `ang`, b across) reaches above its centre."""
+  return math.hypot(a * math.sin(ang), b * math.cos(ang))
+
+
 def _fetal_other(cv, rng, echo, atten, c, r):
   """fetal_plane_cls 'other': a plane none of the five standard ones, in the same obstetric field: the
   spine in a sagittal section, a face profile, or a forearm with its two bones."""
@@ -169,6 +174,8 @@ def _fetal_other(cv, rng, echo, atten, c, r):
   ang = rng.uniform(-0.4, 0.4)
   u = np.array([math.cos(ang), math.sin(ang)], np.float32)
   n = np.array([-u[1], u[0]], np.float32)
+  top = r * (0.3 + abs(math.sin(ang)) * (1.1, 0.6, 0.8)[kind])  # the part's top: the maternal wall ends above it
+  O.obstetric_field(cv, rng, echo, atten, c, r * 1.1, top=top)
   if kind == 0:  # spine, sagittal: skin line over two rows of ossification centres converging to the sacrum
     O.body_outline(cv, rng, echo, c + 0.6 * r * n, 1.4 * r, 0.8 * r, ang)
     for side, gap in ((-1, 0.12), (1, 0.12)):
@@ -193,30 +200,37 @@ def _maternal_cervix(cv, rng, echo, atten, c, r):
   """fetal_plane_cls 'maternal cervix', transabdominal (the probe of the other planes), in the same obstetric
   field: maternal wall, amniotic fluid with loose fetal parts, and the cervix in the lower uterine segment
   (myometrium around it), the bladder in front and the presenting part beyond the internal os (A.cervix)."""
-  cavity = O.obstetric_field(cv, rng, echo, atten, c, r * 1.4)
-  seg = (blob(cv, rng, *c, r * rng.uniform(1.0, 1.3), r * rng.uniform(0.65, 0.9), rng.uniform(-0.4, 0.4),
-              wobble=0.1) < 1) & cavity
+  a, b, ang = r * rng.uniform(1.0, 1.3), r * rng.uniform(0.65, 0.9), rng.uniform(-0.4, 0.4)
+  cavity = O.obstetric_field(cv, rng, echo, atten, c, a, top=_extent_up(a, b, ang))
+  seg = (blob(cv, rng, *c, a, b, ang, wobble=0.1) < 1) & cavity
   echo[seg] = O.MYOMETRIUM_DB + 1.5 * smooth_noise(cv, rng, 16)[seg]
   atten[seg] = cv.probe.nominal_atten
   A.cervix(cv, rng, echo, atten, c, r * 1.1, r * 0.45, rng.uniform(-0.4, 0.4))
 
 
 def fetal_plane_cls(cv, rng, label):
+  """Every plane sits in the obstetric field, the maternal wall ending just above the imaged part (its own top:
+  a thin femur has no more fluid above it than a head)."""
   echo, atten = background(cv, rng, layers=False)
-  c = np.array(V.centre(cv, rng, y=0.42, jitter=0.05), np.float32)
-  r = cv.px(rng.uniform(0.18, 0.24))
-  if label != 4:  # every plane sits in the obstetric field (the cervix draws its own, with the lower segment)
-    O.obstetric_field(cv, rng, echo, atten, c, r * 1.1)
-  if label == 0:
-    O.abdomen(cv, rng, echo, atten, c, r)
+  c = np.array(V.centre(cv, rng, y=0.45, jitter=0.07), np.float32)
+  r = cv.px(rng.uniform(0.15, 0.26))  # gestational age and the operator's depth setting
+  trunk = rng.random() < 0.6  # the rest of the fetus beside the imaged part
+  if label in (0, 3):
+    O.obstetric_field(cv, rng, echo, atten, c, r * 1.1, top=r, trunk=trunk)
+    (O.abdomen if label == 0 else O.thorax)(cv, rng, echo, atten, c, r)
   elif label == 1:
-    O.skull(cv, rng, echo, atten, c, r * 1.1, r * 0.9, rng.uniform(-0.6, 0.6))
+    ang = rng.uniform(-0.6, 0.6)
+    O.obstetric_field(cv, rng, echo, atten, c, r * 1.1, top=_extent_up(1.1 * r, 0.9 * r, ang), trunk=trunk)
+    O.skull(cv, rng, echo, atten, c, r * 1.1, r * 0.9, ang)
   elif label == 2:
     ang = rng.uniform(-0.4, 0.4)
     d = np.array([math.cos(ang), math.sin(ang)], np.float32) * r
+    O.obstetric_field(cv, rng, echo, atten, c, r * 1.1, top=r * (abs(math.sin(ang)) + 0.45))
+    if trunk:  # the buttock and trunk beyond the hip end of the thigh
+      hip = float(rng.choice([-1.0, 1.0]))
+      t = math.atan2(hip * d[1], hip * d[0]) + rng.uniform(-0.6, 0.6)
+      O.trunk_beside(cv, rng, echo, atten, c + hip * 1.1 * d, 0.5 * r, np.array([math.cos(t), math.sin(t)], np.float32))
     O.thigh(cv, rng, echo, atten, c - d, c + d)
-  elif label == 3:
-    O.thorax(cv, rng, echo, atten, c, r)
   elif label == 4:
     _maternal_cervix(cv, rng, echo, atten, c, r)
   else:
