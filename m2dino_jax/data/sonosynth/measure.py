@@ -1,5 +1,7 @@
-"""Measurements of images against their labels: is every labelled border visible? (used by the realism tests
-and `m2dino bench sonosynth`; works on any labelled image, simulated or real).
+"""Measurements of images against their labels: is every labelled border visible? Can a classifier tell the
+classes apart without the anatomy (the shortcut measure, at the end)? (used by the realism and shortcut tests and
+`m2dino bench sonosynth`; `border_cnr`, `global_features` and `shortcut_accuracy` work on any labelled images,
+simulated or real).
 
 Border contrast-to-noise ratio (CNR) of a labelled class c against a neighbouring label n (background 0
 included), on the grey levels as displayed (speckle included):

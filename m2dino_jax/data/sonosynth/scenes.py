@@ -23,6 +23,8 @@ Label conventions (ours; the simulator defines them, so they hold exactly):
 
 Every builder that images a fetus draws it in its obstetric field (`obstetric.obstetric_field`: maternal
 wall, placenta, amniotic fluid, other fetal parts); `measure.border_cnr` checks that labelled borders show.
+organ_cls draws its six views in one abdominal field (`abdomen`: wall layers, neighbouring organs, ribs, bowel
+gas); `measure.task_shortcut` checks that no classification task is told apart by image-wide statistics.
 """
 
 from __future__ import annotations
