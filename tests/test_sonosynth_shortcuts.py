@@ -104,3 +104,26 @@ def test_bench_sonosynth_prints_shortcuts_for_classification_tasks_only(tmp_path
   assert [(r["task"], r["images"], r["chance"]) for r in rows] == [("organ_cls", 30, 0.167)]
   assert 0.0 <= rows[0]["shortcut_accuracy"] <= 1.0 and rows[0]["bound"] == 0.722
   assert "shortcut_accuracy" in capsys.readouterr().out
+
+
+def test_windowed_vessel_matches_the_full_canvas_distance():
+  """abdomen.Field.vessel (distance computed in the vessel's window) paints what shapes.segment_distance over the
+  whole canvas gives, walls included, for vessels inside, across and partly outside the image."""
+  from m2dino_jax.data.sonosynth import abdomen, shapes
+  cv = shapes.Canvas(96, scenes.CONVEX)
+  rng = np.random.default_rng(0)
+  cases = (((20, 30), (70, 60), 3.0, 2.0), ((50, 10), (52, 90), 1.5, None), ((-10, 40), (30, 45), 4.0, 0.0))
+  for p0, p1, r, walls in cases:
+    echo, atten = np.zeros((96, 96), np.float32), np.ones((96, 96), np.float32)
+    field = abdomen.Field(cv, rng, echo, atten)
+    before_e, before_a = field.echo.copy(), field.atten.copy()
+    field.vessel(p0, p1, r, walls=walls)
+    d = shapes.segment_distance(cv, p0, p1)
+    want_e, want_a = before_e.copy(), before_a.copy()
+    if walls is not None:
+      want_e[(d >= r) & (d < r + 1.3) & field.deep] = shapes.WALL_DB - 4 + walls
+    want_e[(d < r) & field.deep] = shapes.BLOOD_DB
+    want_a[(d < r) & field.deep] = shapes.FLUID_ATTEN
+    np.testing.assert_array_equal(field.echo, want_e)
+    np.testing.assert_array_equal(field.atten, want_a)
+    assert ((d < r) & field.deep).sum() > 10  # the vessel shows
