@@ -174,7 +174,7 @@ class Field:
     self.atten[w][(rho < 1) & (cv.yy[w] >= c[1] - 0.4 * half)] = BONE_ATTEN
 
   def muscle(self, c, a, b, ang):
-    """A deep muscle (psoas, quadratus lumborum): hypoechoic, sparse scatterers, fine striation."""
+    """A deep muscle (psoas, quadratus lumborum): hypoechoic, fewer scatterers per cell (MUSCLE_DENSITY)."""
     rho = ellipse(self.cv, c[0], c[1], a, b, ang)
     m = (rho < 1) & self.deep
     self.echo[m] = MUSCLE_DB + smooth_noise(self.cv, self.rng, 30)[m]
