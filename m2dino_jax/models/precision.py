@@ -1,8 +1,8 @@
 """Mixed precision for the encoder's matmuls: bf16 inputs, fp32 accumulation and fp32 results.
 
 `model.dtype = "bfloat16"` runs the encoder's linear layers (patch embedding, q / k / v / o, MLP) with
-bf16 operands and fp32 accumulation, and the two attention matmuls too on accelerators (XLA:CPU runs
-batched bf16 matmuls in fp32 after converting, so on CPU the attention core stays fp32). Everything else
+bf16 operands and fp32 accumulation, and the two attention matmuls too on accelerators (on CPU the
+attention core stays fp32: see `vit._attention_dtype`). Everything else
 (residual stream, layer norms, softmax, GELU, MoE experts, heads, losses) and the parameters and optimiser
 state stay fp32, so no loss scaling is needed. `"float32"` leaves every op as it is (exact fp32).
 
