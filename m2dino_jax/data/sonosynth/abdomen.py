@@ -26,6 +26,7 @@ from m2dino_jax.data.sonosynth.shapes import (
   BLOOD_DB,
   BONE_ATTEN,
   BONE_DB,
+  CAPSULE_FLOOR_DB,
   FAT_DB,
   FLUID_ATTEN,
   FLUID_DB,
@@ -41,7 +42,6 @@ from m2dino_jax.data.sonosynth.shapes import (
   specular_db,
 )
 
-CAPSULE_FLOOR_DB = -10.0  # soft-tissue interfaces: partly specular (see scenes.CAPSULE_FLOOR_DB)
 LIVER_DB = 0.0
 SPLEEN_DB = 1.5  # slightly more echogenic than the liver, homogeneous
 CORTEX_DB = -6.0  # renal cortex (exactly: realism.capsule_ratio_db finds the kidney by it)

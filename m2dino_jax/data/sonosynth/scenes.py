@@ -57,10 +57,6 @@ from m2dino_jax.data.sonosynth.shapes import (
   smooth_noise,
 )
 
-# Soft-tissue interfaces (organ capsules, the diaphragm, a bladder wall) are partly specular: brightest where the
-# beam meets them square on, down to this much (dB) where it runs along them (rougher than bone: floor -18 dB).
-CAPSULE_FLOOR_DB = -10.0
-
 # Apertures: a convex array's ~64 active elements at 3.5 MHz span ~24 mm, a phased array's ~20 mm,
 # an endocavity array's ~12 mm; beyond depth = aperture * F# the beam widens with depth.
 # The operator's TGC sliders undo most of the depth-wise enhancement below wide fluid (AUTO_TGC).

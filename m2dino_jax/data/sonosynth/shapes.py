@@ -21,6 +21,9 @@ BONE_DB, BONE_ATTEN = 16.0, 12.0
 FAT_DB = -7.0
 FAT_DENSITY = 0.4  # scatterers per beam sample in fat: few per resolution cell, Nakagami m ~ 0.6
 SPECULAR_FLOOR_DB = -18.0  # a specular surface seen edge-on still scatters this much (rough bone)
+# soft-tissue interfaces (organ capsules, the diaphragm, a bladder wall) are partly specular: brightest where the
+# beam meets them square on, down to this much (dB) where it runs along them (smoother than bone)
+CAPSULE_FLOOR_DB = -10.0
 WALL_DB = 10.0
 MUSCLE_DB = -3.0
 # Skeletal muscle: scatterers concentrated on the fibrous septa between fascicles, fewer per resolution cell
