@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check m2dino_jax configs launch tests
 
+# test files run on TEST_WORKERS processes (pytest-xdist), a whole file per worker so module fixtures are shared
+TEST_WORKERS ?= 2
+
 test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/python -m m2dino_jax.demo
