@@ -30,7 +30,8 @@ Times: wall seconds per step (median and min) and CPU seconds per step (median o
 over the step, all threads). On a shared, oversubscribed machine the wall time mostly measures the other
 jobs; on one pinned core the CPU time is the work done, so the `cpu` ratio is the stable one there.
 The matmul rate of this CPU (one [tokens, dim] x [dim, mlp_dim] matmul, the step's largest shape, in JAX
-and torch, each precision) is measured in the same run, so the achieved GFLOP/s can be read against it.
+and torch, each precision; wall GFLOP/s and per CPU second) is measured in the same run, so the achieved
+GFLOP/s can be read against it.
 
 Threads: by default torch gets as many threads as JAX's cores. On an oversubscribed machine torch's
 OpenMP threads wait for each other far more than XLA's pool does (measured on the shared 2-core box:
@@ -339,8 +340,10 @@ def _setup(args, moe_on: bool, jax_variants=("float32",), torch_variants=("float
 
 
 def matmul_rates(m: int, k: int, n: int, repeats: int) -> dict:
-  """GFLOP/s of one [m, k] x [k, n] matmul in JAX and torch, fp32 and bf16 inputs (fp32 accumulation), timed
-  by CPU seconds (see the module docstring)."""
+  """GFLOP/s of one [m, k] x [k, n] matmul in JAX and torch, fp32 and bf16 inputs (fp32 accumulation), by wall
+  time (median) and per CPU second: {name: {'wall', 'cpu'}}. Compare the libraries by the wall rate: with
+  several threads the CPU time also counts each pool's waiting threads, which XLA and torch account for
+  differently (at 2 threads bf16 read 231 vs 845 GFLOP/s per CPU second while the wall rates were equal)."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -357,7 +360,8 @@ def matmul_rates(m: int, k: int, n: int, repeats: int) -> dict:
     ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)
     fns[f"torch {dtype}"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
   times = common.time_round_robin(fns, repeats)
-  return {name: 2 * m * k * n / t["cpu_s"] / 1e9 for name, t in times.items()}
+  flop = 2 * m * k * n / 1e9
+  return {name: {"wall": flop / t["median_s"], "cpu": flop / t["cpu_s"]} for name, t in times.items()}
 
 
 def torch_variants_of(spec: str, accelerator: bool) -> list[str]:
@@ -451,8 +455,8 @@ def run(args) -> int:
       print(f"{mode}: {pair}: speed-up {r['wall_median']:.2f}x (wall median), {r['wall_min']:.2f}x (wall min), "
             f"{r['cpu']:.2f}x (cpu); |first loss diff| {r['first_loss_abs_diff']:.2e}")
   if rates:
-    print("matmul rate of this CPU (GFLOP/s per CPU second, the step's largest matmul): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    print("matmul rate of this CPU (the step's largest matmul; GFLOP/s wall, per CPU second): "
+          + ", ".join(f"{k} {v['wall']:.0f} / {v['cpu']:.0f}" for k, v in rates.items()))
   flat = {f"{mode} {pair} {k}": v for mode, e in extra.items() for pair, r in e["ratios"].items()
           for k, v in r.items() if k != "first_loss_abs_diff"}
   flat.update({f"{mode} xla_over_analytic_flops": e["xla_over_analytic_flops"] for mode, e in extra.items()})
