@@ -38,6 +38,7 @@ from m2dino_jax.data.sonosynth.shapes import (
   ellipse,
   ellipse_at,
   ellipse_normal,
+  segment_distance,
   smooth_noise,
   specular_db,
 )
@@ -86,10 +87,7 @@ class Field:
     p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
     mid, half = (p0 + p1) / 2, float(np.abs(p1 - p0).max()) / 2 + r + 2
     win = cv.window(mid[0], mid[1], half)  # the distance only where the vessel can be
-    dx, dy = cv.xx[win] - p0[0], cv.yy[win] - p0[1]
-    v = p1 - p0
-    t = np.clip((dx * v[0] + dy * v[1]) / max(float(v @ v), 1e-6), 0, 1)
-    d = np.hypot(dx - t * v[0], dy - t * v[1])
+    d = segment_distance(cv, p0, p1, win)
     keep = (self.deep if region is None else region)[win]
     echo, atten = self.echo[win], self.atten[win]
     if walls is not None:

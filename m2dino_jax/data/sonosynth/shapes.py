@@ -155,13 +155,15 @@ def specular_db(cv: Canvas, nx: np.ndarray, ny: np.ndarray, floor_db: float = SP
   return np.maximum(40.0 * np.log10(np.maximum(cos, 1e-6)), floor_db).astype(np.float32)
 
 
-def segment_distance(cv: Canvas, p0, p1) -> np.ndarray:
-  """Distance in pixels from every pixel to the segment p0-p1."""
+def segment_distance(cv: Canvas, p0, p1, window=None) -> np.ndarray:
+  """Distance in pixels from every pixel to the segment p0-p1; with `window` (`cv.window` slices) only over
+  that part of the canvas (a thin structure's distance is needed only near it)."""
   p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
+  xx, yy = (cv.xx, cv.yy) if window is None else (cv.xx[window], cv.yy[window])
   d = p1 - p0
-  t = ((cv.xx - p0[0]) * d[0] + (cv.yy - p0[1]) * d[1]) / max(float(d @ d), 1e-6)
+  t = ((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1]) / max(float(d @ d), 1e-6)
   t = np.clip(t, 0, 1)
-  return np.hypot(cv.xx - (p0[0] + t * d[0]), cv.yy - (p0[1] + t * d[1]))
+  return np.hypot(xx - (p0[0] + t * d[0]), yy - (p0[1] + t * d[1]))
 
 
 def smooth_noise(cv: Canvas, rng, cells: int = 8) -> np.ndarray:
